@@ -1,0 +1,114 @@
+"""The two attention modules: standard multi-head attention (the baseline) and DeepSeek-style
+multi-head latent attention (MLA). Parameter names follow `transformers`' LlamaAttention and
+DeepseekV3Attention, so a state dict loads into the reference unchanged.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .rope import RotaryEmbedding, apply_rotary
+from .variants import AttentionSpec
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 like the reference, returned in x's dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def causal_attention(q, k, v, scale: float, dropout: float) -> torch.Tensor:
+    """(B, H, T, d) inputs -> (B, T, H * d_v). Fused kernel, causal mask, explicit softmax scale."""
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale)
+    batch, heads, length, v_dim = out.shape
+    return out.transpose(1, 2).reshape(batch, length, heads * v_dim)
+
+
+class MultiHeadAttention(nn.Module):
+    """The baseline: q, k, v, o projections of d_model x d_model, RoPE on the whole head."""
+
+    def __init__(self, spec: AttentionSpec, d_model: int, n_heads: int, dropout: float, rope_theta: float):
+        super().__init__()
+        self.n_heads, self.head_dim, self.dropout = n_heads, d_model // n_heads, dropout
+        self.qk_head_dim = self.v_head_dim = self.head_dim
+        self.q_proj = nn.Linear(d_model, d_model, bias=spec.attention_bias)
+        self.k_proj = nn.Linear(d_model, d_model, bias=spec.attention_bias)
+        self.v_proj = nn.Linear(d_model, d_model, bias=spec.attention_bias)
+        self.o_proj = nn.Linear(d_model, d_model, bias=spec.attention_bias)
+        self.rotary = RotaryEmbedding(self.head_dim, rope_theta, spec.rope_scaling, spec.rope_scaling_factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        heads = (batch, length, self.n_heads, self.head_dim)
+        q = self.q_proj(x).view(heads).transpose(1, 2)
+        k = self.k_proj(x).view(heads).transpose(1, 2)
+        v = self.v_proj(x).view(heads).transpose(1, 2)
+        cos, sin = self.rotary(length, x.device)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = causal_attention(q, k, v, self.head_dim ** -0.5, self.dropout if self.training else 0.0)
+        return self.o_proj(out)
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """DeepSeek-V2/V3 MLA. Keys and values are rebuilt per head from a shared, normalised latent of
+    kv_lora_rank dims; the rotary part of the key (qk_rope_head_dim) is one shared head; the query
+    is full rank or itself low rank. Scores use qk_nope_head_dim + qk_rope_head_dim dims per head,
+    values v_head_dim.
+    """
+
+    def __init__(self, spec: AttentionSpec, d_model: int, n_heads: int, dropout: float, rope_theta: float):
+        super().__init__()
+        self.n_heads, self.dropout = n_heads, dropout
+        self.kv_lora_rank = spec.kv_lora_rank
+        self.qk_nope_head_dim = spec.qk_nope_head_dim
+        self.qk_rope_head_dim = spec.qk_rope_head_dim
+        self.qk_head_dim = spec.qk_nope_head_dim + spec.qk_rope_head_dim
+        self.v_head_dim = spec.v_head_dim
+        q_out = n_heads * self.qk_head_dim
+        if spec.q_lora_rank is None:
+            self.q_proj = nn.Linear(d_model, q_out, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d_model, spec.q_lora_rank, bias=spec.attention_bias)
+            self.q_a_layernorm = RMSNorm(spec.q_lora_rank)
+            self.q_b_proj = nn.Linear(spec.q_lora_rank, q_out, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d_model, self.kv_lora_rank + self.qk_rope_head_dim, bias=spec.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, n_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(n_heads * self.v_head_dim, d_model, bias=spec.attention_bias)
+        self.rotary = RotaryEmbedding(self.qk_rope_head_dim, rope_theta, spec.rope_scaling, spec.rope_scaling_factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(batch, length, self.n_heads, self.qk_head_dim).transpose(1, 2)
+        q_nope, q_rot = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+
+        latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent))
+        kv = kv.view(batch, length, self.n_heads, self.qk_nope_head_dim + self.v_head_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+
+        cos, sin = self.rotary(length, x.device)
+        q_rot = apply_rotary(q_rot, cos, sin)
+        k_rot = apply_rotary(k_rot.unsqueeze(1), cos, sin).expand(-1, self.n_heads, -1, -1)
+        if self.qk_nope_head_dim:
+            q, k = torch.cat((q_nope, q_rot), dim=-1), torch.cat((k_nope, k_rot), dim=-1)
+        else:
+            q, k = q_rot, k_rot
+        out = causal_attention(q, k, v, self.qk_head_dim ** -0.5, self.dropout if self.training else 0.0)
+        return self.o_proj(out)
+
+
+def build_attention(spec: AttentionSpec, d_model: int, n_heads: int, dropout: float = 0.0,
+                    rope_theta: float = 10000.0) -> nn.Module:
+    module = MultiHeadLatentAttention if spec.is_latent else MultiHeadAttention
+    return module(spec, d_model, n_heads, dropout, rope_theta)

@@ -1,0 +1,256 @@
+"""The one training configuration: its fields, how `--name=value` arguments become one (exactly
+as `wandb agent` passes `${args}`), and the validation that runs before any heavy work.
+
+Defaults are the seed report's "fast" setup and recipe; the data defaults are the embedded corpus.
+"""
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from attention import ROPE_SCALINGS, VARIANTS, AttentionSpec
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CORPUS = str(ROOT / "corpus" / "corpus.txt.gz")
+DEFAULT_TOKENIZER = str(ROOT / "corpus" / "tokenizer.json")
+
+# The knobs a sweep may set to explore between the named variants; None keeps the variant's value.
+ATTENTION_KNOBS = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
+                   "attention_bias", "rope_scaling", "rope_scaling_factor")
+# Knobs that only exist in latent attention; the baseline refuses them rather than ignoring them.
+LATENT_ONLY_KNOBS = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+FULL_RANK = "full"  # --q_lora_rank=full: a full-rank q_proj instead of the variant's low-rank query
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+class ConfigError(ValueError):
+    """Bad input: one line naming the value and what is allowed."""
+
+
+@dataclass
+class TrainConfig:
+    # what is compared
+    attention: str = "baseline"
+    seed: int = 0
+    # the model (the seed's 512d / 8L / 8H / 2048ff MoE)
+    d_model: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    d_ff: int = 2048
+    n_experts: int = 8
+    top_k: int = 2
+    vocab_size: int | None = None  # None: the tokenizer's
+    seq_len: int = 512
+    dropout: float = 0.1
+    router_noise_std: float = 0.1
+    aux_loss_weight: float = 0.01
+    rope_theta: float = 10000.0
+    # attention knobs, overriding the named variant's values when given
+    q_lora_rank: int | str | None = None
+    kv_lora_rank: int | None = None
+    qk_rope_head_dim: int | None = None
+    qk_nope_head_dim: int | None = None
+    v_head_dim: int | None = None
+    attention_bias: bool | None = None
+    rope_scaling: str | None = None
+    rope_scaling_factor: float | None = None
+    # the recipe (the seed's: AdamW 1e-4, wd 0.01, 50 steps of batch 16, eval every 10 on 10 batches)
+    batch_size: int = 16
+    steps: int = 50
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # the cosine schedule's floor, as a fraction of lr
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_every: int = 10
+    eval_batches: int = 10
+    # data
+    dataset: str = DEFAULT_CORPUS  # a .txt/.txt.gz file, a local dataset directory, or a hub name
+    dataset_config: str | None = None
+    dataset_split: str = "train"
+    text_column: str = "text"
+    max_documents: int | None = None  # hub datasets: stream only the first N documents
+    tokenizer: str = DEFAULT_TOKENIZER  # a tokenizer.json file, or a hub tokenizer name
+    trust_remote_code: bool = False
+    val_fraction: float = 0.05
+    cache_dir: str = str(ROOT / ".cache")
+    # runtime
+    mixed_precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    compile: bool = False
+    results_dir: str = "results"
+    group: str | None = None  # None: the sweep id under an agent, else "local"
+    project: str = "attnsweep"
+    checkpoint_every: int = 0
+    resume: bool = False
+    dry_run: bool = False
+
+    # --- derived ---------------------------------------------------------------------------
+
+    def attention_spec(self) -> AttentionSpec:
+        """The named variant with any knob overrides applied, and head dims resolved."""
+        spec = VARIANTS[self.attention]
+        changes = {k: getattr(self, k) for k in ATTENTION_KNOBS if getattr(self, k) is not None}
+        if changes.get("q_lora_rank") == FULL_RANK:
+            changes["q_lora_rank"] = None
+        spec = spec.with_overrides(**changes)
+        head_dim = self.d_model // self.n_heads
+        if spec.is_latent and (spec.qk_rope_head_dim is None or spec.v_head_dim is None):
+            spec = spec.with_overrides(qk_rope_head_dim=spec.qk_rope_head_dim or head_dim,
+                                       v_head_dim=spec.v_head_dim or head_dim)
+        return spec
+
+    @property
+    def family(self) -> str:
+        return VARIANTS[self.attention].family
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.attention}-s{self.seed}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # --- validation ------------------------------------------------------------------------
+
+    def validate(self) -> "TrainConfig":
+        """Raise ConfigError on the first bad value; returns self so calls chain."""
+        if self.attention not in VARIANTS:
+            raise ConfigError(f"unknown attention variant {self.attention!r}; allowed: {', '.join(VARIANTS)}")
+        positive = ["d_model", "n_layers", "n_heads", "d_ff", "n_experts", "top_k", "seq_len", "batch_size",
+                    "steps", "eval_every", "eval_batches", "vocab_size", "kv_lora_rank", "v_head_dim",
+                    "qk_rope_head_dim", "max_documents", "rope_theta", "rope_scaling_factor"]
+        for name in positive:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"--{name}={value}: must be greater than 0")
+        non_negative = ["lr", "weight_decay", "warmup_steps", "grad_clip", "checkpoint_every",
+                        "qk_nope_head_dim", "router_noise_std", "aux_loss_weight"]
+        for name in non_negative:
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"--{name}={value}: must be 0 or greater")
+        for name in ("dropout", "min_lr_ratio"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"--{name}={getattr(self, name)}: must be between 0 and 1")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"--val_fraction={self.val_fraction}: must be between 0 and 1 (exclusive)")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"--d_model={self.d_model} is not divisible by --n_heads={self.n_heads}")
+        if self.top_k > self.n_experts:
+            raise ConfigError(f"--top_k={self.top_k} exceeds --n_experts={self.n_experts}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(f"--mixed_precision={self.mixed_precision}: allowed: {', '.join(MIXED_PRECISION)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"--lr_schedule={self.lr_schedule}: allowed: {', '.join(LR_SCHEDULES)}")
+        if self.rope_scaling is not None and self.rope_scaling not in ROPE_SCALINGS:
+            raise ConfigError(f"--rope_scaling={self.rope_scaling}: allowed: {', '.join(ROPE_SCALINGS)}")
+        if isinstance(self.q_lora_rank, str) and self.q_lora_rank != FULL_RANK:
+            raise ConfigError(f"--q_lora_rank={self.q_lora_rank}: must be a positive integer or '{FULL_RANK}'")
+        if isinstance(self.q_lora_rank, int) and self.q_lora_rank <= 0:
+            raise ConfigError(f"--q_lora_rank={self.q_lora_rank}: must be a positive integer or '{FULL_RANK}'")
+        self._validate_attention_dims()
+        return self
+
+    def _validate_attention_dims(self) -> None:
+        if not VARIANTS[self.attention].is_latent:
+            for knob in LATENT_ONLY_KNOBS:
+                if getattr(self, knob) is not None:
+                    raise ConfigError(f"--{knob}={getattr(self, knob)}: only latent (MLA) variants have it, "
+                                      f"not --attention={self.attention}")
+            if (self.d_model // self.n_heads) % 2:
+                raise ConfigError(f"head dim {self.d_model // self.n_heads} (d_model/n_heads) must be even for RoPE")
+            return
+        spec = self.attention_spec()
+        if spec.qk_rope_head_dim % 2:
+            raise ConfigError(f"--qk_rope_head_dim={spec.qk_rope_head_dim}: must be even (RoPE rotates pairs)")
+
+
+# --- parsing `--name=value` ---------------------------------------------------------------------
+
+FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
+TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def _allowed_types(annotation) -> tuple:
+    """`int | str | None` -> (int, str, NoneType); a plain `int` -> (int,)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in TRUE:
+        return True
+    if text.lower() in FALSE:
+        return False
+    raise ValueError
+
+
+def parse_value(name: str, text) -> object:
+    """Turn one value (a string from the command line, or already typed from a sweep's YAML)
+    into the field's type, or raise ConfigError naming it."""
+    allowed = _allowed_types(FIELD_TYPES[name])
+    if text is None or (isinstance(text, str) and text.lower() in ("none", "null") and type(None) in allowed):
+        if type(None) in allowed:
+            return None
+    parsers = {bool: _parse_bool, int: int, float: float, str: str}
+    for kind in (bool, int, float, str):  # most specific first: "1" for an int|str field is an int
+        if kind not in allowed:
+            continue
+        if not isinstance(text, str):
+            if kind is float and isinstance(text, int) and not isinstance(text, bool):
+                return float(text)
+            if isinstance(text, kind) and not (kind is int and isinstance(text, bool)):
+                return text
+            continue
+        try:
+            return parsers[kind](text)
+        except ValueError:
+            continue
+    expected = " or ".join({bool: "True/False", int: "an integer", float: "a number", str: "text",
+                            type(None): "None"}[k] for k in allowed)
+    raise ConfigError(f"--{name}={text}: expected {expected}")
+
+
+def parse_args(argv: list[str]) -> dict:
+    """`--name=value`, `--name value` and a bare `--flag` (true) -> {name: typed value}."""
+    values, i = {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; arguments look like --name=value")
+        name, has_value, text = arg[2:].partition("=")
+        if name not in FIELD_TYPES:
+            raise ConfigError(f"unknown option --{name}; see `python train.py --help` for the allowed names")
+        if not has_value:
+            is_flag = bool in _allowed_types(FIELD_TYPES[name])
+            if is_flag and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+                text = "True"
+            elif i + 1 < len(argv):
+                i, text = i + 1, argv[i + 1]
+            else:
+                raise ConfigError(f"--{name} needs a value")
+        values[name] = parse_value(name, text)
+        i += 1
+    return values
+
+
+def config_from_values(values: dict) -> TrainConfig:
+    """A validated config from {name: value}; values may be strings or already typed (a sweep)."""
+    for name in values:
+        if name not in FIELD_TYPES:
+            raise ConfigError(f"unknown option --{name}; see `python train.py --help` for the allowed names")
+    typed = {name: parse_value(name, value) for name, value in values.items()}
+    return TrainConfig(**typed).validate()
+
+
+def help_text() -> str:
+    lines = ["usage: python train.py [--name=value ...]", "", "options (default):"]
+    for f in fields(TrainConfig):
+        lines.append(f"  --{f.name}={f.default}")
+    lines.append("")
+    lines.append(f"attention variants: {', '.join(VARIANTS)}")
+    return "\n".join(lines)
