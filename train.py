@@ -3,15 +3,44 @@
 
     python train.py --attention=rope_small --seed=1
     python train.py --attention=baseline --vocab_size=49152 --dry_run
+    torchrun --nproc_per_node=2 train.py ...        (or `accelerate launch` on GPUs)
+
+Every run ends with one results record, <results_dir>/<group>/<attention>-s<seed>.json, whose
+status is finished, failed, diverged or interrupted, and an exit code that says the same.
 """
+import hashlib
 import json
+import math
+import os
+import secrets
+import shutil
+import signal
 import sys
+import time
+import traceback
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from config import ConfigError, TrainConfig, config_from_values, help_text, parse_args
-from model import ModelConfig, MoELM, count_parameters, flops_per_token
+from config import FIELD_TYPES, ConfigError, TrainConfig, config_from_values, help_text, parse_args, parse_value
+from model import (ModelConfig, MoELM, count_parameters, flops_per_token, init_weights,
+                   shared_parameters_fingerprint)
 
+RECORD_SCHEMA = 1
+EXIT_CODES = {"finished": 0, "failed": 1, "config": 2, "diverged": 3, "interrupted": 130}
+GB = 1024 ** 3
+
+
+class Diverged(Exception):
+    pass
+
+
+class Interrupted(Exception):
+    pass
+
+
+# --- the model ---------------------------------------------------------------------------------
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
     return ModelConfig(
@@ -30,6 +59,397 @@ def describe_model(cfg: TrainConfig, vocab_size: int) -> dict:
             "params_attention": params["attention"], "flops_per_token": flops_per_token(model)}
 
 
+# --- results records ---------------------------------------------------------------------------
+
+def write_json_atomic(path: Path, obj) -> None:
+    """temp file + rename in the same directory: readers see the old file or the new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def record_path(results_dir: Path, group: str, run_name: str, run_id: str) -> Path:
+    """<group>/<run_name>.json, unless another run's finished record holds that name: then the run
+    id goes into the name, so two agents sharing a results directory never clobber each other."""
+    path = results_dir / group / f"{run_name}.json"
+    try:
+        existing = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return path
+    if existing.get("run_id") in (run_id, None) or existing.get("status") != "finished":
+        return path
+    return path.with_name(f"{run_name}-{run_id}.json")
+
+
+def check_writable(results_dir: Path) -> None:
+    try:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        probe = results_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"--results_dir={results_dir}: not writable ({err.strerror or err})") from None
+
+
+# --- W&B: only the main process talks to it -----------------------------------------------------
+
+class Tracker:
+    """A thin wrapper over one wandb run (or nothing, off the main process)."""
+
+    def __init__(self, enabled: bool, project: str, group: str, name: str, tags: list, config: dict,
+                 run_id: str, directory: Path):
+        self.run = None
+        if not enabled:
+            return
+        import wandb
+
+        self.wandb = wandb
+        directory.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(project=project, group=group, name=name, tags=tags, job_type="train",
+                              config=config, id=run_id, resume="allow", dir=os.environ.get("WANDB_DIR", directory))
+        wandb.define_metric("val/loss", summary="min")
+
+    def sweep_values(self) -> dict:
+        """What the sweep put in wandb.config (empty outside a sweep)."""
+        if self.run is None or not os.environ.get("WANDB_SWEEP_ID"):
+            return {}
+        return {k: v for k, v in dict(self.run.config).items() if k in FIELD_TYPES}
+
+    def update_config(self, values: dict) -> None:
+        if self.run is not None:
+            self.run.config.update(values, allow_val_change=True)
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def finish(self, summary: dict, exit_code: int) -> None:
+        if self.run is not None:
+            self.run.summary.update({k: v for k, v in summary.items() if k != "val/loss"})
+            self.run.finish(exit_code=exit_code)
+
+
+def check_sweep_agrees(cfg: TrainConfig, sweep_values: dict) -> None:
+    """Sweep values are locked in wandb.config; if they differ from what the command line gave us
+    (a launcher that drops ${args}, a bool parsed wrongly) the run would log one config and train
+    another. Fail loudly instead."""
+    for name, value in sweep_values.items():
+        if parse_value(name, value) != getattr(cfg, name):
+            raise ConfigError(f"sweep parameter {name}={value!r} disagrees with the command line "
+                              f"(--{name}={getattr(cfg, name)}); pass the sweep's ${{args}} to train.py")
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+def memory_gb(device: torch.device) -> tuple[float, float]:
+    """(now, peak): the CUDA allocator on GPU, the process's resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / GB, torch.cuda.max_memory_allocated(device) / GB
+    import psutil
+
+    rss = psutil.Process().memory_info().rss / GB
+    memory_gb.cpu_peak = max(getattr(memory_gb, "cpu_peak", 0.0), rss)
+    return rss, memory_gb.cpu_peak
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup, then constant or cosine decay to min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def chain_fingerprint(previous: str, batch: torch.Tensor) -> str:
+    """sha256 over all training tokens so far, in order, as a chain so it can be checkpointed."""
+    return hashlib.sha256(previous.encode() + batch.numpy().tobytes()).hexdigest()
+
+
+class StopSignals:
+    """SIGTERM / SIGINT ask the loop to checkpoint and stop at the next step boundary; a second
+    SIGINT stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+class Run:
+    """One training run: set up, train, evaluate, checkpoint, and always leave a record."""
+
+    def __init__(self, cfg: TrainConfig):
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.started = time.perf_counter()
+        mixed = cfg.mixed_precision
+        if mixed == "auto":
+            mixed = "bf16" if torch.cuda.is_available() else "no"
+        self.accelerator = Accelerator(mixed_precision=mixed)
+        self.is_main = self.accelerator.is_main_process
+        self.group = cfg.group or os.environ.get("WANDB_SWEEP_ID") or "local"
+        self.results_dir = Path(cfg.results_dir)
+        self.checkpoint_dir = self.results_dir / self.group / "checkpoints" / cfg.run_name
+        self.progress = self._load_progress()
+        self.run_id = (os.environ.get("WANDB_RUN_ID") or self.progress.get("run_id")
+                       or secrets.token_hex(4))
+        self.status, self.error = "running", None
+        self.history, self.summary = [], {}
+
+    def _load_progress(self) -> dict:
+        """A checkpoint's progress, if this run should resume: --resume, or an agent handing out
+        the same run id again after the machine was lost."""
+        path = self.checkpoint_dir / "progress.json"
+        if not path.exists():
+            return {}
+        progress = json.loads(path.read_text())
+        if self.cfg.resume or progress.get("run_id") == os.environ.get("WANDB_RUN_ID"):
+            return progress
+        return {}
+
+    # the whole life of a run; returns the exit code
+    def execute(self) -> int:
+        cfg = self.cfg
+        tracker, bad_input = None, False
+        try:
+            if self.is_main:
+                check_writable(self.results_dir)
+            tracker = Tracker(self.is_main, cfg.project, self.group, cfg.run_name, [cfg.family],
+                              cfg.to_dict(), self.run_id, self.results_dir)
+            check_sweep_agrees(cfg, tracker.sweep_values())
+            self.train(tracker)
+            self.status = "finished"
+        except ConfigError as err:
+            self.status, self.error, bad_input = "failed", str(err), True
+        except Diverged as err:
+            self.status, self.error = "diverged", str(err)
+        except Interrupted as err:
+            self.status, self.error = "interrupted", str(err)
+        except torch.OutOfMemoryError:
+            self.status = "failed"
+            self.error = (f"out of memory with --batch_size={cfg.batch_size} --seq_len={cfg.seq_len} "
+                          f"({cfg.attention}); lower the batch size or sequence length")
+        except Exception as err:  # any crash still ends as a failed run with its reason recorded
+            self.status, self.error = "failed", f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"
+            self._save_traceback()
+        exit_code = EXIT_CODES["config"] if bad_input else EXIT_CODES[self.status]
+        self._finish(tracker, exit_code)
+        return exit_code
+
+    def _save_traceback(self) -> None:
+        if self.is_main:
+            path = self.results_dir / self.group / f"{self.cfg.run_name}.traceback.txt"
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(traceback.format_exc())
+                self.error += f" (traceback: {path})"
+            except OSError:
+                pass
+
+    def _finish(self, tracker: "Tracker | None", exit_code: int) -> None:
+        self.summary.update({"status": self.status, "error": self.error,
+                             "time/total_s": round(self.progress.get("elapsed", 0.0) + self.elapsed(), 3)})
+        if self.error:
+            print(f"error: {self.error}", file=sys.stderr)
+        if not self.is_main:
+            return
+        record = {
+            "schema": RECORD_SCHEMA, "run_id": self.run_id, "run_name": self.cfg.run_name, "group": self.group,
+            "attention": self.cfg.attention, "family": self.cfg.family, "seed": self.cfg.seed,
+            "status": self.status, "error": self.error, "config": self.cfg.to_dict(), "summary": self.summary,
+            "history": self.history,
+        }
+        try:
+            path = record_path(self.results_dir, self.group, self.cfg.run_name, self.run_id)
+            write_json_atomic(path, record)
+        except OSError as err:
+            print(f"error: cannot write the results record ({err})", file=sys.stderr)
+        if tracker is not None:
+            tracker.finish(self.summary, exit_code)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    # --- training ---
+
+    def train(self, tracker: Tracker) -> None:
+        from data import load_tokens, make_batches
+
+        cfg, accelerator = self.cfg, self.accelerator
+        with accelerator.main_process_first():  # the main process tokenizes; the others read its cache
+            tokens, tokenizer_vocab = load_tokens(cfg)
+        vocab_size = cfg.vocab_size or tokenizer_vocab
+        if vocab_size < tokenizer_vocab:
+            raise ConfigError(f"--vocab_size={vocab_size} is smaller than the tokenizer's {tokenizer_vocab}")
+        batches = make_batches(tokens, cfg)
+        world, rank = accelerator.num_processes, accelerator.process_index
+        if cfg.batch_size % world:
+            raise ConfigError(f"--batch_size={cfg.batch_size} does not split over {world} processes")
+        tracker.update_config({"vocab_size": vocab_size, "processes": world, "group": self.group})
+
+        model = MoELM(model_config(cfg, vocab_size))
+        init_weights(model, cfg.seed)
+        params = count_parameters(model)
+        self.summary.update({
+            "params/total": params["total"], "params/attention": params["attention"],
+            "flops/per_token": flops_per_token(model),
+            "init/shared_fingerprint": shared_parameters_fingerprint(model),
+        })
+        device = accelerator.device
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                      fused=device.type == "cuda")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
+        compiled = torch.compile(model) if cfg.compile else model
+        compiled, optimizer, scheduler = accelerator.prepare(compiled, optimizer, scheduler)
+        torch.manual_seed(cfg.seed)  # dropout and router noise; init used its own generators
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        start_step, fingerprint = 0, ""
+        if self.progress:
+            accelerator.load_state(str(self.checkpoint_dir / "state"))
+            start_step, fingerprint = self.progress["step"], self.progress["fingerprint"]
+            self.history = self.progress["history"]
+            print(f"resuming {cfg.run_name} from its checkpoint at step {start_step}", file=sys.stderr)
+
+        signals = StopSignals()
+        try:
+            self._loop(compiled, optimizer, scheduler, batches, tracker, signals, start_step, fingerprint,
+                       world, rank, device)
+        finally:
+            signals.restore()
+
+    def _loop(self, model, optimizer, scheduler, batches, tracker, signals, start_step, fingerprint,
+              world, rank, device) -> None:
+        from tqdm import tqdm
+
+        cfg, accelerator = self.cfg, self.accelerator
+        tokens_per_step = cfg.batch_size * cfg.seq_len
+        bar = tqdm(total=cfg.steps, initial=start_step, disable=not self.is_main, desc=cfg.run_name,
+                   file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+        model.train()
+        for step in range(start_step, cfg.steps):
+            begun = time.perf_counter()
+            batch = batches.train_batch(step)
+            fingerprint = chain_fingerprint(fingerprint, batch)
+            local = batch.chunk(world)[rank].to(device, non_blocking=True)
+            inputs, targets = local[:, :-1], local[:, 1:]
+            with accelerator.autocast():
+                logits, aux_loss = model(inputs)
+            ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            accelerator.backward(ce + cfg.aux_loss_weight * aux_loss)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            accuracy = (logits.detach().argmax(-1) == targets).float().mean()
+            stop = torch.tensor(float(signals.requested), device=device)
+            stats = torch.stack([ce.detach(), accuracy, aux_loss.detach().float(), grad_norm.float(), stop])
+            loss, accuracy, aux, grad_norm, stop = accelerator.reduce(stats, "mean").tolist()  # the one sync
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise Diverged(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step {step + 1}")
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            step_time = time.perf_counter() - begun
+            now_gb, peak_gb = memory_gb(device)
+            row = {"step": step + 1, "train/loss": loss, "train/accuracy": accuracy, "train/lr": lr,
+                   "train/grad_norm": grad_norm, "train/aux_loss": aux, "perf/step_time_ms": step_time * 1000,
+                   "perf/tokens_per_sec": tokens_per_step / step_time, "memory/allocated_gb": now_gb,
+                   "memory/peak_gb": peak_gb}
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                row.update(self.evaluate(model, batches, world, rank, device))
+                model.train()
+            self.history.append(row)
+            tracker.log({k: v for k, v in row.items() if k != "step"}, step=step + 1)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['perf/tokens_per_sec']:,.0f}", refresh=False)
+
+            last = step + 1 == cfg.steps
+            if stop or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and not last):
+                self.save_checkpoint(step + 1, fingerprint)
+            if stop:
+                raise Interrupted(f"stopped by a signal after step {step + 1}; checkpoint saved, "
+                                  f"continue with --resume")
+        bar.close()
+        final = self.history[-1]
+        _, peak_gb = memory_gb(device)
+        self.summary.update({k: final[k] for k in ("val/loss", "val/accuracy", "val/perplexity")})
+        self.summary.update({"memory/peak_gb": peak_gb, "data/fingerprint": fingerprint})
+
+    @torch.no_grad()
+    def evaluate(self, model, batches, world, rank, device) -> dict:
+        """Mean next-token loss and accuracy over the first eval_batches validation batches
+        (the same for every run), each split over the processes like training batches."""
+        model.eval()
+        totals = torch.zeros(3, device=device)
+        for index in range(self.cfg.eval_batches):
+            local = batches.val_batch(index).chunk(world)[rank].to(device, non_blocking=True)
+            inputs, targets = local[:, :-1], local[:, 1:]
+            with self.accelerator.autocast():
+                logits, _ = model(inputs)
+            totals[0] += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+            totals[1] += (logits.argmax(-1) == targets).sum()
+            totals[2] += targets.numel()
+        loss_sum, correct, count = self.accelerator.reduce(totals, "sum").tolist()
+        loss = loss_sum / count
+        return {"val/loss": loss, "val/accuracy": correct / count, "val/perplexity": math.exp(min(loss, 700))}
+
+    def save_checkpoint(self, step: int, fingerprint: str) -> None:
+        """Model, optimizer, scheduler and RNG states (Accelerate) plus our progress, written to a
+        temp directory and renamed into place, so a kill mid-save leaves the previous checkpoint."""
+        tmp = self.checkpoint_dir.with_name(self.checkpoint_dir.name + ".tmp")
+        if self.is_main and tmp.exists():
+            shutil.rmtree(tmp)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp / "state"))
+        if self.is_main:
+            progress = {"step": step, "fingerprint": fingerprint, "run_id": self.run_id,
+                        "elapsed": self.progress.get("elapsed", 0.0) + self.elapsed(), "history": self.history}
+            write_json_atomic(tmp / "progress.json", progress)
+            old = self.checkpoint_dir.with_name(self.checkpoint_dir.name + ".old")
+            if self.checkpoint_dir.exists():
+                os.replace(self.checkpoint_dir, old)
+            os.replace(tmp, self.checkpoint_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+
+# --- the command line --------------------------------------------------------------------------
+
+def refuse(err: ConfigError, argv: list[str]) -> int:
+    """Bad input: one `error:` line and exit 2. Under a W&B agent the run is also opened and marked
+    failed with the reason, so the dashboard shows it instead of the agent handing it out again."""
+    print(f"error: {err}", file=sys.stderr)
+    if os.environ.get("WANDB_SWEEP_ID"):
+        raw = dict(arg[2:].partition("=")[::2] for arg in argv if arg.startswith("--"))
+        try:
+            import wandb
+
+            run = wandb.init(config={"args": argv}, job_type="train",
+                             name=f"{raw.get('attention', 'invalid')}-s{raw.get('seed', '0')}")
+            run.summary.update({"status": "failed", "error": str(err)})
+            run.finish(exit_code=EXIT_CODES["config"])
+        except Exception as wandb_err:  # the refusal itself must not turn into a traceback
+            print(f"warning: could not report the failure to W&B ({wandb_err})", file=sys.stderr)
+    return EXIT_CODES["config"]
+
+
 def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         print(help_text())
@@ -41,10 +461,9 @@ def main(argv: list[str]) -> int:
                 raise ConfigError("--dry_run needs --vocab_size (it loads no tokenizer)")
             print(json.dumps(describe_model(cfg, cfg.vocab_size)))
             return 0
-        raise ConfigError("training is not implemented yet; only --dry_run works")
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return refuse(err, argv)
+    return Run(cfg).execute()
 
 
 if __name__ == "__main__":

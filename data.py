@@ -1,0 +1,206 @@
+"""Text -> token blocks -> the batches every variant of a seed sees, in the same order.
+
+One loading path for every source (`datasets`): a .txt/.txt.gz file (the embedded corpus) through
+`load_dataset("text", ...)`, a local dataset directory, or a hub dataset streamed by name. The
+token stream is cached on disk, keyed by everything that changes it, so a 13-run sweep tokenizes
+once. The stream is cut into non-overlapping blocks of seq_len + 1 tokens; a fixed, seed-free
+random subset of blocks is the validation set, so it is disjoint from training and the same for
+every run.
+"""
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from config import ConfigError, TrainConfig
+
+VALIDATION_SPLIT_SEED = 20260101  # fixed: the validation set must not depend on the run's seed
+CACHE_FORMAT = 1  # bump when the tokenization code changes what it produces
+
+
+# --- tokenizer ---------------------------------------------------------------------------------
+
+def load_tokenizer(cfg: TrainConfig):
+    """A `transformers` fast tokenizer from a tokenizer.json file or a hub name."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(cfg.tokenizer)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise ConfigError(f"--tokenizer={cfg.tokenizer}: no such file")
+        return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<|endoftext|>")
+    try:
+        return AutoTokenizer.from_pretrained(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--tokenizer={cfg.tokenizer}: cannot load it ({one_line(err)})") from None
+
+
+def one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:300]
+
+
+# --- the token stream, cached ------------------------------------------------------------------
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def source_identity(cfg: TrainConfig) -> dict:
+    """What determines the tokens: content hashes for local files, names for hub sources."""
+    dataset, tokenizer = Path(cfg.dataset), Path(cfg.tokenizer)
+    if dataset.is_file():
+        data_id = _file_digest(dataset)
+    elif dataset.is_dir():
+        files = sorted(p for p in dataset.rglob("*") if p.is_file())
+        data_id = hashlib.sha256("".join(f"{p.relative_to(dataset)}:{p.stat().st_size}:{p.stat().st_mtime_ns};"
+                                         for p in files).encode()).hexdigest()
+    else:
+        data_id = cfg.dataset
+    return {
+        "format": CACHE_FORMAT, "dataset": data_id, "dataset_config": cfg.dataset_config,
+        "split": cfg.dataset_split, "text_column": cfg.text_column, "max_documents": cfg.max_documents,
+        "tokenizer": _file_digest(tokenizer) if tokenizer.is_file() else cfg.tokenizer,
+    }
+
+
+def load_texts(cfg: TrainConfig):
+    """The documents as a `datasets` dataset (or a streamed iterable of the first max_documents)."""
+    from datasets import load_dataset, load_from_disk
+
+    path = Path(cfg.dataset)
+    if path.is_file():
+        if not path.name.endswith((".txt", ".txt.gz")):
+            raise ConfigError(f"--dataset={cfg.dataset}: a file must be .txt or .txt.gz")
+        check_text_file(path)
+        return load_dataset("text", data_files=str(path), split="train", cache_dir=str(Path(cfg.cache_dir) / "hf"))
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+            loaded = load_from_disk(str(path))
+            return loaded[cfg.dataset_split] if hasattr(loaded, "keys") else loaded
+        return load_dataset(str(path), cfg.dataset_config, split=cfg.dataset_split,
+                            cache_dir=str(Path(cfg.cache_dir) / "hf"))
+    if looks_like_path(cfg.dataset):
+        raise ConfigError(f"--dataset={cfg.dataset}: no such file or directory")
+    extra = {"trust_remote_code": True} if cfg.trust_remote_code else {}
+    try:
+        stream = load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.dataset_split, streaming=True, **extra)
+    except Exception as err:  # offline, unknown name, bad config name: all end the same way
+        raise ConfigError(f"--dataset={cfg.dataset}: cannot load it from the hub ({one_line(err)})") from None
+    return stream.take(cfg.max_documents) if cfg.max_documents else stream
+
+
+def looks_like_path(name: str) -> bool:
+    """A hub name is `name` or `owner/name`; anything else that does not exist is a missing path."""
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1
+            or name.endswith((".txt", ".gz", ".json", ".jsonl", ".parquet", ".csv")))
+
+
+def check_text_file(path: Path) -> None:
+    """Refuse an empty, unreadable or non-UTF-8 corpus with one clear line."""
+    import gzip
+
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            while chunk := f.read(1 << 20):
+                if chunk.strip():
+                    break
+            else:
+                raise ConfigError(f"--dataset={path}: the file holds no text")
+            while f.read(1 << 20):
+                pass
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--dataset={path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except (OSError, EOFError) as err:
+        raise ConfigError(f"--dataset={path}: cannot read it ({one_line(err)})") from None
+
+
+def tokenize(cfg: TrainConfig) -> np.ndarray:
+    """All documents as one token stream, each document followed by the end-of-text token."""
+    tokenizer = load_tokenizer(cfg)
+    texts = load_texts(cfg)
+    columns = texts.column_names or []
+    if cfg.text_column not in columns and columns:
+        raise ConfigError(f"--text_column={cfg.text_column}: the dataset has columns {', '.join(columns)}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ConfigError(f"--tokenizer={cfg.tokenizer}: it has no end-of-text token to separate documents")
+
+    def encode(batch):
+        ids = tokenizer([t for t in batch[cfg.text_column] if t and t.strip()], add_special_tokens=False)["input_ids"]
+        return {"ids": [doc + [eos] for doc in ids]}
+
+    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
+    encoded = texts.map(encode, batched=True, remove_columns=columns or None)
+    pieces = [np.asarray(ids, dtype=dtype) for row in encoded.iter(batch_size=1000) for ids in row["ids"]]
+    if not pieces:
+        raise ConfigError(f"--dataset={cfg.dataset}: no text in column {cfg.text_column!r}")
+    return np.concatenate(pieces)
+
+
+def load_tokens(cfg: TrainConfig) -> tuple[np.ndarray, int]:
+    """(the token stream, the tokenizer's vocabulary size), from the cache when it is there."""
+    identity = source_identity(cfg)
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+    cache = Path(cfg.cache_dir) / f"tokens-{key}.npy"
+    meta = cache.with_suffix(".json")
+    if cache.exists() and meta.exists():
+        return np.load(cache, mmap_mode="r"), json.loads(meta.read_text())["vocab_size"]
+    tokens = tokenize(cfg)
+    vocab_size = len(load_tokenizer(cfg))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    # temp file + rename: a concurrent run or a kill never leaves a half-written cache behind
+    tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npy")
+    np.save(tmp, tokens)
+    os.replace(tmp, cache)
+    tmp_meta = meta.with_name(f"{meta.stem}.{os.getpid()}.tmp")
+    tmp_meta.write_text(json.dumps({**identity, "vocab_size": vocab_size, "tokens": int(len(tokens))}))
+    os.replace(tmp_meta, meta)
+    return tokens, vocab_size
+
+
+# --- blocks and batches ------------------------------------------------------------------------
+
+@dataclass
+class Batches:
+    """Training and validation blocks, and the deterministic order in which training uses them."""
+    blocks: torch.Tensor  # (n_blocks, seq_len + 1), int64
+    train_ids: torch.Tensor  # block indices for training
+    val_ids: torch.Tensor  # block indices for validation
+    batch_size: int
+    seed: int
+
+    def train_batch(self, step: int) -> torch.Tensor:
+        """The global batch of 0-based `step`: the same for every variant and every process
+        count. Epoch e walks the training blocks in a permutation seeded by (seed, e)."""
+        per_epoch = len(self.train_ids) // self.batch_size
+        epoch, index = divmod(step, per_epoch)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.train_ids), generator=generator)
+        chosen = self.train_ids[order[index * self.batch_size:(index + 1) * self.batch_size]]
+        return self.blocks[chosen]
+
+    def val_batch(self, index: int) -> torch.Tensor:
+        return self.blocks[self.val_ids[index * self.batch_size:(index + 1) * self.batch_size]]
+
+
+def make_batches(tokens: np.ndarray, cfg: TrainConfig) -> Batches:
+    block = cfg.seq_len + 1
+    n_blocks = len(tokens) // block
+    n_val = max(cfg.eval_batches * cfg.batch_size, int(n_blocks * cfg.val_fraction))
+    if n_blocks - n_val < cfg.batch_size:
+        raise ConfigError(
+            f"--dataset={cfg.dataset}: {len(tokens):,} tokens make {n_blocks} blocks of seq_len+1={block}, "
+            f"too few for {n_val} validation blocks plus one training batch of {cfg.batch_size}")
+    blocks = torch.from_numpy(np.asarray(tokens[:n_blocks * block], dtype=np.int64).reshape(n_blocks, block))
+    order = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(VALIDATION_SPLIT_SEED))
+    return Batches(blocks=blocks, train_ids=order[n_val:].sort().values, val_ids=order[:n_val].sort().values,
+                   batch_size=cfg.batch_size, seed=cfg.seed)
