@@ -143,14 +143,15 @@ def check_sweep_agrees(cfg: TrainConfig, sweep_values: dict) -> None:
 # --- measuring ---------------------------------------------------------------------------------
 
 def memory_gb(device: torch.device) -> tuple[float, float]:
-    """(now, peak): the CUDA allocator on GPU, the process's resident set on CPU."""
+    """(now, peak): the CUDA allocator on GPU; on CPU the process's resident set and its
+    high-water mark (ru_maxrss: KiB on Linux, bytes on macOS)."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / GB, torch.cuda.max_memory_allocated(device) / GB
     import psutil
+    import resource
 
-    rss = psutil.Process().memory_info().rss / GB
-    memory_gb.cpu_peak = max(getattr(memory_gb, "cpu_peak", 0.0), rss)
-    return rss, memory_gb.cpu_peak
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return psutil.Process().memory_info().rss / GB, peak / GB
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
@@ -201,7 +202,8 @@ class Run:
         mixed = cfg.mixed_precision
         if mixed == "auto":
             mixed = "bf16" if torch.cuda.is_available() else "no"
-        self.accelerator = Accelerator(mixed_precision=mixed)
+        # cpu=True is what lets Accelerate see a torchrun launch on CPU as multi-process (gloo)
+        self.accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
         self.is_main = self.accelerator.is_main_process
         self.group = cfg.group or os.environ.get("WANDB_SWEEP_ID") or "local"
         self.results_dir = Path(cfg.results_dir)
@@ -227,6 +229,7 @@ class Run:
     def execute(self) -> int:
         cfg = self.cfg
         tracker, bad_input = None, False
+        self.signals = StopSignals()  # from here on, SIGTERM/SIGINT end in a checkpoint, not a kill
         try:
             if self.is_main:
                 check_writable(self.results_dir)
@@ -241,6 +244,8 @@ class Run:
             self.status, self.error = "diverged", str(err)
         except Interrupted as err:
             self.status, self.error = "interrupted", str(err)
+        except KeyboardInterrupt:
+            self.status, self.error = "interrupted", "stopped by a second Ctrl-C, without a new checkpoint"
         except torch.OutOfMemoryError:
             self.status = "failed"
             self.error = (f"out of memory with --batch_size={cfg.batch_size} --seq_len={cfg.seq_len} "
@@ -248,6 +253,8 @@ class Run:
         except Exception as err:  # any crash still ends as a failed run with its reason recorded
             self.status, self.error = "failed", f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"
             self._save_traceback()
+        finally:
+            self.signals.restore()
         exit_code = EXIT_CODES["config"] if bad_input else EXIT_CODES[self.status]
         self._finish(tracker, exit_code)
         return exit_code
@@ -278,8 +285,10 @@ class Run:
         try:
             path = record_path(self.results_dir, self.group, self.cfg.run_name, self.run_id)
             write_json_atomic(path, record)
-        except OSError as err:
-            print(f"error: cannot write the results record ({err})", file=sys.stderr)
+        except OSError as err:  # already reported as the error when the directory is unwritable
+            print(f"warning: cannot write the results record ({err})", file=sys.stderr)
+        if self.status == "finished":  # a checkpoint is only for finishing; it can be GBs
+            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
         if tracker is not None:
             tracker.finish(self.summary, exit_code)
 
@@ -328,15 +337,10 @@ class Run:
             self.history = self.progress["history"]
             print(f"resuming {cfg.run_name} from its checkpoint at step {start_step}", file=sys.stderr)
 
-        signals = StopSignals()
-        try:
-            self._loop(compiled, optimizer, scheduler, batches, tracker, signals, start_step, fingerprint,
-                       world, rank, device)
-        finally:
-            signals.restore()
+        self._loop(compiled, optimizer, scheduler, batches, tracker, start_step, fingerprint, world, rank, device)
 
-    def _loop(self, model, optimizer, scheduler, batches, tracker, signals, start_step, fingerprint,
-              world, rank, device) -> None:
+    def _loop(self, model, optimizer, scheduler, batches, tracker, start_step, fingerprint, world, rank,
+              device) -> None:
         from tqdm import tqdm
 
         cfg, accelerator = self.cfg, self.accelerator
@@ -356,7 +360,7 @@ class Run:
             accelerator.backward(ce + cfg.aux_loss_weight * aux_loss)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             accuracy = (logits.detach().argmax(-1) == targets).float().mean()
-            stop = torch.tensor(float(signals.requested), device=device)
+            stop = torch.tensor(float(self.signals.requested), device=device)
             stats = torch.stack([ce.detach(), accuracy, aux_loss.detach().float(), grad_norm.float(), stop])
             loss, accuracy, aux, grad_norm, stop = accelerator.reduce(stats, "mean").tolist()  # the one sync
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):

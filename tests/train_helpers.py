@@ -28,10 +28,16 @@ def tiny_args(tmp: Path, corpus: Path, **overrides) -> list[str]:
     return [f"--{k}={v}" for k, v in values.items()]
 
 
+def offline_env(**extra) -> dict:
+    """This environment, offline, without the address of a wandb service that an in-process test
+    started (WANDB_SERVICE): a child would join it, and a killed child's run id would stay taken."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return {**env, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **extra}
+
+
 def run_train(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """train.py through the real command line, offline."""
-    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=full_env,
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=offline_env(**(env or {})),
                           capture_output=True, text=True, timeout=timeout)
 
 

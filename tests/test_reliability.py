@@ -1,0 +1,293 @@
+"""Bad input, failed and diverged runs, preemption and resume, two processes, secrets."""
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import model as model_module
+import train
+from train_helpers import ROOT, offline_env, read_record, run_train, small_corpus, tiny_args
+
+TIMING_KEYS = ("perf/step_time_ms", "perf/tokens_per_sec", "memory/allocated_gb", "memory/peak_gb")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return small_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def tree_snapshot(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def comparable(history: list[dict]) -> list[dict]:
+    """History rows without the wall-clock and memory readings, which differ between runs."""
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in history]
+
+
+# --- bad input through the real command line ----------------------------------------------------
+
+def bad_corpora(tmp: Path) -> dict:
+    (tmp / "empty.txt").write_text("")
+    (tmp / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1") * 50)
+    (tmp / "tiny.txt").write_text("only a few words here\n")
+    with gzip.open(tmp / "broken.txt.gz", "wb") as f:
+        f.write(b"text")
+    (tmp / "broken.txt.gz").write_bytes((tmp / "broken.txt.gz").read_bytes()[:12])  # truncated gzip
+    unreadable = tmp / "unreadable.txt"
+    unreadable.write_text("some text\n")
+    unreadable.chmod(0)
+    readonly = tmp / "readonly_results"
+    readonly.mkdir()
+    readonly.chmod(0o500)
+    return {"empty": tmp / "empty.txt", "latin1": tmp / "latin1.txt", "tiny": tmp / "tiny.txt",
+            "broken": tmp / "broken.txt.gz", "unreadable": unreadable, "readonly": readonly}
+
+
+BAD_INPUTS = [  # (case, extra arguments, text the error line must contain)
+    ("unknown variant", {"attention": "flash_magic"}, "flash_magic"),
+    ("unknown key", {"warp_speed": 9}, "--warp_speed"),
+    ("wrong int", {"steps": "ten"}, "--steps=ten"),
+    ("wrong bool", {"compile": "maybe"}, "--compile=maybe"),
+    ("zero size", {"d_model": 0}, "--d_model=0"),
+    ("negative size", {"batch_size": -4}, "--batch_size=-4"),
+    ("heads do not divide", {"d_model": 30, "n_heads": 4}, "--d_model=30"),
+    ("odd rotary dim", {"attention": "rope_only", "qk_rope_head_dim": 7}, "--qk_rope_head_dim=7"),
+    ("top_k over experts", {"top_k": 5, "n_experts": 4}, "--top_k=5"),
+    ("knob on baseline", {"kv_lora_rank": 16}, "--kv_lora_rank=16"),
+    ("bad precision", {"mixed_precision": "fp8"}, "--mixed_precision=fp8"),
+    ("missing corpus", {"dataset": "/nonexistent/corpus.txt"}, "/nonexistent/corpus.txt"),
+    ("empty corpus", {"dataset": "@empty"}, "empty.txt"),
+    ("non-UTF-8 corpus", {"dataset": "@latin1"}, "not UTF-8"),
+    ("broken gzip", {"dataset": "@broken"}, "broken.txt.gz"),
+    ("corpus too small", {"dataset": "@tiny"}, "too few"),
+    ("seq_len too long for corpus", {"seq_len": 30000}, "too few"),
+    ("unwritable results dir", {"results_dir": "@readonly"}, "readonly_results"),
+]
+if os.geteuid() != 0:  # root reads a chmod-0 file anyway
+    BAD_INPUTS.append(("unreadable corpus", {"dataset": "@unreadable"}, "unreadable.txt"))
+
+
+@pytest.mark.parametrize("case,extra,expected", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_one_error_line_and_nothing_lost(tmp_path, corpus, case, extra, expected):
+    if case == "unwritable results dir" and os.geteuid() == 0:
+        pytest.skip("root writes into a read-only directory")
+    files = bad_corpora(tmp_path)
+    extra = {k: (files[v[1:]] if isinstance(v, str) and v.startswith("@") else v) for k, v in extra.items()}
+    results = tmp_path / "results"
+    earlier = results / "local" / "baseline-s9.json"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text('{"schema": 1, "status": "finished", "run_id": "old"}')
+    before = tree_snapshot(results)
+
+    result = run_train(tiny_args(tmp_path, corpus, **extra))
+
+    assert result.returncode == 2, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, result.stderr
+    assert expected in error_lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    after = tree_snapshot(results)
+    own_record = {k for k in after if k.startswith("local/") and k.endswith(".json") and k not in before}
+    assert {k: after[k] for k in after if k not in own_record and not k.startswith("wandb/")} == before
+    for name in own_record:  # the failed run's own record, if it got that far
+        record = json.loads((results / name).read_text())
+        assert record["status"] == "failed" and expected in record["error"]
+
+
+# --- failed and diverged runs --------------------------------------------------------------------
+
+def faulty_forward(fault_step: int, fault):
+    """Wrap MoELM.forward so that the training forward at 1-based step `fault_step` misbehaves."""
+    original = model_module.MoELM.forward
+    calls = {"train": 0}
+
+    def forward(self, ids):
+        logits, aux = original(self, ids)
+        if self.training:
+            calls["train"] += 1
+            if calls["train"] == fault_step:
+                return fault(logits), aux
+        return logits, aux
+
+    return forward
+
+
+def in_process(monkeypatch, args) -> int:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    return train.main(args)
+
+
+def test_injected_nan_diverges_at_that_step(tmp_path, corpus, monkeypatch, capsys):
+    monkeypatch.setattr(model_module.MoELM, "forward", faulty_forward(4, lambda logits: logits * float("nan")))
+    code = in_process(monkeypatch, tiny_args(tmp_path, corpus, steps=6))
+    record = read_record(tmp_path / "results", "local", "baseline-s0")
+    assert code == train.EXIT_CODES["diverged"] != 0
+    assert record["status"] == "diverged" and "step 4" in record["error"]
+    assert [row["step"] for row in record["history"]] == [1, 2, 3]
+    assert "error: non-finite loss at step 4" in capsys.readouterr().err
+
+
+def test_cuda_out_of_memory_gets_its_own_message(tmp_path, corpus, monkeypatch, capsys):
+    def out_of_memory(logits):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(model_module.MoELM, "forward", faulty_forward(2, out_of_memory))
+    code = in_process(monkeypatch, tiny_args(tmp_path, corpus, batch_size=4, seq_len=32))
+    record = read_record(tmp_path / "results", "local", "baseline-s0")
+    assert code == 1 and record["status"] == "failed"
+    assert "out of memory" in record["error"] and "--batch_size=4" in record["error"]
+    assert "--seq_len=32" in record["error"]
+    assert capsys.readouterr().err.count("error:") == 1
+
+
+def test_a_crash_is_recorded_failed_with_its_reason(tmp_path, corpus, monkeypatch):
+    def crash(logits):
+        raise RuntimeError("something broke inside")
+
+    monkeypatch.setattr(model_module.MoELM, "forward", faulty_forward(3, crash))
+    assert in_process(monkeypatch, tiny_args(tmp_path, corpus)) == 1
+    record = read_record(tmp_path / "results", "local", "baseline-s0")
+    assert record["status"] == "failed" and "RuntimeError: something broke inside" in record["error"]
+    assert (tmp_path / "results" / "local" / "baseline-s0.traceback.txt").exists()
+
+
+def test_real_divergence_in_a_sweep_does_not_stop_the_sweep(tmp_path, corpus):
+    """An absurd learning rate diverges for real; the sweep still finishes the other runs."""
+    sweep = tmp_path / "sweep.yaml"
+    fixed = {k: {"value": str(v) if isinstance(v, Path) else v}
+             for k, v in {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "n_experts": 4, "seq_len": 32,
+                          "batch_size": 4, "steps": 8, "eval_every": 4, "eval_batches": 2, "dataset": corpus,
+                          "cache_dir": tmp_path / "cache", "grad_clip": 0}.items()}
+    import yaml
+
+    sweep.write_text(yaml.safe_dump({
+        "program": "train.py", "method": "grid", "metric": {"name": "val/loss", "goal": "minimize"},
+        "parameters": {**fixed, "lr": {"values": [0.003, 1.0e12]}}}))
+    result = subprocess.run([sys.executable, str(ROOT / "local_sweep.py"), str(sweep),
+                             "--results-dir", str(tmp_path / "results")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=offline_env())
+    assert result.returncode == 0, result.stdout + result.stderr
+    records = [json.loads(p.read_text()) for p in (tmp_path / "results").rglob("baseline-s0*.json")
+               if '"schema"' in p.read_text()]
+    statuses = sorted((r["config"]["lr"], r["status"]) for r in records)
+    assert statuses == [(0.003, "finished"), (1.0e12, "diverged")]
+
+
+# --- preemption and resume -----------------------------------------------------------------------
+
+def wait_for(predicate, timeout=120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def start_train(args):
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=offline_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+LONG = {"steps": 120, "eval_every": 40, "checkpoint_every": 10, "dropout": 0.1}
+
+
+def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, corpus):
+    straight = run_train(tiny_args(tmp_path / "straight", corpus, **LONG))
+    assert straight.returncode == 0, straight.stderr
+    reference = read_record(tmp_path / "straight" / "results", "local", "baseline-s0")
+
+    args = tiny_args(tmp_path / "killed", corpus, **LONG)
+    progress = tmp_path / "killed" / "results" / "local" / "checkpoints" / "baseline-s0" / "progress.json"
+    process = start_train(args)
+    assert wait_for(progress.exists), "no checkpoint appeared"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = json.loads(progress.read_text())["step"]
+    assert killed_at < LONG["steps"]
+
+    resumed = run_train(args + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"from its checkpoint at step {killed_at}" in resumed.stderr
+    record = read_record(tmp_path / "killed" / "results", "local", "baseline-s0")
+    assert comparable(record["history"]) == comparable(reference["history"])
+    assert record["summary"]["data/fingerprint"] == reference["summary"]["data/fingerprint"]
+    assert not progress.parent.exists()  # a finished run removes its checkpoint
+
+
+def test_sigterm_checkpoints_and_marks_interrupted(tmp_path, corpus):
+    args = tiny_args(tmp_path, corpus, **{**LONG, "checkpoint_every": 0})
+    process = start_train(args)
+    record_file = tmp_path / "results" / "local" / "baseline-s0.json"
+    wandb_dir = tmp_path / "results" / "wandb"
+    assert wait_for(lambda: any(wandb_dir.glob("offline-run-*")))
+    time.sleep(1.0)  # into the training loop
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == train.EXIT_CODES["interrupted"], stderr
+    record = json.loads(record_file.read_text())
+    assert record["status"] == "interrupted" and "--resume" in record["error"]
+    progress = json.loads((tmp_path / "results" / "local" / "checkpoints" / "baseline-s0" / "progress.json").read_text())
+    assert progress["step"] == len(record["history"])
+    assert (tmp_path / "results" / "local" / "checkpoints" / "baseline-s0" / "state").is_dir()
+
+    resumed = run_train(args + ["--resume"])  # the checkpoint is usable
+    assert resumed.returncode == 0, resumed.stderr
+    final = read_record(tmp_path / "results", "local", "baseline-s0")
+    assert final["status"] == "finished" and len(final["history"]) == LONG["steps"]
+    assert final["run_id"] == record["run_id"]  # the same W&B run continues
+
+
+# --- several processes ---------------------------------------------------------------------------
+
+def test_two_processes_match_one(tmp_path, corpus):
+    """torchrun starts two CPU processes (gloo) that Accelerate picks up: one record, one W&B
+    run, the same global batch, and the same losses as one process.
+
+    Dropout and router noise draw from per-process generators, and the balance loss is a statistic
+    of each process's own tokens (as in any data-parallel MoE), so those are off for the exact
+    comparison; with them on, the processes train the same model up to those differences."""
+    deterministic = {"dropout": 0.0, "router_noise_std": 0.0, "aux_loss_weight": 0.0, "steps": 6, "batch_size": 4}
+    one = run_train(tiny_args(tmp_path / "one", corpus, **deterministic))
+    assert one.returncode == 0, one.stderr
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    env = offline_env(OMP_NUM_THREADS="1")
+    two = subprocess.run([torchrun, "--nproc_per_node=2", str(ROOT / "train.py"),
+                          *tiny_args(tmp_path / "two", corpus, **deterministic)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    single = read_record(tmp_path / "one" / "results", "local", "baseline-s0")
+    double = read_record(tmp_path / "two" / "results", "local", "baseline-s0")
+    assert len(list((tmp_path / "two" / "results").rglob("*.json"))) == 1  # one record, main process only
+    assert len(list((tmp_path / "two" / "results" / "wandb").glob("offline-run-*"))) == 1
+    assert double["summary"]["data/fingerprint"] == single["summary"]["data/fingerprint"]
+    for a, b in zip(single["history"], double["history"], strict=True):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
+        if "val/loss" in a:
+            assert b["val/loss"] == pytest.approx(a["val/loss"], rel=1e-5)
+
+
+# --- secrets -------------------------------------------------------------------------------------
+
+def test_api_key_never_reaches_a_written_file(tmp_path, corpus):
+    sentinel = "sentinel-api-key-0123456789abcdef0123456789abcdef"
+    result = run_train(tiny_args(tmp_path, corpus), env={"WANDB_API_KEY": sentinel, "HF_TOKEN": sentinel})
+    assert result.returncode == 0, result.stderr
+    assert sentinel not in result.stdout + result.stderr
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in files)
+    for path in files:
+        assert sentinel.encode() not in path.read_bytes(), path
