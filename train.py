@@ -154,6 +154,12 @@ def memory_gb(device: torch.device) -> tuple[float, float]:
     return psutil.Process().memory_info().rss / GB, peak / GB
 
 
+def process_start_time() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
+
+
 def lr_factor(cfg: TrainConfig, step: int) -> float:
     """Linear warmup, then constant or cosine decay to min_lr_ratio."""
     if step < cfg.warmup_steps:
@@ -348,6 +354,8 @@ class Run:
         bar = tqdm(total=cfg.steps, initial=start_step, disable=not self.is_main, desc=cfg.run_name,
                    file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
         model.train()
+        # the sweep's own overhead per run: imports, W&B init, cached data, model build
+        self.summary["time/startup_s"] = round(time.time() - process_start_time(), 3)
         for step in range(start_step, cfg.steps):
             begun = time.perf_counter()
             batch = batches.train_batch(step)
