@@ -1,0 +1,100 @@
+"""The fairness audit: prove the comparison was fair instead of claiming it.
+
+Two checks over the successful runs (the ones the tables compare):
+1. Runs with the same seed must have consumed the same training tokens in the same order and
+   started their shared parameters from the same values: equal `data/fingerprint` and
+   `init/shared_fingerprint` (DESIGN.md section 5).
+2. Runs may differ in what attention they use and in their seed, nothing else: any other
+   setting (steps, batch size, lr, model dims, data, tokenizer, ...) that differs is flagged.
+"""
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+from analysis.runs import Run
+
+# Settings that may differ between compared runs: what is being compared, the seed, and
+# bookkeeping that does not change what a run computes.
+NOT_COMPARED = {
+    "attention", "family", "seed",
+    "q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
+    "attention_bias", "rope_scaling", "rope_scaling_factor",
+    "results_dir", "group", "project", "run_name", "cache_dir", "checkpoint_every", "resume",
+    "dry_run", "compile", "trust_remote_code",
+    "processes",  # how many GPUs shared each (global) batch; train.py adds it to the W&B config
+}
+FINGERPRINTS = (("data/fingerprint", "data_fingerprint"), ("init/shared_fingerprint", "init_fingerprint"))
+
+
+@dataclass
+class Audit:
+    verdict: str  # "fair" | "NOT fair" | "not auditable"
+    findings: list = field(default_factory=list)  # one line per problem found
+    notes: list = field(default_factory=list)  # what could not be checked
+    checks: list = field(default_factory=list)  # (check, result, detail) rows for the table
+
+
+def _short(value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text[:12] + "..." if len(text) > 15 else text
+
+
+def _odd_ones_out(values: dict) -> tuple[object, list]:
+    """{run name: value} -> (the most common value, [names of runs with another value])."""
+    common, _ = Counter(values.values()).most_common(1)[0]
+    return common, sorted(name for name, value in values.items() if value != common)
+
+
+def _describe_split(what: str, values: dict, display=_short) -> str:
+    common, odd = _odd_ones_out(values)
+    others = "; ".join(f"{name} has {display(values[name])}" for name in odd)
+    return f"{what} differs: {display(common)} in {len(values) - len(odd)} runs; {others}"
+
+
+def audit(runs: list[Run]) -> Audit:
+    compared = [r for r in runs if r.succeeded]
+    result = Audit(verdict="fair")
+    if len(compared) < 2:
+        result.verdict = "not auditable"
+        result.notes.append("fewer than two successful runs: nothing to compare")
+        return result
+
+    by_seed: dict = {}
+    for run in compared:
+        by_seed.setdefault(run.seed, []).append(run)
+    for key, attribute in FINGERPRINTS:
+        present = [r for r in compared if getattr(r, attribute)]
+        if not present:
+            result.notes.append(f"{key}: not recorded by this source (e.g. the seed's JSON), not checked")
+            result.checks.append((key, "not checked", "not recorded"))
+            continue
+        problems = [f"{key}: missing in {', '.join(sorted(r.name for r in compared if not getattr(r, attribute)))}"
+                    ] if len(present) < len(compared) else []
+        for seed, group in sorted(by_seed.items(), key=lambda item: str(item[0])):
+            values = {r.name: getattr(r, attribute) for r in group if getattr(r, attribute)}
+            if len(set(values.values())) > 1:
+                problems.append(f"seed {seed}: " + _describe_split(key, values))
+        result.findings += problems
+        result.checks.append((key, "differs" if problems else "same per seed",
+                              "; ".join(problems) or f"{len(by_seed)} seed group(s), {len(present)} runs"))
+
+    configured = [r for r in compared if r.config]
+    if not configured:
+        result.notes.append("settings: the runs carry no config, not checked")
+        result.checks.append(("settings", "not checked", "no config recorded"))
+    else:
+        problems = []
+        keys = sorted({k for r in configured for k in r.config} - NOT_COMPARED)
+        for key in keys:
+            values = {r.name: json.dumps(r.config[key], sort_keys=True) for r in configured if key in r.config}
+            if len(set(values.values())) > 1:
+                problems.append(_describe_split(key, values, display=str))
+        result.findings += problems
+        result.checks.append(("settings", "differ" if problems else "same",
+                              "; ".join(problems) or f"{len(keys)} non-attention settings equal across runs"))
+
+    if result.findings:
+        result.verdict = "NOT fair"
+    elif result.notes:
+        result.verdict = "not auditable"
+    return result

@@ -1,0 +1,247 @@
+"""The report's figures (matplotlib, Agg backend: no display needed).
+
+- architecture_search_comprehensive.png: the seed's six panels, one point per variant (mean over
+  seeds, with a std bar when there are several), coloured by family, variant names on points.
+- learning_curves.png: train loss per step, val loss per eval, and val loss minus the baseline's
+  on the same seed; mean over seeds with a min-max band.
+- baseline_differences.png (several seeds only): each variant's paired difference to baseline with
+  its 95% CI and the per-seed differences, coloured by verdict.
+"""
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+
+from analysis import stats  # noqa: E402
+from analysis.runs import FAMILIES, Run  # noqa: E402
+from analysis.tables import BASELINE, FAMILY_LABELS  # noqa: E402
+
+FAMILY_COLORS = {"baseline": "#d62728", "lora": "#1f77b4", "enhanced": "#2ca02c", "rope": "#ff7f0e",
+                 "bias": "#9467bd", "other": "#7f7f7f"}
+FAMILY_SHADES = {"baseline": "Reds", "lora": "Blues", "enhanced": "Greens", "rope": "Oranges",
+                 "bias": "Purples", "other": "Greys"}
+DPI = 130
+VERDICT_COLORS = {"better": "#2ca02c", "worse": "#d62728", "indistinguishable": "#7f7f7f"}
+
+plt.rcParams.update({"axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
+                     "grid.alpha": 0.3, "axes.titleweight": "bold", "axes.titlesize": 12,
+                     "axes.labelsize": 10.5, "legend.frameon": False})
+
+
+def _family_order(families) -> list:
+    known = [f for f in FAMILIES if f in families]
+    return known + sorted(set(families) - set(known))
+
+
+def _family_legend(families) -> list:
+    return [Line2D([], [], marker="o", linestyle="", markersize=8, color=FAMILY_COLORS.get(f, FAMILY_COLORS["other"]),
+                   label=FAMILY_LABELS.get(f, f)) for f in _family_order(families)]
+
+
+def _overlap(a, b) -> float:
+    """Overlapping area of two (x0, y0, x1, y1) boxes, in pixels."""
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def _label_points(ax, xs, ys, names, fontsize=7.5):
+    """Names next to points: each label takes the first of a few positions around its point that
+    overlaps no label placed so far and no marker (else the least-overlapping one)."""
+    fig = ax.figure
+    fig.canvas.draw()  # fixes the transforms and lets text report its size
+    renderer = fig.canvas.get_renderer()
+    points = [ax.transData.transform((x, y)) for x, y in zip(xs, ys)]
+    marker = 7  # half a marker's size, in pixels
+    taken = [(px - marker, py - marker, px + marker, py + marker) for px, py in points]
+    order = sorted(range(len(xs)), key=lambda i: (points[i][0], points[i][1]))
+    for i in order:
+        text = ax.annotate(names[i], (xs[i], ys[i]), fontsize=fontsize, color="#333333",
+                           textcoords="offset pixels", xytext=(0, 0), va="bottom")
+        box = text.get_window_extent(renderer)
+        w, h, gap = box.width, box.height, marker + 2
+        candidates = [(gap, 1), (gap, -h - 1), (-w - gap, 1), (-w - gap, -h - 1), (-w / 2, gap),
+                      (-w / 2, -h - gap), (gap, h), (gap, -2 * h), (-w - gap, h), (-w - gap, -2 * h)]
+        px, py = points[i]
+
+        def cost(offset):
+            dx, dy = offset
+            rect = (px + dx, py + dy, px + dx + w, py + dy + h)
+            return sum(_overlap(rect, other) for other in taken)
+
+        best = min(candidates, key=lambda c: (cost(c) > 0, cost(c), candidates.index(c)))
+        text.set_position(best)
+        taken.append((px + best[0], py + best[1], px + best[0] + w, py + best[1] + h))
+
+
+def _per_variant(runs: list[Run]) -> dict:
+    """{variant: {"family", metric: (mean, std)}} over successful runs."""
+    metrics = {"loss": "val_loss", "acc": "val_accuracy", "ppl": "val_perplexity", "time": "time_min",
+               "memory": "memory_gb", "params": "params_m"}
+    out = {}
+    for run in runs:
+        if run.succeeded:
+            out.setdefault(run.variant, {"family": run.family, "runs": []})["runs"].append(run)
+    for entry in out.values():
+        for key, attribute in metrics.items():
+            values = [getattr(r, attribute) for r in entry["runs"] if getattr(r, attribute) is not None]
+            entry[key] = (float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0) \
+                if values else (np.nan, 0.0)
+    return out
+
+
+def comprehensive_figure(runs: list[Run], path: Path, title: str) -> Path:
+    data = _per_variant(runs)
+    variants = sorted(data, key=lambda v: data[v]["loss"][0])
+    colors = [FAMILY_COLORS.get(data[v]["family"], FAMILY_COLORS["other"]) for v in variants]
+    fig, axes = plt.subplots(2, 3, figsize=(19, 11), dpi=DPI)
+    panels = [  # (axis, x, y, x label, y label, title): the seed's panels, in its order
+        (axes[0, 0], "params", "loss", "Parameters (millions)", "Validation loss", "Loss vs parameters"),
+        (axes[0, 1], "params", "acc", "Parameters (millions)", "Validation accuracy", "Accuracy vs parameters"),
+        (axes[0, 2], "memory", "time", "Memory used (GB)", "Training time (min)", "Time vs memory"),
+        (axes[1, 0], "time", "loss", "Training time (min)", "Validation loss", "Loss vs training time"),
+        (axes[1, 1], "params", "ppl", "Parameters (millions)", "Validation perplexity", "Perplexity vs parameters"),
+    ]
+    for ax, x_key, y_key, x_label, y_label, panel_title in panels:
+        xs = [data[v][x_key][0] for v in variants]
+        ys = [data[v][y_key][0] for v in variants]
+        shown = [i for i in range(len(variants)) if np.isfinite(xs[i]) and np.isfinite(ys[i])]
+        for i in shown:
+            ax.errorbar(xs[i], ys[i], xerr=data[variants[i]][x_key][1] or None, yerr=data[variants[i]][y_key][1] or None,
+                        fmt="o", color=colors[i], markersize=8, alpha=0.9, elinewidth=1, capsize=2,
+                        markeredgecolor="white", markeredgewidth=0.8, zorder=3)
+        ax.set(xlabel=x_label, ylabel=y_label, title=panel_title)
+        ax.margins(x=0.18, y=0.12)
+        if shown:
+            _label_points(ax, [xs[i] for i in shown], [ys[i] for i in shown], [variants[i] for i in shown])
+        else:
+            ax.text(0.5, 0.5, "not recorded", transform=ax.transAxes, ha="center", color="gray")
+
+    ax = axes[1, 2]
+    families = _family_order({r.family for r in runs if r.succeeded})
+    losses = [[r.val_loss for r in runs if r.succeeded and r.family == f] for f in families]
+    box = ax.boxplot(losses, patch_artist=True, widths=0.55, showfliers=False,  # the points show every run
+                     medianprops={"color": "black"})
+    ax.set_xticks(range(1, len(families) + 1), [FAMILY_LABELS.get(f, f) for f in families])
+    for patch, family in zip(box["boxes"], families):
+        patch.set(facecolor=FAMILY_COLORS.get(family, FAMILY_COLORS["other"]), alpha=0.35)
+    jitter = np.random.default_rng(0)
+    for i, (family, values) in enumerate(zip(families, losses), 1):
+        ax.scatter(i + jitter.uniform(-0.12, 0.12, len(values)), values, s=22, zorder=3,
+                   color=FAMILY_COLORS.get(family, FAMILY_COLORS["other"]), edgecolor="white", linewidth=0.5)
+    ax.set(xlabel="Attention family", ylabel="Validation loss", title="Loss by attention family")
+
+    fig.legend(handles=_family_legend(families), loc="upper center", ncol=len(families),
+               bbox_to_anchor=(0.5, 0.955), fontsize=11)
+    fig.suptitle(title, fontsize=16, fontweight="bold", y=0.995)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.savefig(path, dpi=DPI)  # the dpi the labels were placed at: they are placed in pixels
+    plt.close(fig)
+    return path
+
+
+def _curve(histories: list, key: str):
+    """Steps, and the mean/min/max over the histories (one list of rows per run) at each step."""
+    by_step: dict = {}
+    for rows in histories:
+        for row in rows:
+            if row.get(key) is not None and np.isfinite(row[key]):
+                by_step.setdefault(row["step"], []).append(row[key])
+    steps = sorted(by_step)
+    values = [by_step[s] for s in steps]
+    return (np.array(steps), np.array([np.mean(v) for v in values]),
+            np.array([min(v) for v in values]), np.array([max(v) for v in values]))
+
+
+def _difference_to_baseline(runs: list[Run], baseline_runs: list[Run]) -> list:
+    """Per run, rows of (val loss - the baseline's val loss at the same seed and step)."""
+    base = {(r.seed, row["step"]): row.get("val/loss") for r in baseline_runs for row in r.eval_history}
+    out = []
+    for run in runs:
+        rows = [{"step": row["step"], "diff": row["val/loss"] - base[(run.seed, row["step"])]}
+                for row in run.eval_history if base.get((run.seed, row["step"])) is not None]
+        out.append(rows)
+    return out
+
+
+def curves_figure(runs: list[Run], path: Path, title: str) -> Path:
+    ok = [r for r in runs if r.succeeded or r.status == "diverged"]
+    by_variant: dict = {}
+    for run in ok:
+        by_variant.setdefault(run.variant, []).append(run)
+    family_of = {v: members[0].family for v, members in by_variant.items()}
+    families = _family_order(set(family_of.values()))
+    order = sorted(by_variant, key=lambda v: (families.index(family_of[v]), v))
+    colors = {}
+    for family in families:
+        members = [v for v in order if family_of[v] == family]
+        shades = plt.get_cmap(FAMILY_SHADES.get(family, "Greys"))(np.linspace(0.5, 0.95, max(len(members), 1)))
+        colors.update({v: FAMILY_COLORS.get(family) if len(members) == 1 else shades[i] for i, v in enumerate(members)})
+
+    several_seeds = any(len(members) > 1 for members in by_variant.values())
+    baseline_runs = by_variant.get(BASELINE, [])
+    panels = [("train_history", "train/loss", "Train loss per step", "Train loss"),
+              ("eval_history", "val/loss", "Validation loss per evaluation", "Validation loss")]
+    if baseline_runs:
+        panels.append(("diff", "diff", "Validation loss minus baseline (same seed)", "Δ validation loss"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels) + 2.2, 5.6), squeeze=False)
+    for ax, (history, key, panel_title, y_label) in zip(axes[0], panels):
+        for variant in order:
+            members = by_variant[variant]
+            if history == "diff":
+                if variant == BASELINE:
+                    continue
+                histories = _difference_to_baseline(members, baseline_runs)
+            else:
+                histories = [getattr(run, history) for run in members]
+            steps, mean, low, high = _curve(histories, key)
+            if not len(steps):
+                continue
+            is_base = variant == BASELINE
+            ax.plot(steps, mean, color=colors[variant], linewidth=2.4 if is_base else 1.3,
+                    linestyle="--" if is_base else "-", marker="o" if history != "train_history" else None,
+                    markersize=3, label=f"{variant} (n={len(members)})" if several_seeds else variant,
+                    zorder=4 if is_base else 3)
+            if len(members) > 1:
+                ax.fill_between(steps, low, high, color=colors[variant], alpha=0.12, linewidth=0)
+        if history == "diff":
+            ax.axhline(0, color=FAMILY_COLORS["baseline"], linestyle="--", linewidth=1.5)
+        ax.set(xlabel="Step", ylabel=y_label, title=panel_title)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1 - 2.1 / fig.get_figwidth(), 0.5), fontsize=9,
+               title="variant (seeds)" if several_seeds else "variant", title_fontsize=9.5)
+    banded = " (line: mean over seeds, band: min-max)" if several_seeds else ""
+    fig.suptitle(title + banded, fontsize=14, fontweight="bold")
+    fig.tight_layout(rect=(0, 0, 1 - 2.2 / fig.get_figwidth(), 0.95))
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def differences_figure(runs: list[Run], path: Path, title: str) -> Path | None:
+    comparisons = [c for c in stats.compare_to_baseline(runs, BASELINE) if np.isfinite(c.ci_low)]
+    if not comparisons:
+        return None
+    losses = stats.losses_by_variant(runs)
+    base = losses[BASELINE]
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(comparisons) + 2.2))
+    for y, c in enumerate(reversed(comparisons)):
+        color = VERDICT_COLORS.get(c.verdict, "#7f7f7f")
+        ax.plot([c.ci_low, c.ci_high], [y, y], color=color, linewidth=2.5, solid_capstyle="round")
+        ax.plot(c.mean_diff, y, "o", color=color, markersize=8, markeredgecolor="white", zorder=3)
+        per_seed = [loss - base[s] for s, loss in losses[c.variant].items() if s in base]
+        ax.scatter(per_seed, [y + 0.22] * len(per_seed), s=10, color=color, alpha=0.6, zorder=2)
+        ax.annotate(f"p(Holm)={c.p_holm:.3g}", (1.0, y), xycoords=("axes fraction", "data"), xytext=(6, 0),
+                    textcoords="offset points", va="center", fontsize=8.5, color=color)
+    ax.axvline(0, color="black", linewidth=1)
+    ax.set_yticks(range(len(comparisons)), [c.variant for c in reversed(comparisons)])
+    ax.set(xlabel="Validation loss minus baseline, paired by seed (negative = better)",
+           title=title)
+    ax.legend(handles=[Line2D([], [], color=c, linewidth=2.5, label=v) for v, c in VERDICT_COLORS.items()],
+              loc="lower right", fontsize=9, title="95% CI; verdict after Holm", title_fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path

@@ -1,0 +1,190 @@
+"""The statistics: is a variant's difference to baseline larger than seed-to-seed noise?
+
+Design: for a given seed every variant sees the same batches and starts its shared parameters
+from the same values (DESIGN.md section 5), so runs are paired by seed and the test is a paired
+t-test on the per-seed differences (variant - baseline) of the final validation loss. Lower loss
+is better. p-values are Holm-corrected across the variants compared; the verdict is "better" or
+"worse" (by the sign of the mean difference) when the corrected p is below alpha, else
+"indistinguishable".
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats as sps
+
+from analysis.runs import Run
+
+ALPHA = 0.05
+POWER = 0.80
+MAX_SEEDS = 1000  # beyond this the "seeds to resolve" is reported as "> 1000"
+
+
+@dataclass
+class Describe:
+    """The seed report's statistics line: mean +- population std (numpy's std), and the range."""
+    mean: float
+    std: float
+    low: float
+    high: float
+
+
+def describe(values) -> Describe:
+    values = np.asarray(list(values), dtype=float)
+    return Describe(float(np.mean(values)), float(np.std(values)), float(values.min()), float(values.max()))
+
+
+@dataclass
+class VariantSummary:
+    variant: str
+    family: str
+    n: int  # successful seeds
+    mean: float
+    std: float  # sample std (ddof=1) over seeds; nan with one seed
+    ci_low: float  # 95% t interval of the mean; nan with one seed
+    ci_high: float
+
+
+def t_interval(values, confidence: float = 0.95) -> tuple[float, float]:
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return math.nan, math.nan
+    half = sps.t.ppf((1 + confidence) / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    return float(values.mean() - half), float(values.mean() + half)
+
+
+def losses_by_variant(runs: list[Run]) -> dict[str, dict]:
+    """{variant: {seed: val_loss}} over successful runs; a run without a seed gets its own key."""
+    table: dict[str, dict] = {}
+    for i, run in enumerate(r for r in runs if r.succeeded):
+        seed = run.seed if run.seed is not None else f"run{i}"
+        table.setdefault(run.variant, {})[seed] = run.val_loss
+    return table
+
+
+def summarize_variants(runs: list[Run]) -> list[VariantSummary]:
+    """Per variant: seeds, mean, std and 95% CI of the final validation loss; best mean first."""
+    family = {r.variant: r.family for r in runs}
+    out = []
+    for variant, by_seed in losses_by_variant(runs).items():
+        values = np.array(list(by_seed.values()), dtype=float)
+        std = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+        out.append(VariantSummary(variant, family[variant], len(values), float(values.mean()), std,
+                                  *t_interval(values)))
+    return sorted(out, key=lambda s: s.mean)
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (step-down, made monotone, capped at 1), input order."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted, running_max = [0.0] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running_max = max(running_max, (len(pvalues) - rank) * pvalues[i])
+        adjusted[i] = min(1.0, running_max)
+    return adjusted
+
+
+def paired_power(d_z: float, n: int, alpha: float) -> float:
+    """Power of a two-sided paired t-test with n pairs at standardized effect d_z
+    (noncentral t with n - 1 degrees of freedom and noncentrality d_z * sqrt(n))."""
+    df, nc = n - 1, abs(d_z) * math.sqrt(n)
+    t_crit = sps.t.ppf(1 - alpha / 2, df)
+    return float(sps.nct.sf(t_crit, df, nc) + sps.nct.cdf(-t_crit, df, nc))
+
+
+def seeds_to_resolve(d_z: float, alpha: float, power: float = POWER) -> int | None:
+    """The smallest number of paired seeds with which a true effect of d_z would be detected with
+    the given power; None when there is no observed difference to resolve (d_z = 0 or nan)."""
+    if not math.isfinite(d_z) or d_z == 0:
+        return None
+    for n in range(2, MAX_SEEDS + 1):
+        if paired_power(d_z, n, alpha) >= power:
+            return n
+    return MAX_SEEDS + 1
+
+
+@dataclass
+class Comparison:
+    variant: str
+    family: str
+    n_pairs: int
+    mean_diff: float  # variant - baseline, in validation loss (negative: variant is better)
+    std_diff: float
+    ci_low: float
+    ci_high: float
+    d_z: float  # Cohen's d for paired samples: mean_diff / std_diff
+    t: float
+    p: float
+    p_holm: float
+    verdict: str  # better | worse | indistinguishable | "n/a (...)"
+    seeds_needed: int | None
+
+
+def compare_to_baseline(runs: list[Run], baseline: str = "baseline", alpha: float = ALPHA) -> list[Comparison]:
+    """Every other variant against the baseline, paired by seed (seeds both have finished).
+    Variants with fewer than 2 pairs are listed with verdict n/a and left out of the Holm family."""
+    table = losses_by_variant(runs)
+    if baseline not in table:
+        return []
+    family = {r.variant: r.family for r in runs}
+    base = table[baseline]
+    out = []
+    for variant, by_seed in table.items():
+        if variant == baseline:
+            continue
+        seeds = sorted((s for s in by_seed if s in base), key=str)
+        ours = np.array([by_seed[s] for s in seeds], dtype=float)
+        theirs = np.array([base[s] for s in seeds], dtype=float)
+        diff = ours - theirs
+        nan = math.nan
+        if len(seeds) < 2:
+            out.append(Comparison(variant, family[variant], len(seeds), float(diff.mean()) if len(seeds) else nan,
+                                  nan, nan, nan, nan, nan, nan, nan, "n/a (needs 2+ seeds shared with baseline)", None))
+            continue
+        std = float(diff.std(ddof=1))
+        if std > 0:
+            test = sps.ttest_rel(ours, theirs)
+            d_z, t, p = float(diff.mean()) / std, float(test.statistic), float(test.pvalue)
+        else:  # identical differences on every seed: nothing for a t-test to measure
+            d_z = t = p = nan
+        out.append(Comparison(variant, family[variant], len(seeds), float(diff.mean()), std, *t_interval(diff),
+                              d_z, t, p, nan, "", None))
+    tested = [c for c in out if math.isfinite(c.p)]
+    for c, p_holm in zip(tested, holm([c.p for c in tested])):
+        c.p_holm = p_holm
+        if p_holm < alpha:
+            c.verdict = "better" if c.mean_diff < 0 else "worse"
+        else:
+            c.verdict = "indistinguishable"
+        # Planned at the strictest Holm step (alpha / m): enough seeds for every comparison.
+        c.seeds_needed = seeds_to_resolve(c.d_z, alpha / len(tested))
+    for c in out:
+        if not c.verdict:
+            c.verdict = "n/a (same difference on every seed: no variance to test)"
+    return sorted(out, key=lambda c: c.mean_diff if math.isfinite(c.mean_diff) else math.inf)
+
+
+@dataclass
+class Noise:
+    pooled_std: float  # pooled within-variant sample std of the final validation loss
+    df: int  # its degrees of freedom: sum over variants of (seeds - 1)
+    variants: int  # how many variants have 2+ seeds
+    paired_std: float  # pooled std of the per-seed differences to baseline (nan without pairs)
+
+
+def seed_noise(runs: list[Run], comparisons: list[Comparison]) -> Noise | None:
+    """Seed-to-seed noise: how much the final loss of one configuration moves between seeds."""
+    sum_sq, df, count = 0.0, 0, 0
+    for by_seed in losses_by_variant(runs).values():
+        values = np.array(list(by_seed.values()), dtype=float)
+        if len(values) > 1:
+            sum_sq += float(((values - values.mean()) ** 2).sum())
+            df += len(values) - 1
+            count += 1
+    if df == 0:
+        return None
+    paired = [c for c in comparisons if math.isfinite(c.std_diff)]
+    paired_df = sum(c.n_pairs - 1 for c in paired)
+    paired_std = (math.sqrt(sum((c.n_pairs - 1) * c.std_diff ** 2 for c in paired) / paired_df)
+                  if paired_df else math.nan)
+    return Noise(math.sqrt(sum_sq / df), df, count, paired_std)

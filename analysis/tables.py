@@ -1,0 +1,322 @@
+"""Every table of the report, each built once as a Section: markdown lines for report.md and the
+terminal, plus columns and rows for a wandb.Table.
+
+The first six reproduce the seed report (same wording, same rounding: numpy's population std,
+4 decimals for loss and accuracy, 1 for minutes, GB and millions of parameters). They are
+computed over runs, as the seed's were; with several seeds, the per-variant view is the
+"Is the difference real?" section.
+"""
+import math
+from dataclasses import dataclass, field
+
+from analysis import stats
+from analysis.fairness import Audit
+from analysis.runs import RUNNING, Run
+
+FAMILY_LABELS = {"baseline": "Baseline", "lora": "LoRA", "enhanced": "Enhanced", "rope": "RoPE",
+                 "bias": "Bias", "other": "Other"}
+BASELINE = "baseline"
+
+
+@dataclass
+class Section:
+    key: str  # a short name: the wandb.Table's key
+    title: str
+    lines: list  # the markdown body
+    columns: list = field(default_factory=list)
+    rows: list = field(default_factory=list)
+
+    def markdown(self) -> str:
+        return "\n".join([f"### {self.title}", "", *self.lines, ""])
+
+
+def fmt(value, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return format(value, spec)
+
+
+def fmt_p(p: float) -> str:
+    if not math.isfinite(p):
+        return "n/a"
+    return f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
+
+
+def markdown_table(columns: list, rows: list) -> list:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return lines
+
+
+def pretty(variant: str) -> str:
+    """The seed report's way of naming a variant in prose: rope_only -> RoPE-only, enhanced_xl -> Enhanced-XL."""
+    head, _, tail = variant.partition("_")
+    if head not in FAMILY_LABELS:
+        return variant
+    return FAMILY_LABELS[head] + (f"-{tail.upper() if tail == 'xl' else tail}" if tail else "")
+
+
+def by_loss(runs: list[Run]) -> list[Run]:
+    return sorted((r for r in runs if r.succeeded), key=lambda r: (r.val_loss, r.name))
+
+
+def _labeller(runs: list[Run]):
+    """A run's prose name: its variant's, plus its seed where the variant has several runs."""
+    count = {}
+    for run in runs:
+        count[run.variant] = count.get(run.variant, 0) + 1
+    return lambda run: pretty(run.variant) + (f" (seed {run.seed})" if count[run.variant] > 1 else "")
+
+
+# --- the seed report's tables ----------------------------------------------------------------
+
+def success_rate(runs: list[Run]) -> Section:
+    done = [r for r in runs if r.status != RUNNING]
+    ok = [r for r in done if r.succeeded]
+    lines = [f"**Success Rate**: {len(ok)}/{len(done)} ({100 * len(ok) / len(done):.0f}%)"]
+    failed = [r for r in done if not r.succeeded]
+    if failed:
+        lines += ["", "Not successful:"]
+        lines += [f"- {r.name}: {r.status}" + (f" ({r.error})" if r.error else "") for r in failed]
+    running = [r.name for r in runs if r.status == RUNNING]
+    if running:
+        lines += ["", f"Still running, not counted: {', '.join(running)}"]
+    return Section("success_rate", "Success rate", lines, ["successful", "total", "rate"],
+                   [[len(ok), len(done), len(ok) / len(done)]])
+
+
+def top5(runs: list[Run]) -> Section:
+    columns = ["rank", "run", "val_loss", "val_accuracy", "time_min", "memory_gb", "params_m"]
+    rows, lines = [], []
+    for rank, r in enumerate(by_loss(runs)[:5], 1):
+        lines.append(f"{rank}. **{r.name}**: Loss={fmt(r.val_loss, '.4f')}, Acc={fmt(r.val_accuracy, '.4f')}, "
+                     f"Time={fmt(r.time_min, '.1f')}min, Memory={fmt(r.memory_gb, '.1f')}GB, "
+                     f"Params={fmt(r.params_m, '.1f')}M")
+        rows.append([rank, r.name, r.val_loss, r.val_accuracy, r.time_min, r.memory_gb, r.params_m])
+    return Section("top5", "Top 5 Configurations by Validation Loss", lines, columns, rows)
+
+
+def statistics(runs: list[Run]) -> Section:
+    ok = by_loss(runs)
+    lines, rows = [], []
+
+    def describe(label, values, spec, unit="", show_range=False):
+        values = [v for v in values if v is not None]
+        if not values:
+            return
+        d = stats.describe(values)
+        text = f"- **{label}**: {d.mean:{spec}} ± {d.std:{spec}}{unit}"
+        if show_range:
+            text += f" (range: {d.low:{spec}}-{d.high:{spec}})"
+        lines.append(text)
+        rows.append([label, d.mean, d.std, d.low, d.high])
+
+    describe("Loss", [r.val_loss for r in ok], ".4f", show_range=True)
+    describe("Accuracy", [r.val_accuracy for r in ok], ".4f")
+    describe("Time", [r.time_min for r in ok], ".1f", " min")
+    describe("Memory", [r.memory_gb for r in ok], ".1f", " GB")
+    params = [r.params_m for r in ok if r.params_m is not None]
+    if params:
+        lines.append(f"- **Parameters**: {min(params):.1f}-{max(params):.1f}M")
+        rows.append(["Parameters (M)", sum(params) / len(params), stats.describe(params).std, min(params), max(params)])
+    return Section("statistics", "Statistics", lines, ["metric", "mean", "std (population)", "min", "max"], rows)
+
+
+def family_ranking(runs: list[Run]) -> Section:
+    """Loss range per family, best family (lowest loss of its runs) first."""
+    families: dict = {}
+    for r in by_loss(runs):
+        families.setdefault(r.family, []).append(r)
+    ranked = sorted(families.items(), key=lambda item: item[1][0].val_loss)
+    lines, rows = [], []
+    for rank, (family, members) in enumerate(ranked, 1):
+        variants = sorted({r.variant for r in members})
+        label = f"{FAMILY_LABELS.get(family, family)} variants" if len(variants) > 1 else pretty(variants[0])
+        low, high = members[0].val_loss, members[-1].val_loss
+        span = f"{low:.4f}" if len(members) == 1 else f"{low:.4f}-{high:.4f}"
+        tags = [tag for tag, hit in (("best", rank == 1), ("reference", family == BASELINE)) if hit]
+        lines.append(f"{rank}. **{label}**: {span} loss" + (f" ({', '.join(tags)})" if tags else ""))
+        rows.append([rank, family, len(members), low, high])
+    return Section("family_ranking", "Performance Ranking by Attention Type", lines,
+                   ["rank", "family", "runs", "best_loss", "worst_loss"], rows)
+
+
+def _baseline_point(runs: list[Run]):
+    base = [r for r in by_loss(runs) if r.variant == BASELINE and r.params_total is not None]
+    if not base:
+        return None
+    return (sum(r.val_loss for r in base) / len(base), sum(r.params_m for r in base) / len(base))
+
+
+def parameter_efficiency(runs: list[Run]) -> Section:
+    """The seed's three picks, by rules that reproduce them (see EFFICIENCY_RULES), plus the
+    Pareto front, which is what "efficient" means without a rule of thumb."""
+    ok = [r for r in by_loss(runs) if r.params_m is not None]
+    label = _labeller(ok)
+    lines, rows = [], []
+
+    def pick(title, run, note=""):
+        if run is None:
+            lines.append(f"- **{title}**: {note}")
+            return
+        lines.append(f"- **{title}**: {label(run)} ({run.params_m:.1f}M params, {run.val_loss:.4f} loss)")
+        rows.append([title, run.name, run.params_m, run.val_loss])
+
+    if not ok:
+        return Section("parameter_efficiency", "Parameter Efficiency", ["- no run reports its parameter count"])
+    reference = _baseline_point(ok)
+    most, note = None, "n/a (no baseline run to measure against)"
+    if reference is not None:
+        base_loss, base_params = reference
+        gains = [((base_loss - r.val_loss) / (base_params - r.params_m), r) for r in ok
+                 if r.val_loss < base_loss and r.params_m < base_params]
+        most = max(gains, key=lambda g: g[0])[1] if gains else None
+        note = "none (no run beats the baseline with fewer parameters)"
+    pick("Most Efficient", most, note)
+    pick("Best Performance", ok[0])
+
+    def dominated_by(run):
+        return sum(o.params_m <= run.params_m and o.val_loss <= run.val_loss
+                   and (o.params_m, o.val_loss) != (run.params_m, run.val_loss) for o in ok)
+
+    worst = max(ok, key=lambda r: (dominated_by(r), r.val_loss))
+    pick("Worst Efficiency", worst if dominated_by(worst) else None, "none (no run is beaten on both counts)")
+    front = [r for r in sorted(ok, key=lambda r: r.params_m) if not dominated_by(r)]
+    lines.append("- Pareto front (no other run has both fewer parameters and a lower loss): "
+                 + ", ".join(f"{label(r)} ({r.params_m:.1f}M, {r.val_loss:.4f})" for r in front))
+    return Section("parameter_efficiency", "Parameter Efficiency", lines, ["pick", "run", "params_m", "val_loss"], rows)
+
+
+EFFICIENCY_RULES = (
+    "Parameter efficiency: *Best Performance* is the lowest validation loss. *Most Efficient* is, "
+    "among runs with both fewer parameters and a lower loss than the baseline (mean over its seeds), "
+    "the one with the largest loss reduction per million parameters removed, "
+    "(baseline loss - loss) / (baseline params - params): the only rule we found that gives the seed "
+    "report's pick (RoPE-only), which the Pareto front does not (Enhanced-medium has fewer parameters "
+    "and a lower loss there). *Worst Efficiency* is the run beaten on both parameters and loss by the "
+    "most other runs (ties: higher loss)."
+)
+
+
+def memory_usage(runs: list[Run]) -> Section:
+    """Least and most peak memory. The seed's Memory Usage section reads as peak memory: its range
+    (15.2-17.0 GB) cannot hold values with the ±0.9 GB std of its statistics line (memory_used_gb)."""
+    ok = [r for r in by_loss(runs) if (r.peak_memory_gb or r.memory_gb) is not None]
+    if not ok:
+        return Section("memory_usage", "Memory Usage", ["- no run reports its memory"])
+    label = _labeller(ok)
+    peak = {r.name: r.peak_memory_gb if r.peak_memory_gb is not None else r.memory_gb for r in ok}
+    least = min(ok, key=lambda r: peak[r.name])
+    most = max(ok, key=lambda r: peak[r.name])
+    lines = [f"- **Most Efficient**: {label(least)} ({peak[least.name]:.1f}GB memory)",
+             f"- **Highest Usage**: {label(most)} ({peak[most.name]:.1f}GB memory)",
+             f"- **Range**: {peak[least.name]:.1f}-{peak[most.name]:.1f}GB"]
+    return Section("memory_usage", "Memory Usage", lines, ["pick", "run", "peak_memory_gb"],
+                   [["least", least.name, peak[least.name]], ["most", most.name, peak[most.name]]])
+
+
+def all_runs(runs: list[Run]) -> Section:
+    columns = ["#", "run", "variant", "family", "seed", "status", "val loss", "val acc", "val ppl",
+               "params (M)", "time (min)", "memory (GB)", "peak memory (GB)", "note"]
+    ok = by_loss(runs)
+    rest = sorted((r for r in runs if not r.succeeded), key=lambda r: r.name)
+    rows, cells = [], []
+    for rank, r in enumerate(ok + rest, 1):
+        position = rank if r.succeeded else ""
+        note = "" if r.succeeded else (r.error or "")
+        rows.append([position, r.name, r.variant, r.family, r.seed, r.status, r.val_loss, r.val_accuracy,
+                     r.val_perplexity, r.params_m, r.time_min, r.memory_gb, r.peak_memory_gb, note])
+        cells.append([position, r.name, r.variant, r.family, fmt(r.seed, "d"), r.status,
+                      fmt(r.val_loss, ".4f"), fmt(r.val_accuracy, ".4f"), fmt(r.val_perplexity, ".2f"),
+                      fmt(r.params_m, ".1f"), fmt(r.time_min, ".2f"), fmt(r.memory_gb, ".2f"),
+                      fmt(r.peak_memory_gb, ".2f"), note.replace("|", "/")])
+    return Section("all_runs", "All runs, sorted by validation loss", markdown_table(columns, cells), columns, rows)
+
+
+# --- beyond the seed --------------------------------------------------------------------------
+
+ONE_SEED = ("**One seed per variant: this ranking is not statistically supported.** With a single run "
+            "per variant, a difference between two variants cannot be told apart from seed-to-seed noise, "
+            "which this sweep cannot measure. Run several seeds per variant (e.g. `sweeps/seeds.yaml`) to test it.")
+
+STATS_RULES = (
+    "Method: runs are paired by seed (same batches, same shared initialisation). For each variant, "
+    "Δ = its final validation loss minus the baseline's on the same seed; paired t-test on the Δs "
+    "(scipy.stats.ttest_rel), p-values Holm-corrected across the variants tested; effect size "
+    "d_z = mean(Δ) / std(Δ). Verdict: *better* (mean Δ < 0) or *worse* (mean Δ > 0) when the Holm p "
+    f"is below {stats.ALPHA}, else *indistinguishable*. *Seeds to resolve*: the smallest number of paired "
+    f"seeds n with which a paired t-test at α = {stats.ALPHA}/m (m variants tested: the strictest Holm "
+    f"step) has {stats.POWER:.0%} power if the true effect equals the observed d_z, from the noncentral t "
+    "distribution (df = n - 1, noncentrality d_z·√n); the observed d_z is itself noisy with few seeds, "
+    "so read it as an order of magnitude."
+)
+
+
+def _seeds_needed(value) -> str:
+    if value is None:
+        return "-"
+    return f"> {stats.MAX_SEEDS}" if value > stats.MAX_SEEDS else str(value)
+
+
+def seed_statistics(runs: list[Run]) -> Section:
+    """Per variant over seeds, and each variant against the baseline, paired by seed."""
+    summaries = stats.summarize_variants(runs)
+    title = "Is the difference real? Variants over seeds, against the baseline"
+    if not summaries:
+        return Section("seed_statistics", title, ["No successful run."])
+    if max(s.n for s in summaries) < 2:
+        return Section("seed_statistics", title, [ONE_SEED])
+    comparisons = {c.variant: c for c in stats.compare_to_baseline(runs, BASELINE)}
+    columns = ["variant", "family", "seeds", "val loss mean ± std", "95% CI", "Δ vs baseline", "95% CI of Δ",
+               "d_z", "p", "p (Holm)", "verdict", "seeds to resolve"]
+    rows, cells = [], []
+    for s in summaries:
+        c = comparisons.get(s.variant)
+        row = [s.variant, s.family, s.n, s.mean, s.std, s.ci_low, s.ci_high]
+        cell = [s.variant, s.family, s.n, f"{s.mean:.4f} ± {fmt(s.std, '.4f')}",
+                f"[{fmt(s.ci_low, '.4f')}, {fmt(s.ci_high, '.4f')}]"]
+        if s.variant == BASELINE or c is None:
+            verdict = "reference" if s.variant == BASELINE else "n/a (no baseline run)"
+            row += [None] * 6 + [verdict, None]
+            cell += ["-"] * 5 + [verdict, "-"]
+        else:
+            row += [c.mean_diff, c.ci_low, c.ci_high, c.d_z, c.p, c.p_holm, c.verdict, c.seeds_needed]
+            cell += [f"{fmt(c.mean_diff, '+.4f')} (n={c.n_pairs})", f"[{fmt(c.ci_low, '+.4f')}, {fmt(c.ci_high, '+.4f')}]",
+                     fmt(c.d_z, '+.2f'), fmt_p(c.p), fmt_p(c.p_holm), f"**{c.verdict}**"
+                     if c.verdict in ("better", "worse") else c.verdict, _seeds_needed(c.seeds_needed)]
+        rows.append(row)
+        cells.append(cell)
+    lines = markdown_table(columns, cells)
+    noise = stats.seed_noise(runs, list(comparisons.values()))
+    if noise is not None:
+        text = (f"Seed-to-seed noise: the final validation loss of one variant moves by **{noise.pooled_std:.4f}** "
+                f"(pooled within-variant std, {noise.variants} variants, {noise.df} degrees of freedom)")
+        if math.isfinite(noise.paired_std):
+            text += (f"; the per-seed difference to baseline moves by {noise.paired_std:.4f} "
+                     "(pooled std of Δ: pairing by seed cancels the noise that runs of one seed share)")
+        lines += ["", text + "."]
+    single = [s.variant for s in summaries if s.n < 2]
+    if single:
+        lines += ["", f"One seed only, not tested: {', '.join(single)}."]
+    if BASELINE not in {s.variant for s in summaries}:
+        lines += ["", "No successful baseline run: nothing to pair the variants with."]
+    lines += ["", f"*{STATS_RULES}*"]
+    return Section("seed_statistics", title, lines,
+                   ["variant", "family", "seeds", "mean", "std", "ci_low", "ci_high", "diff", "diff_ci_low",
+                    "diff_ci_high", "d_z", "p", "p_holm", "verdict", "seeds_to_resolve"], rows)
+
+
+def fairness(audit: Audit) -> Section:
+    lines = [f"**Fairness: {audit.verdict}**", ""]
+    if audit.findings:
+        lines += ["Flagged (these runs were not compared on equal terms):", *[f"- {f}" for f in audit.findings], ""]
+    lines += markdown_table(["check", "result", "detail"], [[c, r, d.replace("|", "/")] for c, r, d in audit.checks])
+    if audit.notes:
+        lines += ["", *[f"- {n}" for n in audit.notes]]
+    return Section("fairness", "Fairness audit", lines, ["check", "result", "detail"], [list(c) for c in audit.checks])
+
+
+def build_sections(runs: list[Run], audit: Audit) -> list[Section]:
+    return [success_rate(runs), top5(runs), statistics(runs), family_ranking(runs),
+            parameter_efficiency(runs), memory_usage(runs), all_runs(runs), seed_statistics(runs),
+            fairness(audit)]
