@@ -237,10 +237,12 @@ def differences_figure(runs: list[Run], path: Path, title: str) -> Path | None:
                     textcoords="offset points", va="center", fontsize=8.5, color=color)
     ax.axvline(0, color="black", linewidth=1)
     ax.set_yticks(range(len(comparisons)), [c.variant for c in reversed(comparisons)])
-    ax.set(xlabel="Validation loss minus baseline, paired by seed (negative = better)",
-           title=title)
-    ax.legend(handles=[Line2D([], [], color=c, linewidth=2.5, label=v) for v, c in VERDICT_COLORS.items()],
-              loc="lower right", fontsize=9, title="95% CI; verdict after Holm", title_fontsize=9)
+    ax.set_xlabel("Validation loss minus baseline, paired by seed (negative = better)")
+    ax.set_title(title, pad=34)
+    ax.legend(handles=[Line2D([], [], color=c, linewidth=2.5, label=v) for v, c in VERDICT_COLORS.items()]
+              + [Line2D([], [], marker="o", linestyle="", color="#7f7f7f", markersize=4, label="one seed")],
+              loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, fontsize=9,
+              title="line: 95% CI of the mean difference; colour: verdict after Holm", title_fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)

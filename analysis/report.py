@@ -32,7 +32,7 @@ LAYOUT = [
     ("Results summary", ["success_rate", "top5", "statistics"]),
     ("Architecture insights", ["family_ranking", "parameter_efficiency", "memory_usage"]),
     ("Is the difference real?", ["seed_statistics"]),
-    ("Fairness", ["fairness"]),
+    ("Fairness audit", ["fairness"]),
 ]
 
 
@@ -59,7 +59,7 @@ def _markdown(source: str, runs: list[Run], sections: dict, figures: dict) -> st
         for key in keys:
             parts.append(sections[key].markdown())
             if key == "parameter_efficiency":
-                parts += [f"*{tables.EFFICIENCY_RULES}*", ""]
+                parts += [tables.EFFICIENCY_RULES, ""]
     parts += ["## Figures", ""]
     for name, caption in ((CURVES_PNG, "Learning curves"), (DIFFERENCES_PNG, "Differences to baseline"),
                           (COMPREHENSIVE_PNG, "Comprehensive comparison (the seed's six panels)")):

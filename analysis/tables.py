@@ -188,7 +188,7 @@ def parameter_efficiency(runs: list[Run]) -> Section:
 
 
 EFFICIENCY_RULES = (
-    "Parameter efficiency: *Best Performance* is the lowest validation loss. *Most Efficient* is, "
+    "**How the picks are made.** *Best Performance* is the lowest validation loss. *Most Efficient* is, "
     "among runs with both fewer parameters and a lower loss than the baseline (mean over its seeds), "
     "the one with the largest loss reduction per million parameters removed, "
     "(baseline loss - loss) / (baseline params - params): the only rule we found that gives the seed "
@@ -240,7 +240,7 @@ ONE_SEED = ("**One seed per variant: this ranking is not statistically supported
             "which this sweep cannot measure. Run several seeds per variant (e.g. `sweeps/seeds.yaml`) to test it.")
 
 STATS_RULES = (
-    "Method: runs are paired by seed (same batches, same shared initialisation). For each variant, "
+    "**Method.** Runs are paired by seed (same batches, same shared initialisation). For each variant, "
     "Δ = its final validation loss minus the baseline's on the same seed; paired t-test on the Δs "
     "(scipy.stats.ttest_rel), p-values Holm-corrected across the variants tested; effect size "
     "d_z = mean(Δ) / std(Δ). Verdict: *better* (mean Δ < 0) or *worse* (mean Δ > 0) when the Holm p "
@@ -261,7 +261,7 @@ def _seeds_needed(value) -> str:
 def seed_statistics(runs: list[Run]) -> Section:
     """Per variant over seeds, and each variant against the baseline, paired by seed."""
     summaries = stats.summarize_variants(runs)
-    title = "Is the difference real? Variants over seeds, against the baseline"
+    title = "Variants over seeds, paired against the baseline"
     if not summaries:
         return Section("seed_statistics", title, ["No successful run."])
     if max(s.n for s in summaries) < 2:
@@ -300,7 +300,7 @@ def seed_statistics(runs: list[Run]) -> Section:
         lines += ["", f"One seed only, not tested: {', '.join(single)}."]
     if BASELINE not in {s.variant for s in summaries}:
         lines += ["", "No successful baseline run: nothing to pair the variants with."]
-    lines += ["", f"*{STATS_RULES}*"]
+    lines += ["", STATS_RULES]
     return Section("seed_statistics", title, lines,
                    ["variant", "family", "seeds", "mean", "std", "ci_low", "ci_high", "diff", "diff_ci_low",
                     "diff_ci_high", "d_z", "p", "p_holm", "verdict", "seeds_to_resolve"], rows)
@@ -313,7 +313,7 @@ def fairness(audit: Audit) -> Section:
     lines += markdown_table(["check", "result", "detail"], [[c, r, d.replace("|", "/")] for c, r, d in audit.checks])
     if audit.notes:
         lines += ["", *[f"- {n}" for n in audit.notes]]
-    return Section("fairness", "Fairness audit", lines, ["check", "result", "detail"], [list(c) for c in audit.checks])
+    return Section("fairness", "Same data, same initialisation, same settings?", lines, ["check", "result", "detail"], [list(c) for c in audit.checks])
 
 
 def build_sections(runs: list[Run], audit: Audit) -> list[Section]:
