@@ -1,0 +1,446 @@
+"""local_sweep.py, the offline stand-in for `wandb agent`: the agent's contract (params file, command
+macros) checked against wandb's own code, bad sweeps refused before any run, and the run loop --
+failures, crashes, Ctrl-C, --resume -- driven with a small fake training program."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import local_sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A stand-in for train.py: reads `--name=value` and WANDB_*, logs each call, writes a record to
+# <results_dir>/<group>/<attention>-s<seed>.json; fails, crashes or sleeps for chosen variants.
+FAKE = textwrap.dedent('''
+    import json, os, signal, sys, time
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+    with open(here / "calls.jsonl", "a") as f:
+        f.write(json.dumps({"argv": sys.argv[1:],
+                            "env": {k: v for k, v in os.environ.items() if k.startswith("WANDB_")}}) + "\\n")
+    attention, seed = args.get("attention", "baseline"), int(args.get("seed", 0))
+    group = args.get("group") or os.environ.get("WANDB_SWEEP_ID") or "local"
+    out = Path(args.get("results_dir", "results")) / group / f"{attention}-s{seed}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def record(status, error=None, loss=None):
+        summary = {"status": status}
+        if loss is not None:
+            summary.update({"val/loss": loss, "val/accuracy": 0.25, "params/total": 2500000, "time/total_s": 1.5,
+                            "memory/peak_gb": 0.125})
+        obj = {"schema": 1, "run_id": os.environ.get("WANDB_RUN_ID"), "run_name": f"{attention}-s{seed}",
+               "group": group, "attention": attention, "family": "x", "seed": seed, "status": status,
+               "error": error, "config": args, "summary": summary,
+               "history": [{"step": 1, "val/loss": loss}] if loss is not None else []}
+        out.with_suffix(".tmp").write_text(json.dumps(obj))
+        os.replace(out.with_suffix(".tmp"), out)
+
+    def stop(signum, frame):
+        record("interrupted", "stopped by a signal")
+        sys.exit(130)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    print(f"fake training {attention}-s{seed}", flush=True)
+    if attention in os.environ.get("FAKE_FAIL", "").split(","):
+        print(f"error: injected failure for {attention}", file=sys.stderr)
+        record("failed", f"injected failure for {attention}")
+        sys.exit(1)
+    if attention in os.environ.get("FAKE_CRASH", "").split(","):
+        raise RuntimeError("crashed before writing a record")
+    if attention in os.environ.get("FAKE_SLEEP", "").split(",") and (here / "sleep_once").exists():
+        (here / "sleep_once").unlink()
+        (here / "sleeping").write_text("1")
+        time.sleep(60)
+    record("finished", loss=round(3.0 + len(attention) / 10 + seed / 100 + float(args.get("lr", 0)), 4))
+''')
+
+
+@pytest.fixture
+def fake(tmp_path) -> Path:
+    program = tmp_path / "fake" / "fake_train.py"
+    program.parent.mkdir()
+    program.write_text(FAKE)
+    return program
+
+
+def write_sweep(path: Path, program: Path, parameters: dict, **extra) -> Path:
+    path.write_text(yaml.safe_dump({"program": str(program), "method": "grid",
+                                    "metric": {"name": "val/loss", "goal": "minimize"},
+                                    "parameters": parameters, **extra}, sort_keys=False))
+    return path
+
+
+def calls(program: Path) -> list[dict]:
+    path = program.parent / "calls.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def env(**extra) -> dict:
+    base = {k: v for k, v in os.environ.items() if k not in ("WANDB_SERVICE", "FAKE_FAIL", "FAKE_CRASH", "FAKE_SLEEP")}
+    return {**base, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **extra}
+
+
+def run_cli(*args, timeout=120, **extra_env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "local_sweep.py"), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env(**extra_env))
+
+
+def state_of(sweep_dir: Path) -> dict:
+    return json.loads((sweep_dir / "sweep_state.json").read_text())
+
+
+def only_sweep_dir(results: Path) -> Path:
+    (sweep_dir,) = [p for p in results.iterdir() if (p / "sweep_state.json").exists()]
+    return sweep_dir
+
+
+# --- the agent's contract, against wandb's own code ----------------------------------------------
+
+PARAMS = {"attention": "rope_small", "seed": 0, "lr": 0.0001, "attention_bias": False, "compile": True,
+          "q_lora_rank": None, "dataset": "Hugging Face/with space", "steps": 50}
+
+
+def test_argument_forms_match_wandbs_agent():
+    from wandb.sdk.launch.sweeps import utils as wandb_utils
+
+    theirs = wandb_utils.create_sweep_command_args({"args": {k: {"value": v} for k, v in PARAMS.items()}})
+    ours = local_sweep.sweep_command_args(PARAMS)
+    for macro in ("args", "args_no_equals", "args_no_hyphens", "args_no_boolean_flags", "args_json",
+                  "args_append_hydra", "args_override_hydra"):
+        assert ours[macro] == theirs[macro], macro
+    assert ours["args"][:4] == ["--attention=rope_small", "--seed=0", "--lr=0.0001", "--attention_bias=False"]
+    assert "--compile" in ours["args_no_boolean_flags"] and "--attention_bias" not in " ".join(
+        ours["args_no_boolean_flags"])
+
+
+def wandb_expansion(command, params, program, interpreter, json_file):
+    """wandb/wandb_agent.py Agent._command_run's expansion, with wandb's own helpers."""
+    from wandb.sdk.launch.sweeps import utils as wandb_utils
+
+    sweep_command = wandb_utils.create_sweep_command(list(command) if command else None)
+    sweep_vars = wandb_utils.create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}})
+    sweep_vars.update({"interpreter": [interpreter], "program": [program], "args_json_file": [json_file],
+                       "env": ["/usr/bin/env"]})
+    out = []
+    for c in sweep_command:
+        c = str(c)
+        if c.startswith("${") and c.endswith("}"):
+            out += sweep_vars.get(c[2:-1]) or []
+        else:
+            out += [c]
+    return out
+
+
+@pytest.mark.parametrize("command", [
+    None,  # the default: ${env} ${interpreter} ${program} ${args}
+    ["${env}", "${interpreter}", "${program}", "${args}"],
+    ["${env}", "accelerate", "launch", "--multi_gpu", "--num_processes=8", "${program}", "${args}"],
+    ["${interpreter}", "${program}", "${args_no_hyphens}"],
+    ["${env}", "${interpreter}", "${program}", "${args_no_boolean_flags}", "--extra", 3],
+    ["${interpreter}", "${program}", "${args_json}"],
+    ["${interpreter}", "${program}", "--config", "${args_json_file}"],
+    ["${interpreter}", "${program}", "${unknown_macro}", "--x=${args}", "${args_no_equals}"],
+    ["${env}", "${envvar:LOCAL_SWEEP_TEST_VAR}", "--home=${envvar:LOCAL_SWEEP_TEST_VAR}/x", "${program}"],
+])
+def test_command_expansion_matches_wandbs_agent(command, monkeypatch):
+    monkeypatch.setenv("LOCAL_SWEEP_TEST_VAR", "from-env")
+    kwargs = dict(program="train.py", interpreter="python", args_json_file="/tmp/config-x.json")
+    ours = local_sweep.expand_command(command, PARAMS, **kwargs)
+    assert ours == wandb_expansion(command, PARAMS, "train.py", "python", "/tmp/config-x.json")
+    if command is None:
+        assert ours[:3] == ["/usr/bin/env", "python", "train.py"] and ours[3] == "--attention=rope_small"
+
+
+def test_params_file_is_byte_for_byte_what_wandbs_agent_writes(tmp_path):
+    from wandb.sdk.lib import config_util
+
+    theirs = tmp_path / "theirs.yaml"
+    config_util.save_config_file_from_dict(str(theirs), {k: {"value": v} for k, v in PARAMS.items()})
+    assert local_sweep.params_file_text(PARAMS) == theirs.read_text()
+    ours = tmp_path / "ours.yaml"
+    ours.write_text(local_sweep.params_file_text(PARAMS))
+    assert config_util.dict_from_config_file(str(ours)) == PARAMS  # what wandb.init reads back
+
+
+def test_engine_sees_states_and_the_metric():
+    sweep = local_sweep.Sweep(Path("/nonexistent"), {"sweep_id": "abc", "runs": [
+        {"id": "r1", "params": {"lr": 0.1}, "status": "finished", "metrics": {"val/loss": 3.5, "params/total": 9},
+         "metric_history": [{"step": 10, "val/loss": 3.2}]},
+        {"id": "r2", "params": {"lr": 0.2}, "status": "diverged", "metrics": {}},
+        {"id": "r3", "params": {"lr": 0.3}, "status": "interrupted", "metrics": {}},
+    ]})
+    r1, r2, r3 = local_sweep.engine_runs(sweep, "val/loss")
+    assert (r1.state, r2.state, r3.state) == ("finished", "failed", "preempted")
+    assert r1.summary_metrics == {"val/loss": 3.5} and r1.config == {"lr": {"value": 0.1}}
+    assert r1.metric_extremum("val/loss", "minimum") == 3.2
+
+
+# --- bad input: one `error:` line, exit 2, nothing started --------------------------------------
+
+def refuse(capsys, tmp_path, argv) -> str:
+    code = local_sweep.main([*map(str, argv), "--results-dir", str(tmp_path / "results")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    assert not (tmp_path / "results").exists()  # nothing written, nothing run
+    return lines[0]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("method: grid\nparameters: {attention: {values: [baseline, lora_small}}\n", "malformed YAML"),
+    ("method: grid\n  parameters: x\n", "malformed YAML"),
+    ("- just\n- a list\n", "a sweep YAML is a mapping"),
+    ("", "a sweep YAML is a mapping"),
+    ("method: grod\nparameters: {attention: {values: [baseline]}}\n", "W&B's sweep schema rejects it"),
+    ("method: grid\nparameters: {attention: {valuez: [baseline]}}\n", "W&B's sweep schema rejects it"),
+    ("method: grid\n", "W&B's sweep schema rejects it"),
+    ("method: grid\nparameters: {attention: {values: [baseline]}}\n", "names no `program:`"),
+    ("program: train.py\nmethod: custom\nparameters: {lr: {values: [1]}}\n", "this local agent runs grid"),
+    ("program: train.py\nmethod: random\nparameters: {lr: {min: 0.001, max: 0.01}}\n", "give --count N"),
+    ("program: train.py\nmethod: grid\nparameters: {lr: {min: 0.001, max: 0.01}}\n", "engine refuses it"),
+    ("program: train.py\nmethod: bayes\nparameters: {lr: {min: 0.001, max: 0.01}}\n", "engine refuses it"),
+    ("program: nowhere.py\nmethod: grid\nparameters: {attention: {values: [baseline]}}\n", "not found"),
+])
+def test_malformed_or_schema_invalid_sweeps_are_refused(capsys, tmp_path, text, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    line = refuse(capsys, tmp_path, [path])
+    assert expected in line and str(path) in line
+
+
+def test_unreadable_sweep_files_are_refused(capsys, tmp_path):
+    assert "no such sweep file" in refuse(capsys, tmp_path, [tmp_path / "missing.yaml"])
+    binary = tmp_path / "latin1.yaml"
+    binary.write_bytes("method: grid\nname: caf\xe9\n".encode("latin-1"))
+    assert "not UTF-8" in refuse(capsys, tmp_path, [binary])
+
+
+def test_every_bad_value_is_listed_before_any_run(capsys, tmp_path, fake):
+    sweep = write_sweep(tmp_path / "bad.yaml", fake, {
+        "attention": {"values": ["baseline", "foo", "rope_small"]},
+        "steps": {"values": [0, 5]},
+        "lr": {"value": "fast"},
+        "no_such_knob": {"value": 1},
+    })
+    line = refuse(capsys, tmp_path, [sweep])
+    assert line.startswith(f"error: {sweep}: bad values: ")
+    for fragment in ("attention=foo (unknown attention variant 'foo'", "steps=0 (--steps=0: must be greater than 0)",
+                     "lr=fast (--lr=fast: expected a number)", "no_such_knob=1 (unknown option --no_such_knob"):
+        assert fragment in line
+    assert calls(fake) == []
+
+
+def test_values_that_fail_only_together_are_named_together(capsys, tmp_path, fake):
+    sweep = write_sweep(tmp_path / "bad.yaml", fake, {
+        "attention": {"values": ["baseline", "lora_small"]},
+        "d_model": {"values": [64, 96]},
+        "n_heads": {"values": [4, 6]},
+        "q_lora_rank": {"value": 16},
+    })
+    line = refuse(capsys, tmp_path, [sweep])
+    assert "d_model=64, n_heads=6 (--d_model=64 is not divisible by --n_heads=6)" in line
+    assert "q_lora_rank=16, attention=baseline (--q_lora_rank=16: only latent (MLA) variants have it" in line
+    assert "d_model=96" not in line and "n_heads=4" not in line  # values fine on their own are not blamed
+
+
+def test_random_and_bayes_values_are_checked_one_by_one(capsys, tmp_path, fake):
+    sweep = write_sweep(tmp_path / "bad.yaml", fake, {
+        "attention": {"values": ["baseline", "nope"]},
+        "lr": {"distribution": "uniform", "min": -0.1, "max": 0.01},
+        "d_model": {"value": 64},
+        "n_heads": {"values": [4, 5]},
+    }, method="random")
+    line = refuse(capsys, tmp_path, [sweep, "--count", "3"])
+    assert "attention=nope" in line and "lr=-0.1 (--lr=-0.1: must be 0 or greater)" in line
+    assert "n_heads=5" in line and "n_heads=4" not in line
+
+
+def test_bad_options_are_one_error_line(capsys):
+    for argv in (["x.yaml", "--count", "0"], ["x.yaml", "--count", "many"], [], ["x.yaml", "--retry-failed"]):
+        with pytest.raises(SystemExit) as exit_info:
+            local_sweep.main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: "), err
+
+
+def test_resuming_an_unknown_sweep_is_refused(capsys, tmp_path):
+    line = refuse(capsys, tmp_path, ["--resume", "zzzzzzzz"])
+    assert "--resume zzzzzzzz: no sweep there" in line
+
+
+def test_the_real_command_line_refuses_without_a_traceback(tmp_path, fake):
+    sweep = write_sweep(tmp_path / "bad.yaml", fake, {"attention": {"values": ["baseline", "foo"]}})
+    result = run_cli(sweep, "--results-dir", tmp_path / "results")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith(f"error: {sweep}: bad values: attention=foo")
+    assert "Traceback" not in result.stderr + result.stdout and "Warning" not in result.stderr
+    assert not (tmp_path / "results").exists() and calls(fake) == []
+
+
+# --- the run loop, with the fake program ----------------------------------------------------------
+
+def test_a_grid_with_a_failing_and_a_crashing_run_finishes_and_resumes(tmp_path, fake):
+    sweep = write_sweep(tmp_path / "grid.yaml", fake, {
+        "attention": {"values": ["baseline", "lora_small", "rope_small", "bias_only"]},
+        "seed": {"value": 0}, "steps": {"value": 5}, "attention_bias": {"value": False}})
+    results = tmp_path / "results"
+    result = run_cli(sweep, "--results-dir", results, "--no-report", FAKE_FAIL="lora_small", FAKE_CRASH="rope_small")
+    assert result.returncode == 0, result.stdout + result.stderr  # failed runs are results, not errors
+    out = result.stdout
+    sweep_dir = only_sweep_dir(results)
+    sweep_id = sweep_dir.name
+    assert len(sweep_id) == 8 and set(sweep_id) <= set(local_sweep.ID_ALPHABET)
+
+    # one progress line per run, with the reason for the failures
+    assert "[1/4] baseline-s0  finished  val_loss=3.800" in out
+    assert "[2/4] lora_small-s0  failed" in out and "(injected failure for lora_small)" in out
+    assert "[3/4] rope_small-s0  failed" in out and "RuntimeError: crashed before writing a record" in out
+    assert "[4/4] bias_only-s0  finished  val_loss=3.900" in out
+
+    # the table: sorted by val loss, failures last
+    table = out[out.index("run "):]
+    order = [line.split()[0] for line in table.splitlines()[2:6]]
+    assert order[:2] == ["baseline-s0", "bias_only-s0"] and set(order[2:]) == {"lora_small-s0", "rope_small-s0"}
+    baseline_row = next(line for line in table.splitlines() if line.startswith("baseline-s0"))
+    assert baseline_row.split()[1:] == ["finished", "3.8000", "0.2500", "2.500", "1.5", "0.125"]
+
+    # the state
+    state = state_of(sweep_dir)
+    assert state["complete"] is True and state["sweep_id"] == sweep_id
+    statuses = {r["name"]: r["status"] for r in state["runs"]}
+    assert statuses == {"baseline-s0": "finished", "lora_small-s0": "failed", "rope_small-s0": "failed",
+                        "bias_only-s0": "finished"}
+    assert (sweep_dir / "sweep.yaml").read_text() == sweep.read_text()
+
+    # the agent's contract, as the program saw it
+    made = calls(fake)
+    assert [c["argv"][0] for c in made] == ["--attention=baseline", "--attention=lora_small",
+                                            "--attention=rope_small", "--attention=bias_only"]
+    first = made[0]
+    assert sorted(first["argv"][:-2]) == ["--attention=baseline", "--attention_bias=False", "--seed=0", "--steps=5"]
+    assert first["argv"][-2:] == [f"--results_dir={results.resolve()}", f"--group={sweep_id}"]
+    run_env = first["env"]
+    assert run_env["WANDB_MODE"] == "offline" and run_env["WANDB_SWEEP_ID"] == sweep_id
+    assert run_env["WANDB_PROJECT"] == "attnsweep" and run_env["WANDB_DIR"] == str(sweep_dir)
+    run_id = run_env["WANDB_RUN_ID"]
+    assert run_id == state["runs"][0]["id"] and len(run_id) == 8
+    param_path = Path(run_env["WANDB_SWEEP_PARAM_PATH"])
+    assert param_path == sweep_dir / "wandb" / f"sweep-{sweep_id}" / f"config-{run_id}.yaml"
+    assert yaml.safe_load(param_path.read_text())["attention"] == {"value": "baseline"}
+    assert len({c["env"]["WANDB_RUN_ID"] for c in made}) == 4
+
+    # records where train.py writes them, logs per run
+    assert json.loads((sweep_dir / "baseline-s0.json").read_text())["run_id"] == run_id
+    logs = sorted(p.name for p in (sweep_dir / "logs").iterdir())
+    assert logs == sorted(f"{r['name']}-{r['id']}.log" for r in state["runs"])
+    assert "fake training lora_small-s0" in (sweep_dir / "logs" / f"lora_small-s0-{state['runs'][1]['id']}.log").read_text()
+
+    # --resume: nothing to do, finished runs are not run again
+    again = run_cli(sweep, "--resume", sweep_id, "--results-dir", results, "--no-report")
+    assert again.returncode == 0, again.stderr
+    assert len(calls(fake)) == 4
+
+    # --resume --retry-failed (by the sweep dir's path, no YAML): the failed runs run again, afresh
+    retried = run_cli("--resume", sweep_dir, "--retry-failed", "--no-report")
+    assert retried.returncode == 0, retried.stderr
+    made = calls(fake)
+    assert [c["argv"][0] for c in made[4:]] == ["--attention=lora_small", "--attention=rope_small"]
+    state = state_of(sweep_dir)
+    assert all(r["status"] == "finished" for r in state["runs"])
+    assert state["runs"][1]["previous_ids"] == [made[1]["env"]["WANDB_RUN_ID"]]
+    assert made[4]["env"]["WANDB_RUN_ID"] == state["runs"][1]["id"] != made[1]["env"]["WANDB_RUN_ID"]
+
+
+def test_ctrl_c_stops_the_run_cleanly_and_resume_continues_it(tmp_path, fake):
+    sweep = write_sweep(tmp_path / "grid.yaml", fake, {
+        "attention": {"values": ["baseline", "lora_small", "rope_small"]}, "steps": {"value": 5}})
+    results = tmp_path / "results"
+    (fake.parent / "sleep_once").touch()
+    process = subprocess.Popen([sys.executable, str(ROOT / "local_sweep.py"), str(sweep), "--results-dir",
+                                str(results), "--no-report"], cwd=ROOT, env=env(FAKE_SLEEP="lora_small"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while not (fake.parent / "sleeping").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert (fake.parent / "sleeping").exists(), "the second run never started"
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 130, out + err
+    assert "Traceback" not in out + err
+    sweep_dir = only_sweep_dir(results)
+    assert f"continue with: python local_sweep.py {sweep} --resume {sweep_dir.name}" in out
+    state = state_of(sweep_dir)
+    assert [(r["name"], r["status"]) for r in state["runs"]] == [("baseline-s0", "finished"),
+                                                                  ("lora_small-s0", "interrupted")]
+    interrupted_id = state["runs"][1]["id"]
+    assert json.loads((sweep_dir / "lora_small-s0.json").read_text())["status"] == "interrupted"
+
+    resumed = run_cli(sweep, "--resume", sweep_dir.name, "--results-dir", results, "--no-report")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    made = calls(fake)
+    assert [c["argv"][0] for c in made] == ["--attention=baseline", "--attention=lora_small",
+                                            "--attention=lora_small", "--attention=rope_small"]
+    assert made[2]["env"]["WANDB_RUN_ID"] == interrupted_id  # the same run: train.py resumes its checkpoint
+    assert [r["status"] for r in state_of(sweep_dir)["runs"]] == ["finished"] * 3
+
+
+def test_random_search_runs_count_runs(tmp_path, fake):
+    sweep = write_sweep(tmp_path / "random.yaml", fake, {
+        "attention": {"values": ["baseline", "rope_small"]},
+        "lr": {"distribution": "log_uniform_values", "min": 0.0001, "max": 0.01}}, method="random")
+    results = tmp_path / "results"
+    result = run_cli(sweep, "--results-dir", results, "--count", 3, "--no-report")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(calls(fake)) == 3 and "[3/3]" in result.stdout
+    lrs = [float(c["argv"][1].split("=")[1]) for c in calls(fake)]
+    assert all(0.0001 <= lr <= 0.01 for lr in lrs)
+    assert state_of(only_sweep_dir(results))["count"] == 3
+
+
+def test_a_second_agent_on_the_same_sweep_is_refused(capsys, tmp_path, fake):
+    import fcntl
+
+    sweep_dir = tmp_path / "results" / "abcd1234"
+    sweep_dir.mkdir(parents=True)
+    write_sweep(sweep_dir / "sweep.yaml", fake, {"attention": {"values": ["baseline"]}})
+    local_sweep.Sweep(sweep_dir, {"state_schema": 1, "sweep_id": "abcd1234", "sweep_file": "x.yaml",
+                                  "results_dir": str(tmp_path / "results"), "runs": []}).save()
+    with open(sweep_dir / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code = local_sweep.main(["--resume", str(sweep_dir), "--no-report"])
+    assert code == 2
+    assert "is being run by another local_sweep.py" in capsys.readouterr().err
+    assert calls(fake) == []
+
+
+def test_a_missing_or_broken_report_module_is_a_warning(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "analysis.report", None)  # `from analysis import report` fails
+    local_sweep.write_report(tmp_path, tmp_path / "report")
+    assert capsys.readouterr().err.startswith("warning: no report written")
+
+    class Broken:
+        @staticmethod
+        def write_report(source, out_dir):
+            raise ValueError("no runs")
+
+    import analysis
+
+    monkeypatch.setitem(sys.modules, "analysis.report", Broken)
+    monkeypatch.setattr(analysis, "report", Broken, raising=False)
+    local_sweep.write_report(tmp_path, tmp_path / "report")
+    assert capsys.readouterr().err.startswith("warning: the report failed (ValueError: no runs)")

@@ -1,0 +1,150 @@
+"""The sweep YAMLs in sweeps/: W&B's own schema accepts them, they enumerate the 13 variants, every
+value they can hand out passes train.py's config validation, and their commands follow the W&B
+agent's rules (macros, `accelerate launch` items)."""
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+import local_sweep
+from attention import VARIANTS
+from config import FIELD_TYPES, _allowed_types, config_from_values, parse_args
+
+ROOT = Path(__file__).resolve().parent.parent
+SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
+NAMES = [p.name for p in SWEEPS]
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((ROOT / "sweeps" / name).read_text())
+
+
+def fixed(config: dict) -> dict:
+    return {k: v["value"] for k, v in config["parameters"].items() if "value" in v}
+
+
+def test_the_four_sweeps_are_there_and_nothing_else():
+    assert {"fast.yaml", "smoke.yaml", "seeds.yaml", "fast_multigpu.yaml"} <= set(NAMES)
+    # sweeps/ holds YAML only: a package named `sweeps` here would shadow W&B's engine
+    assert not (ROOT / "sweeps" / "__init__.py").exists()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_wandb_schema_accepts_it(name):
+    sweeps = local_sweep.import_engine()
+    assert sweeps.schema_violations_from_proposed_config(load(name)) == []
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fair_grid_shape(name):
+    config = load(name)
+    assert config["program"] == "train.py"
+    assert config["method"] == "grid"
+    assert config["metric"] == {"name": "val/loss", "goal": "minimize"}
+    assert config["project"] == "attnsweep"
+    # no early termination or target: every variant gets the same training
+    assert "early_terminate" not in config and "target" not in config["metric"]
+    command = config["command"]
+    assert command[0] == "${env}" and "${program}" in command and command[-1] == "${args}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_comment_at_the_top_says_how_to_run_it(name):
+    lines = (ROOT / "sweeps" / name).read_text().splitlines()
+    comment = "\n".join(line for line in lines[: next(i for i, l in enumerate(lines) if not l.startswith("#"))])
+    assert comment.startswith(f"# {name} -- ")
+    assert f"wandb sweep sweeps/{name}" in comment and "wandb agent ENTITY/PROJECT/SWEEP_ID" in comment
+    assert f"python local_sweep.py sweeps/{name}" in comment
+
+
+@pytest.mark.parametrize("name", ["fast.yaml", "smoke.yaml", "seeds.yaml", "fast_multigpu.yaml"])
+def test_enumerates_exactly_the_13_variants_in_order(name):
+    assert load(name)["parameters"]["attention"]["values"] == list(VARIANTS)
+    assert len(VARIANTS) == 13
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_value_passes_config_validation(name):
+    """Every run the grid can produce, as W&B's engine enumerates it, is a valid TrainConfig."""
+    config = load(name)
+    total, runs = local_sweep.grid_size_and_runs(config)
+    assert runs is not None and len(runs) == total
+    for values in runs:
+        config_from_values(values)
+    assert local_sweep.bad_values(config, runs) == []
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_values_survive_the_agents_command_line(name):
+    """What train.py parses from `${args}` (`--name=value`) equals the YAML's typed values, so
+    train.py's check that wandb.config agrees with its command line holds."""
+    config = load(name)
+    _, runs = local_sweep.grid_size_and_runs(config)
+    for values in runs[:3]:
+        argv = local_sweep.sweep_command_args(values)["args"]
+        assert config_from_values(parse_args(argv)) == config_from_values(values)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_yaml_1_1_surprises(name):
+    """PyYAML reads `1e-4` as a string and `no` as False: numbers need a dot, words need quotes."""
+    for key, value in fixed(load(name)).items():
+        if isinstance(value, str):
+            try:
+                float(value)
+            except ValueError:
+                continue
+            pytest.fail(f"{name}: {key}: {value!r} is a string that looks like a number")
+        if isinstance(value, bool):  # `mixed_precision: no` would arrive as False
+            assert bool in _allowed_types(FIELD_TYPES[key]), f"{name}: {key}: {value!r} is a boolean"
+
+
+def test_fast_is_the_seed_experiment_on_the_seed_data():
+    values = fixed(load("fast.yaml"))
+    assert {k: values[k] for k in ("seed", "steps", "batch_size", "seq_len", "d_model", "n_layers", "n_heads",
+                                    "d_ff", "n_experts", "top_k", "lr", "weight_decay", "eval_every",
+                                    "eval_batches", "dropout")} == {
+        "seed": 0, "steps": 50, "batch_size": 16, "seq_len": 512, "d_model": 512, "n_layers": 8, "n_heads": 8,
+        "d_ff": 2048, "n_experts": 8, "top_k": 2, "lr": 1e-4, "weight_decay": 0.01, "eval_every": 10,
+        "eval_batches": 10, "dropout": 0.1}
+    assert values["dataset"] == "HuggingFaceTB/smollm-corpus" and values["dataset_config"] == "cosmopedia-v2"
+    assert values["tokenizer"] == "HuggingFaceTB/SmolLM-135M" and values["max_documents"] > 0
+
+
+def test_smoke_and_seeds_are_small_and_on_the_embedded_corpus():
+    for name in ("smoke.yaml", "seeds.yaml"):
+        values = fixed(load(name))
+        assert "dataset" not in values and "tokenizer" not in values  # train.py's embedded defaults
+        cfg = config_from_values(values)
+        assert cfg.d_model <= 128 and cfg.seq_len <= 256 and cfg.steps <= 200
+    smoke, seeds = fixed(load("smoke.yaml")), fixed(load("seeds.yaml"))
+    assert {k: v for k, v in seeds.items() if k != "seed"} == {k: v for k, v in smoke.items() if k != "seed"}
+    assert load("seeds.yaml")["parameters"]["seed"]["values"] == [0, 1, 2]
+    assert local_sweep.grid_size_and_runs(load("seeds.yaml"))[0] == 39
+    assert local_sweep.grid_size_and_runs(load("smoke.yaml"))[0] == 13
+
+
+def test_multigpu_command_is_accelerate_launch_then_the_program():
+    command = load("fast_multigpu.yaml")["command"]
+    assert "accelerate" in command and "launch" in command  # separate items, not "accelerate launch"
+    start, program = command.index("launch"), command.index("${program}")
+    assert command.index("accelerate") + 1 == start
+    options = command[start + 1: program]
+    assert options and all(str(o).startswith("--") for o in options)  # ${program} right after the options
+    assert "${interpreter}" not in command  # accelerate starts python itself
+    assert command[program + 1:] == ["${args}"]  # every process gets the sweep's values
+    processes = [int(str(o).split("=")[1]) for o in options if str(o).startswith("--num_processes=")]
+    assert processes and fixed(load("fast_multigpu.yaml"))["batch_size"] % processes[0] == 0
+    # otherwise the same experiment as fast.yaml
+    assert load("fast_multigpu.yaml")["parameters"] == load("fast.yaml")["parameters"]
+    argv = local_sweep.expand_command(command, {"attention": "baseline", "seed": 0}, program="train.py",
+                                      interpreter="python", args_json_file="x.json")
+    assert argv[:3] == ["/usr/bin/env", "accelerate", "launch"]
+    assert argv[argv.index("train.py") + 1:] == ["--attention=baseline", "--seed=0"]
+
+
+def test_learning_rate_values_are_floats():
+    for name in NAMES:
+        lr = fixed(load(name)).get("lr")
+        assert isinstance(lr, float) and math.isfinite(lr) and lr > 0
