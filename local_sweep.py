@@ -533,7 +533,8 @@ class Runner:
         entry.update({"status": "running", "log": str(log), "command": argv,
                       "attempts": entry.get("attempts", 0) + 1, "exit_code": None, "error": None})
         sweep.save()
-        prefix = f"[{entry['index']}/{self.total or '?'}] {name}"
+        values = swept_text(entry, swept_names(self.config))
+        prefix = f"[{entry['index']}/{self.total or '?'}] {name}" + (f" {values}" if values else "")
         started_wall, started = time.time(), time.perf_counter()
         stopped_by = None
         with open(log, "ab") as log_file:
@@ -678,7 +679,20 @@ def run_sweep(sweep: Sweep, config: dict, runner: Runner, count: int | None, red
 
 # --- the end: table and report ------------------------------------------------------------------
 
-def results_table(sweep: Sweep) -> str:
+def swept_names(config: dict) -> list[str]:
+    """The parameters that vary between runs, beyond the variant and seed already in a run's name."""
+    return [name for name, spec in config.get("parameters", {}).items()
+            if not (isinstance(spec, dict) and "value" in spec) and name not in ("attention", "seed")]
+
+
+def swept_text(entry: dict, names: list[str]) -> str:
+    def show(value):
+        return format(value, ".4g") if isinstance(value, float) else str(value)
+
+    return " ".join(f"{n}={show(entry['params'][n])}" for n in names if n in entry["params"])
+
+
+def results_table(sweep: Sweep, swept: list[str] = ()) -> str:
     def fmt(value, spec, scale=1.0):
         value = number(value)
         return "-" if value is None else format(value * scale, spec)
@@ -689,13 +703,15 @@ def results_table(sweep: Sweep) -> str:
         loss = number(m.get("val/loss"))
         order = (entry["status"] != "finished" or loss is None, loss if loss is not None else math.inf, entry["index"])
         seconds = m.get("time/total_s") if number(m.get("time/total_s")) is not None else entry.get("elapsed_s")
-        rows.append((order, [entry["name"], entry["status"], fmt(loss, ".4f"), fmt(m.get("val/accuracy"), ".4f"),
+        rows.append((order, [entry["name"]] + ([swept_text(entry, swept)] if swept else []) + [entry["status"], fmt(loss, ".4f"), fmt(m.get("val/accuracy"), ".4f"),
                              fmt(m.get("params/total"), ".3f", 1e-6), fmt(seconds, ".1f"),
                              fmt(m.get("memory/peak_gb"), ".3f")]))
-    header = ["run", "status", "val loss", "accuracy", "params (M)", "time (s)", "peak mem (GB)"]
+    header = ["run"] + (["values"] if swept else []) + ["status", "val loss", "accuracy", "params (M)", "time (s)",
+                                                          "peak mem (GB)"]
+    left = 3 if swept else 2
     body = [cells for _, cells in sorted(rows, key=lambda r: r[0])]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
-    lines = ["  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    lines = ["  ".join(str(c).ljust(w) if i < left else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
              for cells in [header] + body]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -722,7 +738,7 @@ def summarize(sweep: Sweep, runner: Runner, args) -> None:
     for entry in sweep.runs:
         counts[entry["status"]] = counts.get(entry["status"], 0) + 1
     print()
-    print(results_table(sweep))
+    print(results_table(sweep, swept_names(runner.config)))
     print()
     print(f"{runs_text(len(sweep.runs))}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     failed = [e for e in sweep.runs if e["status"] != "finished"]

@@ -407,6 +407,8 @@ def test_random_search_runs_count_runs(tmp_path, fake):
     result = run_cli(sweep, "--results-dir", results, "--count", 3, "--no-report")
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(calls(fake)) == 3 and "[3/3]" in result.stdout
+    assert result.stdout.count(" lr=") == 6  # the swept value on each progress line and table row
+    assert "values" in result.stdout.split("\n\n")[1].splitlines()[0].split()
     lrs = [float(c["argv"][1].split("=")[1]) for c in calls(fake)]
     assert all(0.0001 <= lr <= 0.01 for lr in lrs)
     assert state_of(only_sweep_dir(results))["count"] == 3
