@@ -32,13 +32,98 @@ class ModelConfig:
     rope_theta: float = 10000.0
 
 
+# How the experts' matmuls run. "grouped": one torch._grouped_mm over all expert-sorted tokens --
+# no Python loop over experts, no host sync (the group offsets stay on the device; on H100 in bf16
+# it is one CUTLASS kernel), and static shapes, so torch.compile keeps the MoE in one graph.
+# "loop": one matmul per expert, after reading the per-expert token counts to the host (a sync per
+# layer on CUDA). "auto": grouped where it is fast -- CUDA in bf16, and the CPU (measured in
+# docs/PERF.md) -- and loop otherwise. `python -m bench.step --moe_matmul` measures the choice.
+MOE_EXPERT_MATMUL = "auto"
+
+
+def _use_grouped_mm(tokens: torch.Tensor, *dims: int) -> bool:
+    if MOE_EXPERT_MATMUL == "loop" or not hasattr(torch, "_grouped_mm"):
+        return False
+    # The grouped kernels want every row 16-byte aligned (TMA on CUDA; CPU checks it too).
+    if any(dim * tokens.element_size() % 16 for dim in dims):
+        return False
+    if MOE_EXPERT_MATMUL == "grouped":
+        return True
+    return tokens.device.type == "cpu" or tokens.dtype == torch.bfloat16
+
+
+# torch._grouped_mm runs in float32 (CPU, and CUDA's fallback), but its shape function for
+# torch.compile accepts only bf16. For other dtypes it is wrapped in a custom op with its own shape
+# function and backward, so a compiled model keeps the MoE in its graph instead of breaking it.
+# The backward also writes the weight gradient straight in the (E, out, in) layout of the
+# parameter, which saves autograd a strided copy of every expert gradient.
+@torch.library.custom_op("attnsweep::expert_linear", mutates_args=())
+def _expert_linear_op(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(x, weight.transpose(1, 2), offs=offs)
+
+
+@_expert_linear_op.register_fake
+def _(x, weight, offs):
+    return x.new_empty(x.shape[0], weight.shape[1])
+
+
+@torch.library.custom_op("attnsweep::expert_linear_weight_grad", mutates_args=())
+def _expert_linear_weight_grad(grad: torch.Tensor, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Per expert e: grad_e^T @ x_e -> (E, out, in); the contraction runs over each group's rows."""
+    return torch._grouped_mm(grad.t(), x, offs=offs)
+
+
+@_expert_linear_weight_grad.register_fake
+def _(grad, x, offs):
+    return x.new_empty(offs.shape[0], grad.shape[1], x.shape[1])
+
+
+def _expert_linear_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _expert_linear_backward(ctx, grad):
+    x, weight, offs = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_x = _expert_linear_op(grad, weight.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+    grad_w = _expert_linear_weight_grad(grad, x, offs) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None
+
+
+_expert_linear_op.register_autograd(_expert_linear_backward, setup_context=_expert_linear_setup)
+
+
+def expert_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Grouped nn.Linear: x (M, in), rows sorted by expert with expert e's rows ending at offs[e],
+    times weight (E, out, in) transposed -> (M, out)."""
+    if x.dtype == torch.bfloat16:
+        return torch._grouped_mm(x, weight.transpose(1, 2), offs=offs)  # known to torch.compile
+    return _expert_linear_op(x, weight, offs)
+
+
+class _PermuteRows(torch.autograd.Function):
+    """x[perm] for a permutation perm of x's rows. Autograd would send the gradient of x[perm]
+    back through a scatter-add (index_put with accumulate; a slow, serial kernel on CPU); for a
+    permutation it is simply the inverse gather."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(inverse, perm)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inverse, perm = ctx.saved_tensors
+        return _PermuteRows.apply(grad, inverse, perm), None, None
+
+
 class MoE(nn.Module):
     """Top-k mixture of SiLU experts (Linear(d, d_ff) -> SiLU -> Linear(d_ff, d), no biases).
 
     The router picks k experts per token from (noisy, while training) logits and weights them by a
-    softmax over those k logits. Tokens are sorted by expert so each expert runs one matmul over
-    exactly the tokens routed to it. Expert weights are stacked, (n_experts, out, in), so the
-    per-expert matmuls can become one grouped matmul where the hardware has it.
+    softmax over those k logits. Each token's k copies ("slots") are sorted by expert, so each
+    expert runs one matmul over exactly the tokens routed to it -- all experts in one grouped
+    matmul where torch has it (MOE_EXPERT_MATMUL). Expert weights are stacked, (n_experts, out, in).
     """
 
     def __init__(self, d_model: int, d_ff: int, n_experts: int, top_k: int, noise_std: float):
@@ -57,24 +142,47 @@ class MoE(nn.Module):
         top_weights = top_logits.softmax(dim=-1)
         # Switch-Transformer balance loss: n_experts * sum_e (share of assignments to e) * (mean
         # router probability of e). It is 1 when routing is uniform and grows as it collapses.
-        assigned = torch.bincount(top_experts.flatten(), minlength=self.n_experts).float()
+        # (Counted with a scatter-add rather than bincount: a static output shape for compile.)
+        assigned = self._count(top_experts.flatten()).float()
         share = assigned / top_experts.numel()
         mean_prob = logits.softmax(dim=-1).mean(dim=0)
         aux_loss = self.n_experts * (share * mean_prob).sum()
         return top_experts, top_weights, aux_loss
 
+    def _count(self, experts: torch.Tensor) -> torch.Tensor:
+        """How many of `experts` (a 1-D index tensor) name each expert, as (n_experts,) int64."""
+        counts = torch.zeros(self.n_experts, dtype=torch.int64, device=experts.device)
+        return counts.scatter_add_(0, experts, torch.ones_like(experts))
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = x.reshape(-1, x.shape[-1])
+        n_tokens, d_model = tokens.shape
         top_experts, top_weights, aux_loss = self.route(tokens)
-        order = top_experts.flatten().argsort(stable=True)
-        token_of_slot = order // self.top_k  # which token each expert-sorted slot belongs to
-        per_expert = torch.bincount(top_experts.flatten(), minlength=self.n_experts).tolist()
-        routed = tokens[token_of_slot].split(per_expert)
-        outputs = [
-            F.silu(chunk @ self.up_proj[e].T) @ self.down_proj[e].T for e, chunk in enumerate(routed)
-        ]
-        weighted = torch.cat(outputs) * top_weights.flatten()[order, None].to(tokens.dtype)
-        combined = torch.zeros_like(tokens).index_add_(0, token_of_slot, weighted)
+        # Slot s = token * k + j is the token's j-th choice. Sort the slots by expert (stable, so
+        # tokens keep their order within an expert) and remember the inverse to undo the sort.
+        slot_expert = top_experts.flatten()
+        order = slot_expert.argsort(stable=True)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        slots = tokens.unsqueeze(1).expand(-1, self.top_k, -1).reshape(-1, d_model)
+        routed = _PermuteRows.apply(slots, order, inverse)  # (N * k, d) in expert order
+        counts = self._count(slot_expert)
+
+        # Under autocast the experts run in its dtype, as nn.Linear would (autocast does not know
+        # the grouped matmul, and the stacked weights are plain parameters).
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else tokens.dtype
+        routed, up, down = routed.to(dtype), self.up_proj.to(dtype), self.down_proj.to(dtype)
+        if _use_grouped_mm(routed, d_model, up.shape[1]):
+            offsets = counts.cumsum(0).to(torch.int32)  # where each expert's rows end
+            hidden = F.silu(expert_linear(routed, up, offsets))
+            expert_out = expert_linear(hidden, down, offsets)
+        else:
+            ups, downs = up.unbind(0), down.unbind(0)  # unbind: one gradient stack, not E zero-fills
+            chunks = routed.split(counts.tolist())
+            expert_out = torch.cat([F.silu(chunk @ ups[e].T) @ downs[e].T for e, chunk in enumerate(chunks)])
+
+        # Back to slot order; each token's k outputs are then adjacent: weight them and sum over k.
+        per_slot = _PermuteRows.apply(expert_out, inverse, order).view(n_tokens, self.top_k, d_model)
+        combined = (per_slot.to(tokens.dtype) * top_weights.unsqueeze(-1).to(tokens.dtype)).sum(dim=1)
         return combined.view_as(x), aux_loss
 
 
@@ -82,7 +190,8 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.d_model)
-        self.self_attn = build_attention(cfg.attention, cfg.d_model, cfg.n_heads, cfg.dropout, cfg.rope_theta)
+        self.self_attn = build_attention(cfg.attention, cfg.d_model, cfg.n_heads, cfg.dropout, cfg.rope_theta,
+                                         max_len=cfg.seq_len)
         self.post_attention_layernorm = RMSNorm(cfg.d_model)
         self.mlp = MoE(cfg.d_model, cfg.d_ff, cfg.n_experts, cfg.top_k, cfg.router_noise_std)
         self.dropout = nn.Dropout(cfg.dropout)

@@ -23,17 +23,42 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
+# When q/k and v head dims differ (MLA: qk_rope_head_dim 128 vs v_head_dim 192, say), the flash
+# kernels -- CUDA's, and PyTorch's CPU one -- do not apply: they need one head dim for q, k and v,
+# and SDPA falls back to the memory-efficient kernel (CUDA) or to the math path (CPU), which
+# materialises the T x T scores. Zero-padding the smaller side to the larger changes nothing
+# (zero dims add nothing to q.k, padded value columns are sliced off; the softmax scale is passed
+# explicitly) and lets flash run. "auto" pads on CUDA, and on CPU only without attention dropout:
+# the CPU flash kernel has no dropout, so with it SDPA takes the math path anyway and padding would
+# only add work. "always" / "never" force the choice; `python -m bench.step --sdpa_pad` measures it.
+SDPA_PAD = "auto"
+
+
+def _pad_head_dims(q: torch.Tensor, dropout: float) -> bool:
+    if SDPA_PAD == "auto":
+        return q.device.type == "cuda" or dropout == 0.0
+    return SDPA_PAD == "always"
+
+
 def causal_attention(q, k, v, scale: float, dropout: float) -> torch.Tensor:
     """(B, H, T, d) inputs -> (B, T, H * d_v). Fused kernel, causal mask, explicit softmax scale."""
+    v_dim = v.shape[-1]
+    if q.shape[-1] != v_dim and _pad_head_dims(q, dropout):
+        dim = max(q.shape[-1], v_dim)
+        if q.shape[-1] < dim:
+            q, k = F.pad(q, (0, dim - q.shape[-1])), F.pad(k, (0, dim - k.shape[-1]))
+        else:
+            v = F.pad(v, (0, dim - v_dim))
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale)
-    batch, heads, length, v_dim = out.shape
-    return out.transpose(1, 2).reshape(batch, length, heads * v_dim)
+    batch, heads, length, _ = out.shape
+    return out[..., :v_dim].transpose(1, 2).reshape(batch, length, heads * v_dim)
 
 
 class MultiHeadAttention(nn.Module):
     """The baseline: q, k, v, o projections of d_model x d_model, RoPE on the whole head."""
 
-    def __init__(self, spec: AttentionSpec, d_model: int, n_heads: int, dropout: float, rope_theta: float):
+    def __init__(self, spec: AttentionSpec, d_model: int, n_heads: int, dropout: float, rope_theta: float,
+                 max_len: int = 0):
         super().__init__()
         self.n_heads, self.head_dim, self.dropout = n_heads, d_model // n_heads, dropout
         self.qk_head_dim = self.v_head_dim = self.head_dim
@@ -41,7 +66,7 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(d_model, d_model, bias=spec.attention_bias)
         self.v_proj = nn.Linear(d_model, d_model, bias=spec.attention_bias)
         self.o_proj = nn.Linear(d_model, d_model, bias=spec.attention_bias)
-        self.rotary = RotaryEmbedding(self.head_dim, rope_theta, spec.rope_scaling, spec.rope_scaling_factor)
+        self.rotary = RotaryEmbedding(self.head_dim, rope_theta, spec.rope_scaling, spec.rope_scaling_factor, max_len)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -62,7 +87,8 @@ class MultiHeadLatentAttention(nn.Module):
     values v_head_dim.
     """
 
-    def __init__(self, spec: AttentionSpec, d_model: int, n_heads: int, dropout: float, rope_theta: float):
+    def __init__(self, spec: AttentionSpec, d_model: int, n_heads: int, dropout: float, rope_theta: float,
+                 max_len: int = 0):
         super().__init__()
         self.n_heads, self.dropout = n_heads, dropout
         self.kv_lora_rank = spec.kv_lora_rank
@@ -81,7 +107,8 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, n_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(n_heads * self.v_head_dim, d_model, bias=spec.attention_bias)
-        self.rotary = RotaryEmbedding(self.qk_rope_head_dim, rope_theta, spec.rope_scaling, spec.rope_scaling_factor)
+        self.rotary = RotaryEmbedding(self.qk_rope_head_dim, rope_theta, spec.rope_scaling, spec.rope_scaling_factor,
+                                      max_len)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -109,6 +136,8 @@ class MultiHeadLatentAttention(nn.Module):
 
 
 def build_attention(spec: AttentionSpec, d_model: int, n_heads: int, dropout: float = 0.0,
-                    rope_theta: float = 10000.0) -> nn.Module:
+                    rope_theta: float = 10000.0, max_len: int = 0) -> nn.Module:
+    """max_len: build the RoPE tables for this many positions now (the model's seq_len) rather
+    than on the first forward."""
     module = MultiHeadLatentAttention if spec.is_latent else MultiHeadAttention
-    return module(spec, d_model, n_heads, dropout, rope_theta)
+    return module(spec, d_model, n_heads, dropout, rope_theta, max_len)
