@@ -167,7 +167,7 @@ def _difference_to_baseline(runs: list[Run], baseline_runs: list[Run]) -> list:
 
 
 def curves_figure(runs: list[Run], path: Path, title: str) -> Path:
-    ok = [r for r in runs if r.succeeded or r.status == "diverged"]
+    ok = [r for r in runs if r.succeeded]
     by_variant: dict = {}
     for run in ok:
         by_variant.setdefault(run.variant, []).append(run)

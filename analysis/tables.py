@@ -16,6 +16,7 @@ from analysis.runs import RUNNING, Run
 FAMILY_LABELS = {"baseline": "Baseline", "lora": "LoRA", "enhanced": "Enhanced", "rope": "RoPE",
                  "bias": "Bias", "other": "Other"}
 BASELINE = "baseline"
+NOTHING_TO_RANK = "- no successful run reports this"
 
 
 @dataclass
@@ -73,7 +74,8 @@ def _labeller(runs: list[Run]):
 def success_rate(runs: list[Run]) -> Section:
     done = [r for r in runs if r.status != RUNNING]
     ok = [r for r in done if r.succeeded]
-    lines = [f"**Success Rate**: {len(ok)}/{len(done)} ({100 * len(ok) / len(done):.0f}%)"]
+    rate = len(ok) / len(done) if done else math.nan
+    lines = [f"**Success Rate**: {len(ok)}/{len(done)} ({fmt(100 * rate, '.0f')}%)"]
     failed = [r for r in done if not r.succeeded]
     if failed:
         lines += ["", "Not successful:"]
@@ -81,13 +83,12 @@ def success_rate(runs: list[Run]) -> Section:
     running = [r.name for r in runs if r.status == RUNNING]
     if running:
         lines += ["", f"Still running, not counted: {', '.join(running)}"]
-    return Section("success_rate", "Success rate", lines, ["successful", "total", "rate"],
-                   [[len(ok), len(done), len(ok) / len(done)]])
+    return Section("success_rate", "Success rate", lines, ["successful", "total", "rate"], [[len(ok), len(done), rate]])
 
 
 def top5(runs: list[Run]) -> Section:
     columns = ["rank", "run", "val_loss", "val_accuracy", "time_min", "memory_gb", "params_m"]
-    rows, lines = [], []
+    rows, lines = [], [] if by_loss(runs) else [NOTHING_TO_RANK]
     for rank, r in enumerate(by_loss(runs)[:5], 1):
         lines.append(f"{rank}. **{r.name}**: Loss={fmt(r.val_loss, '.4f')}, Acc={fmt(r.val_accuracy, '.4f')}, "
                      f"Time={fmt(r.time_min, '.1f')}min, Memory={fmt(r.memory_gb, '.1f')}GB, "
@@ -98,7 +99,7 @@ def top5(runs: list[Run]) -> Section:
 
 def statistics(runs: list[Run]) -> Section:
     ok = by_loss(runs)
-    lines, rows = [], []
+    lines, rows = [] if ok else [NOTHING_TO_RANK], []
 
     def describe(label, values, spec, unit="", show_range=False):
         values = [v for v in values if v is not None]
@@ -128,7 +129,7 @@ def family_ranking(runs: list[Run]) -> Section:
     for r in by_loss(runs):
         families.setdefault(r.family, []).append(r)
     ranked = sorted(families.items(), key=lambda item: item[1][0].val_loss)
-    lines, rows = [], []
+    lines, rows = [] if ranked else [NOTHING_TO_RANK], []
     for rank, (family, members) in enumerate(ranked, 1):
         variants = sorted({r.variant for r in members})
         label = f"{FAMILY_LABELS.get(family, family)} variants" if len(variants) > 1 else pretty(variants[0])
@@ -163,7 +164,7 @@ def parameter_efficiency(runs: list[Run]) -> Section:
         rows.append([title, run.name, run.params_m, run.val_loss])
 
     if not ok:
-        return Section("parameter_efficiency", "Parameter Efficiency", ["- no run reports its parameter count"])
+        return Section("parameter_efficiency", "Parameter Efficiency", [NOTHING_TO_RANK])
     reference = _baseline_point(ok)
     most, note = None, "n/a (no baseline run to measure against)"
     if reference is not None:
@@ -203,7 +204,7 @@ def memory_usage(runs: list[Run]) -> Section:
     (15.2-17.0 GB) cannot hold values with the ±0.9 GB std of its statistics line (memory_used_gb)."""
     ok = [r for r in by_loss(runs) if (r.peak_memory_gb or r.memory_gb) is not None]
     if not ok:
-        return Section("memory_usage", "Memory Usage", ["- no run reports its memory"])
+        return Section("memory_usage", "Memory Usage", [NOTHING_TO_RANK])
     label = _labeller(ok)
     peak = {r.name: r.peak_memory_gb if r.peak_memory_gb is not None else r.memory_gb for r in ok}
     least = min(ok, key=lambda r: peak[r.name])

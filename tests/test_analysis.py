@@ -171,6 +171,16 @@ def test_failed_entry_lowers_success_rate_and_breaks_no_table(tmp_path):
     assert rep.path.read_text().count("medium_rope_small") >= 2
 
 
+def test_no_successful_run_still_gives_a_report(tmp_path):
+    records = [make_record(v, 0, 7.8, status=status) for v, status in
+               (("baseline", "failed"), ("rope_small", "diverged"), ("lora_small", "interrupted"))]
+    path = report.write_report(write_records(tmp_path / "results", records), tmp_path / "out")
+    text = path.read_text()
+    assert "**Success Rate**: 0/3 (0%)" in text and "- rope_small-s0: diverged (RuntimeError: boom)" in text
+    assert not (tmp_path / "out" / report.COMPREHENSIVE_PNG).exists()  # nothing to plot, and it says so
+    assert text.count(tables.NOTHING_TO_RANK) == 5
+
+
 # --- 2. export to the seed schema, import, same tables ----------------------------------------
 
 def _markdown_of(runs):
