@@ -4,6 +4,7 @@ as `wandb agent` passes `${args}`), and the validation that runs before any heav
 Defaults are the seed report's "fast" setup and recipe; the data defaults are the embedded corpus.
 """
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -119,6 +120,10 @@ class TrainConfig:
         """Raise ConfigError on the first bad value; returns self so calls chain."""
         if self.attention not in VARIANTS:
             raise ConfigError(f"unknown attention variant {self.attention!r}; allowed: {', '.join(VARIANTS)}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{f.name}={value}: must be a finite number")
         positive = ["d_model", "n_layers", "n_heads", "d_ff", "n_experts", "top_k", "seq_len", "batch_size",
                     "steps", "eval_every", "eval_batches", "vocab_size", "kv_lora_rank", "v_head_dim",
                     "qk_rope_head_dim", "max_documents", "rope_theta", "rope_scaling_factor"]
@@ -229,7 +234,7 @@ def parse_args(argv: list[str]) -> dict:
             is_flag = bool in _allowed_types(FIELD_TYPES[name])
             if is_flag and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
                 text = "True"
-            elif i + 1 < len(argv):
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                 i, text = i + 1, argv[i + 1]
             else:
                 raise ConfigError(f"--{name} needs a value")
