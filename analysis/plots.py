@@ -48,32 +48,36 @@ def _overlap(a, b) -> float:
 
 
 def _label_points(ax, xs, ys, names, fontsize=7.5):
-    """Names next to points: each label takes the first of a few positions around its point that
-    overlaps no label placed so far and no marker (else the least-overlapping one)."""
-    fig = ax.figure
-    fig.canvas.draw()  # fixes the transforms and lets text report its size
-    renderer = fig.canvas.get_renderer()
+    """Names next to points: each label takes the first of some positions around its point (nearest
+    first) that covers no marker and no label placed so far, else the one covering least, markers
+    counting triple. A label that ends up away from its point gets a thin leader line. Call after
+    the figure is drawn once with its final limits: placement is in pixels."""
+    renderer = ax.figure.canvas.get_renderer()
     points = [ax.transData.transform((x, y)) for x, y in zip(xs, ys)]
     marker = 7  # half a marker's size, in pixels
-    taken = [(px - marker, py - marker, px + marker, py + marker) for px, py in points]
-    order = sorted(range(len(xs)), key=lambda i: (points[i][0], points[i][1]))
-    for i in order:
-        text = ax.annotate(names[i], (xs[i], ys[i]), fontsize=fontsize, color="#333333",
-                           textcoords="offset pixels", xytext=(0, 0), va="bottom")
-        box = text.get_window_extent(renderer)
+    markers = [(px - marker, py - marker, px + marker, py + marker) for px, py in points]
+    labels = []
+    for i in sorted(range(len(xs)), key=lambda i: (points[i][0], points[i][1])):
+        probe = ax.annotate(names[i], (xs[i], ys[i]), fontsize=fontsize, textcoords="offset pixels",
+                            xytext=(0, 0), va="bottom")
+        box = probe.get_window_extent(renderer)
+        probe.remove()
         w, h, gap = box.width, box.height, marker + 2
-        candidates = [(gap, 1), (gap, -h - 1), (-w - gap, 1), (-w - gap, -h - 1), (-w / 2, gap),
-                      (-w / 2, -h - gap), (gap, h), (gap, -2 * h), (-w - gap, h), (-w - gap, -2 * h)]
+        rows = (1, -h - 1, h + 3, -2 * h - 3, 2 * h + 5, -3 * h - 5)
+        candidates = [(dx, dy) for dy in rows for dx in (gap, -w - gap)] + [(-w / 2, gap), (-w / 2, -h - gap)]
         px, py = points[i]
 
         def cost(offset):
-            dx, dy = offset
-            rect = (px + dx, py + dy, px + dx + w, py + dy + h)
-            return sum(_overlap(rect, other) for other in taken)
+            rect = (px + offset[0], py + offset[1], px + offset[0] + w, py + offset[1] + h)
+            return 3 * sum(_overlap(rect, m) for m in markers) + sum(_overlap(rect, b) for b in labels)
 
         best = min(candidates, key=lambda c: (cost(c) > 0, cost(c), candidates.index(c)))
-        text.set_position(best)
-        taken.append((px + best[0], py + best[1], px + best[0] + w, py + best[1] + h))
+        far = abs(best[1]) > h + 4
+        ax.annotate(names[i], (xs[i], ys[i]), fontsize=fontsize, color="#333333", textcoords="offset pixels",
+                    xytext=best, va="bottom",
+                    arrowprops={"arrowstyle": "-", "color": "#999999", "linewidth": 0.6, "shrinkA": 0,
+                                "shrinkB": marker} if far else None)
+        labels.append((px + best[0], py + best[1], px + best[0] + w, py + best[1] + h))
 
 
 def _per_variant(runs: list[Run]) -> dict:
@@ -104,6 +108,7 @@ def comprehensive_figure(runs: list[Run], path: Path, title: str) -> Path:
         (axes[1, 0], "time", "loss", "Training time (min)", "Validation loss", "Loss vs training time"),
         (axes[1, 1], "params", "ppl", "Parameters (millions)", "Validation perplexity", "Perplexity vs parameters"),
     ]
+    labels = []  # (axis, xs, ys, names), placed once the layout is final
     for ax, x_key, y_key, x_label, y_label, panel_title in panels:
         xs = [data[v][x_key][0] for v in variants]
         ys = [data[v][y_key][0] for v in variants]
@@ -115,7 +120,7 @@ def comprehensive_figure(runs: list[Run], path: Path, title: str) -> Path:
         ax.set(xlabel=x_label, ylabel=y_label, title=panel_title)
         ax.margins(x=0.18, y=0.12)
         if shown:
-            _label_points(ax, [xs[i] for i in shown], [ys[i] for i in shown], [variants[i] for i in shown])
+            labels.append((ax, [xs[i] for i in shown], [ys[i] for i in shown], [variants[i] for i in shown]))
         else:
             ax.text(0.5, 0.5, "not recorded", transform=ax.transAxes, ha="center", color="gray")
 
@@ -137,6 +142,9 @@ def comprehensive_figure(runs: list[Run], path: Path, title: str) -> Path:
                bbox_to_anchor=(0.5, 0.955), fontsize=11)
     fig.suptitle(title, fontsize=16, fontweight="bold", y=0.995)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.canvas.draw()  # one draw fixes limits and transforms; labels do not move either
+    for ax, xs, ys, names in labels:
+        _label_points(ax, xs, ys, names)
     fig.savefig(path, dpi=DPI)  # the dpi the labels were placed at: they are placed in pixels
     plt.close(fig)
     return path
