@@ -218,7 +218,7 @@ def memory_usage(runs: list[Run]) -> Section:
 
 def all_runs(runs: list[Run]) -> Section:
     columns = ["#", "run", "variant", "family", "seed", "status", "val loss", "val acc", "val ppl",
-               "params (M)", "time (min)", "memory (GB)", "peak memory (GB)", "note"]
+               "params", "time (min)", "memory (GB)", "peak memory (GB)", "note"]
     ok = by_loss(runs)
     rest = sorted((r for r in runs if not r.succeeded), key=lambda r: r.name)
     rows, cells = [], []
@@ -226,10 +226,10 @@ def all_runs(runs: list[Run]) -> Section:
         position = rank if r.succeeded else ""
         note = "" if r.succeeded else (r.error or "")
         rows.append([position, r.name, r.variant, r.family, r.seed, r.status, r.val_loss, r.val_accuracy,
-                     r.val_perplexity, r.params_m, r.time_min, r.memory_gb, r.peak_memory_gb, note])
+                     r.val_perplexity, r.params_total, r.time_min, r.memory_gb, r.peak_memory_gb, note])
         cells.append([position, r.name, r.variant, r.family, fmt(r.seed, "d"), r.status,
                       fmt(r.val_loss, ".4f"), fmt(r.val_accuracy, ".4f"), fmt(r.val_perplexity, ".2f"),
-                      fmt(r.params_m, ".1f"), fmt(r.time_min, ".2f"), fmt(r.memory_gb, ".2f"),
+                      fmt(r.params_total, ",d"), fmt(r.time_min, ".2f"), fmt(r.memory_gb, ".2f"),
                       fmt(r.peak_memory_gb, ".2f"), note.replace("|", "/")])
     return Section("all_runs", "All runs, sorted by validation loss", markdown_table(columns, cells), columns, rows)
 
