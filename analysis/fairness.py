@@ -62,6 +62,14 @@ def audit(runs: list[Run]) -> Audit:
     by_seed: dict = {}
     for run in compared:
         by_seed.setdefault(run.seed, []).append(run)
+    twins: dict = {}
+    for run in compared:
+        if run.seed is not None:
+            twins.setdefault((run.variant, run.seed), []).append(run.name)
+    for (variant, seed), names in sorted(twins.items(), key=str):
+        if len(names) > 1:
+            result.notes.append(f"{variant} seed {seed} ran {len(names)} times ({', '.join(names)}): "
+                                f"the statistics count {names[-1]}")
     for key, attribute in FINGERPRINTS:
         present = [r for r in compared if getattr(r, attribute)]
         if not present:

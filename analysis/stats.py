@@ -54,7 +54,8 @@ def t_interval(values, confidence: float = 0.95) -> tuple[float, float]:
 
 
 def losses_by_variant(runs: list[Run]) -> dict[str, dict]:
-    """{variant: {seed: val_loss}} over successful runs; a run without a seed gets its own key."""
+    """{variant: {seed: val_loss}} over successful runs; a run without a seed gets its own key.
+    Of two runs with the same variant and seed the later one counts (the audit names them)."""
     table: dict[str, dict] = {}
     for i, run in enumerate(r for r in runs if r.succeeded):
         seed = run.seed if run.seed is not None else f"run{i}"
@@ -97,10 +98,13 @@ def seeds_to_resolve(d_z: float, alpha: float, power: float = POWER) -> int | No
     the given power; None when there is no observed difference to resolve (d_z = 0 or nan)."""
     if not math.isfinite(d_z) or d_z == 0:
         return None
-    for n in range(2, MAX_SEEDS + 1):
-        if paired_power(d_z, n, alpha) >= power:
-            return n
-    return MAX_SEEDS + 1
+    if paired_power(d_z, MAX_SEEDS, alpha) < power:
+        return MAX_SEEDS + 1
+    low, high = 1, MAX_SEEDS  # power grows with n: bisect for the first n that reaches it
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if paired_power(d_z, middle, alpha) < power else (low, middle)
+    return high
 
 
 @dataclass

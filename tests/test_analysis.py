@@ -368,6 +368,19 @@ def test_fairness_audit_flags_a_different_setting_and_init(tmp_path):
     assert "**Fairness: NOT fair**" in text and "rope_small-s1" in text
 
 
+def test_a_variant_and_seed_run_twice_is_named(tmp_path):
+    records = three_seed_records()
+    rerun = make_record("baseline", 0, 7.5)
+    rerun.update(run_name="baseline-s0-2", run_id="id-rerun")
+    runs = load_path(write_records(tmp_path, records + [rerun]))
+    notes = audit(runs).notes
+    assert len(notes) == 1 and notes[0].startswith("baseline seed 0 ran 2 times (")
+    counted = notes[0].rsplit(" ", 1)[1]
+    assert {"baseline-s0", "baseline-s0-2"} == set(notes[0].split("(")[1].split(")")[0].split(", "))
+    loss = next(r.val_loss for r in runs if r.name == counted)
+    assert stats.losses_by_variant(runs)["baseline"][0] == loss
+
+
 # --- the command line and write_report --------------------------------------------------------
 
 def _digest(directory: Path) -> dict:
