@@ -275,6 +275,9 @@ def test_sweep_cli_reads_wandb_and_writes_the_report(tmp_path, monkeypatch, caps
     assert api.calls == [("me/attn", {"sweep": "abc123"}, False)]
     text = (tmp_path / "out" / "report.md").read_text()
     assert "**Success Rate**: 12/12 (100%)" in text
+    assert report.main(["--project", "me/attn", "--filters", '{"group": "g1"}', "--out", str(tmp_path / "p")]) == 0
+    assert api.calls[-1] == ("me/attn", {"group": "g1"}, False)
+
     def by_name(runs):
         return sorted(runs, key=lambda r: r.name)
     assert by_name(load_wandb("me/attn", {"sweep": "abc123"}, api=api)) == by_name(
@@ -387,13 +390,14 @@ def _digest(directory: Path) -> dict:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def test_write_report_writes_every_file_and_leaves_results_alone(tmp_path):
+def test_write_report_writes_every_file_and_leaves_results_alone(tmp_path, capsys):
     results = write_records(tmp_path / "results", three_seed_records() + [make_record("rope_only", 0, 7.9, status="failed")])
     (tmp_path / "results" / "g1" / "wandb-summary.json").write_text('{"not": "a record"}')
     (tmp_path / "results" / "g1" / "old.json").write_text(json.dumps(dict(make_record("baseline", 9, 7.0), schema=2)))
     before = _digest(results)
     path = report.write_report(results, results / "g1" / "report")
     assert path == results / "g1" / "report" / "report.md"
+    assert "old.json: record schema 2" in capsys.readouterr().err  # skipped, said once, not misread
     for name in (report.RESULTS_JSON, report.COMPREHENSIVE_PNG, report.CURVES_PNG, report.DIFFERENCES_PNG):
         assert (path.parent / name).stat().st_size > 1000
     assert {k: v for k, v in _digest(results).items() if "/report/" not in k} == before
