@@ -1,0 +1,1 @@
+"""Throughput, MFU and memory benchmarks: ours vs a seed-style reference (see docs/PERF.md)."""

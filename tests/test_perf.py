@@ -1,0 +1,182 @@
+"""The fast path against the seed-style reference of bench/, torch.compile against eager, and a
+smoke run of the benchmark CLI.
+
+Tolerances (float32): the loss to 1e-5 relative, every gradient to 1e-4 of its own norm (plus a
+floor of 1e-6 of all gradients' norm, for gradients that are rounding noise around zero). The two
+implementations differ in summation order (fused SDPA vs an explicit softmax, grouped vs per-expert
+matmuls, F.rms_norm vs a written-out norm), nothing else, so they agree to ~1e-6.
+Dropout and router noise are off in these comparisons: the two implementations draw random numbers
+differently (SDPA's dropout is not F.dropout), so only the deterministic step can be compared.
+"""
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attention.modules
+import model as model_module
+from attention import VARIANTS
+from bench.reference import build_reference
+from config import TrainConfig
+from model import ModelConfig, MoELM, init_weights
+
+LOSS_TOL, GRAD_TOL = 1e-5, 1e-4
+# Small, but with the variants' real head dims (the MLA dims are absolute, e.g. 128/192), two
+# layers, and enough tokens that every expert gets some.
+SMALL = dict(vocab_size=97, d_model=64, n_layers=2, n_heads=4, d_ff=64, n_experts=4, top_k=2, seq_len=24,
+             dropout=0.0, router_noise_std=0.0)
+
+
+def small_config(name: str, **changes) -> ModelConfig:
+    sizes = dict(SMALL, **changes)
+    spec = TrainConfig(attention=name, d_model=sizes["d_model"], n_heads=sizes["n_heads"]).attention_spec()
+    return ModelConfig(attention=spec, **sizes)
+
+
+def loss_and_grads(model: torch.nn.Module, ids: torch.Tensor):
+    model.zero_grad(set_to_none=True)
+    logits, aux = model(ids[:, :-1])
+    loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()) + 0.01 * aux
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_same_step(ours: torch.nn.Module, ref: torch.nn.Module, ids: torch.Tensor) -> None:
+    loss, grads = loss_and_grads(ours, ids)
+    ref_loss, ref_grads = loss_and_grads(ref, ids)
+    assert abs(loss - ref_loss) <= LOSS_TOL * abs(ref_loss), (loss.item(), ref_loss.item())
+    assert grads.keys() == ref_grads.keys()
+    floor = 1e-6 * torch.stack([g.double().norm() for g in ref_grads.values()]).norm()
+    for name, grad in grads.items():
+        err = (grad.double() - ref_grads[name].double()).norm()
+        assert err <= GRAD_TOL * ref_grads[name].double().norm() + floor, \
+            f"{name}: relative error {err / ref_grads[name].double().norm():.2e}"
+
+
+def ours_and_reference(cfg: ModelConfig, seed: int = 0):
+    ours, ref = MoELM(cfg), build_reference(cfg)
+    init_weights(ours, seed)
+    ref.load_state_dict(ours.state_dict(), strict=True)  # same names, shapes, nothing extra
+    return ours.train(), ref.train()
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_fast_path_matches_seed_style_reference(name):
+    ours, ref = ours_and_reference(small_config(name))
+    ids = torch.randint(0, SMALL["vocab_size"], (3, SMALL["seq_len"] + 1), generator=torch.Generator().manual_seed(1))
+    assert_same_step(ours, ref, ids)
+
+
+@pytest.mark.parametrize("sdpa_pad,moe_matmul", [("never", "loop"), ("always", "grouped"), ("never", "grouped")])
+@pytest.mark.parametrize("name", ["rope_large", "enhanced_small"])  # qk 128 / v 192, qk 32 / v 48
+def test_every_fast_path_option_matches_the_reference(name, sdpa_pad, moe_matmul, monkeypatch):
+    """The switches bench/ measures (pad q/k for the flash kernel or not; grouped or looped experts)
+    are all the same function."""
+    monkeypatch.setattr(attention.modules, "SDPA_PAD", sdpa_pad)
+    monkeypatch.setattr(model_module, "MOE_EXPERT_MATMUL", moe_matmul)
+    ours, ref = ours_and_reference(small_config(name), seed=3)
+    ids = torch.randint(0, SMALL["vocab_size"], (2, SMALL["seq_len"] + 1), generator=torch.Generator().manual_seed(2))
+    assert_same_step(ours, ref, ids)
+
+
+def test_comparison_catches_a_wrong_rope_factor():
+    """Negative control: the comparison is sharp enough to see a RoPE scaling mismatch (in the
+    attention gradients, and in the loss by 3e-5 relative: at init it barely depends on positions)."""
+    cfg = small_config("rope_only")  # linear factor 2.0
+    wrong = ModelConfig(**{**cfg.__dict__, "attention": cfg.attention.with_overrides(rope_scaling_factor=1.0)})
+    ours, ref = MoELM(wrong), build_reference(cfg)
+    init_weights(ours, 0)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    ids = torch.randint(0, SMALL["vocab_size"], (2, SMALL["seq_len"] + 1), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(AssertionError):
+        assert_same_step(ours.train(), ref.train(), ids)
+
+
+# --- torch.compile ------------------------------------------------------------------------------
+
+def compiler_unavailable() -> str | None:
+    """Why torch.compile (inductor, CPU) cannot run here, or None."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        compiler = get_cpp_compiler()
+    except Exception as err:  # noqa: BLE001 -- any failure to find one means: skip
+        return f"no C++ compiler for inductor ({err})"
+    if not shutil.which(compiler):
+        return f"inductor's C++ compiler {compiler!r} is not installed"
+    return None
+
+
+@pytest.mark.skipif(compiler_unavailable() is not None, reason=str(compiler_unavailable()))
+def test_compiled_short_run_matches_eager():
+    """Three AdamW steps of torch.compile(model) -- what --compile=True does -- give eager's losses,
+    for the baseline and an MLA variant with unequal q/k and v head dims, with the whole model in
+    one graph (fullgraph: no graph breaks) and no recompilation after the first step."""
+    sizes = dict(vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ff=32, n_experts=4, top_k=2, seq_len=16)
+    batch = torch.randint(0, sizes["vocab_size"], (2, sizes["seq_len"] + 1), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    for name in ("baseline", "rope_small"):
+        losses = {}
+        for compiled in (False, True):
+            model = MoELM(small_config(name, **sizes))
+            init_weights(model, 0)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            forward = torch.compile(model, fullgraph=True) if compiled else model
+            losses[compiled] = []
+            for step in range(3):
+                if compiled and step == 1:
+                    torch.compiler.set_stance("fail_on_recompile")
+                logits, aux = forward(batch[:, :-1])
+                loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()) + 0.01 * aux
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                losses[compiled].append(loss.item())
+            torch.compiler.set_stance("default")
+        assert losses[True] == pytest.approx(losses[False], rel=1e-5), name
+        assert losses[False][-1] < losses[False][0]  # it trained on the batch: the steps landed
+
+
+# --- the benchmark CLI ---------------------------------------------------------------------------
+
+@pytest.fixture
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bench_cli_runs_end_to_end(tmp_path, capsys, keep_threads):
+    from bench import step
+
+    out = tmp_path / "bench"
+    code = step.main(["--preset", "tiny", "--device", "cpu", "--variants", "baseline,rope_small", "--isolate", "no",
+                      "--threads", "1", "--warmup", "1", "--repeats", "1", "--peak_n", "256", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    header = [line for line in printed.splitlines() if line.startswith("variant")][0]
+    assert header.split()[-2:] == ["time", "ours/ref"]  # the ratio comes last
+    results = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert [(r["variant"], r["impl"]) for r in results] == [
+        ("baseline", "ours"), ("baseline", "reference"), ("rope_small", "ours"), ("rope_small", "reference")]
+    for r in results:
+        assert r["status"] == "ok" and r["ms_per_step"] > 0 and r["flops_per_token"] > 0
+    assert results[0]["time_ratio"] == pytest.approx(results[0]["ms_per_step"] / results[1]["ms_per_step"])
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-3)  # same weights, same batch
+    assert (tmp_path / "bench.csv").read_text().startswith("variant,impl,compile")
+
+
+def test_bench_seq_len_scan_isolated(tmp_path, capsys):
+    """The scan mode, with each case in its own process (how CPU peak memory is measured)."""
+    from bench import step
+
+    code = step.main(["--preset", "tiny", "--device", "cpu", "--variants", "baseline", "--impls", "ours",
+                      "--seq_lens", "16,32", "--isolate", "yes", "--threads", "1", "--warmup", "1",
+                      "--repeats", "1", "--peak_n", "256", "--out", str(tmp_path / "scan.json")])
+    assert code == 0
+    results = json.loads((tmp_path / "scan.json").read_text())["results"]
+    assert [r["seq_len"] for r in results] == [16, 32]
+    assert all(r["status"] == "ok" and r["peak_mem_bytes"] > 0 for r in results)
+    header = [line for line in capsys.readouterr().out.splitlines() if line.startswith("variant")][0]
+    assert "seq" in header.split()
