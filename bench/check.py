@@ -1,0 +1,87 @@
+"""Ours == the seed-style reference on this device: loss and every gradient, for every variant.
+
+    python -m bench.check --device cuda
+
+tests/test_perf.py checks the same on CPU. On CUDA the fast path takes kernels the CPU never runs
+(flash attention with padded head dims and an expanded shared key, the bf16 grouped expert matmul),
+so bench/gpu.sh runs this first. Two checks per variant, dropout and router noise off:
+- fp32 (TF32 off): loss to 1e-5 and each gradient to 1e-4 of its norm, as on CPU;
+- bf16 autocast (ours) vs fp32 (reference): loss to 2e-2 relative, the cosine similarity of all
+  gradients together above 0.99 and of each parameter's above 0.9 -- bf16 rounding (and the
+  routing decisions it flips), nothing more; a wrong kernel or layout lands far below.
+"""
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from attention import VARIANTS
+from bench.reference import build_reference
+from config import TrainConfig
+from model import ModelConfig, MoELM, init_weights
+
+SIZES = dict(vocab_size=512, d_model=256, n_layers=2, n_heads=4, d_ff=512, n_experts=8, top_k=2, seq_len=128,
+             dropout=0.0, router_noise_std=0.0)
+
+
+def loss_and_grads(model, ids, bf16: bool):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits, aux = model(ids[:, :-1])
+    loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()) + 0.01 * aux
+    loss.backward()
+    return loss.item(), {n: p.grad.double() for n, p in model.named_parameters()}
+
+
+def check_variant(name: str, device: torch.device) -> dict:
+    spec = TrainConfig(attention=name, d_model=SIZES["d_model"], n_heads=SIZES["n_heads"]).attention_spec()
+    cfg = ModelConfig(attention=spec, **SIZES)
+    ours, ref = MoELM(cfg), build_reference(cfg)
+    init_weights(ours, 0)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    ours, ref = ours.to(device).train(), ref.to(device).train()
+    ids = torch.randint(0, SIZES["vocab_size"], (4, SIZES["seq_len"] + 1), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+    ref_loss, ref_grads = loss_and_grads(ref, ids, bf16=False)
+    loss32, grads32 = loss_and_grads(ours, ids, bf16=False)
+    loss16, grads16 = loss_and_grads(ours, ids, bf16=True)
+    floor = 1e-6 * torch.stack([g.norm() for g in ref_grads.values()]).norm()
+    worst32 = max(((grads32[n] - g).norm() / (g.norm() + floor)).item() for n, g in ref_grads.items())
+    cosines = {n: F.cosine_similarity(grads16[n].flatten(), g.flatten(), dim=0).item()
+               for n, g in ref_grads.items() if g.norm() > floor}
+    worst16 = min(cosines, key=cosines.get)
+    flat = lambda grads: torch.cat([g.flatten() for g in grads.values()])  # noqa: E731
+    cosine_all = F.cosine_similarity(flat(grads16), flat(ref_grads), dim=0).item()
+    ok = (abs(loss32 - ref_loss) <= 1e-5 * abs(ref_loss) and worst32 <= 1e-4
+          and abs(loss16 - ref_loss) <= 2e-2 * abs(ref_loss) and cosine_all >= 0.99 and cosines[worst16] >= 0.9)
+    return dict(variant=name, ok=ok, loss_ref=ref_loss, loss_fp32=loss32, loss_bf16=loss16,
+                worst_grad_rel_err_fp32=worst32, grad_cosine_bf16=cosine_all,
+                min_param_grad_cosine_bf16=(worst16, cosines[worst16]))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--variants", default="all")
+    args = p.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    device = torch.device(args.device)
+    names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    print(f"{'variant':16s} {'ok':3s} {'loss ref':>9s} {'fp32':>9s} {'bf16':>9s} {'grad err fp32':>14s} "
+          f"{'grad cos bf16':>14s}  worst parameter (bf16 cosine)")
+    failed = 0
+    for name in names:
+        r = check_variant(name, device)
+        failed += not r["ok"]
+        print(f"{name:16s} {'yes' if r['ok'] else 'NO':3s} {r['loss_ref']:9.5f} {r['loss_fp32']:9.5f} "
+              f"{r['loss_bf16']:9.5f} {r['worst_grad_rel_err_fp32']:14.2e} {r['grad_cosine_bf16']:14.5f}  "
+              f"{r['min_param_grad_cosine_bf16'][0]} ({r['min_param_grad_cosine_bf16'][1]:.3f})",
+              flush=True)
+    print(f"{len(names) - failed}/{len(names)} variants match the reference on {device}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
