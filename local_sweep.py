@@ -718,14 +718,11 @@ def results_table(sweep: Sweep, swept: list[str] = ()) -> str:
 
 
 def write_report(records_dir: Path, out_dir: Path) -> None:
-    try:
-        from analysis import report
-    except Exception as err:  # someone else's module: absent or broken, the sweep's results stand
-        print(f"warning: no report written: analysis.report is not available ({one_line(err)})", file=sys.stderr)
-        return
+    from analysis import report
+
     try:
         written = report.write_report(records_dir, out_dir)
-    except Exception as err:
+    except Exception as err:  # a failing report must not cost the sweep: its results stand
         print(f"warning: the report failed ({type(err).__name__}: {one_line(err)[:300]}); "
               f"the results are in {records_dir}", file=sys.stderr)
         return
