@@ -202,6 +202,57 @@ class Block(nn.Module):
         return x + self.dropout(moe_out), aux_loss
 
 
+class _LMHeadLoss(torch.autograd.Function):
+    """Mean cross-entropy (and accuracy) of the tied LM head, computed in chunks of tokens, with
+    the gradient computed in the forward pass.
+
+    The plain path, F.cross_entropy(F.linear(h, W).float(), t), holds the (tokens x vocab) logits
+    in the compute dtype and in float32, their log-softmax saved for backward, and a gradient of
+    the same size: at batch 16 x 512 and vocab 49152 that is ~5 GB at its peak, more than all
+    the model's activations. Here at most one chunk of logits exists at a time. The arithmetic is
+    the plain path's under autocast: logits from a matmul in the compute dtype, softmax and loss in
+    float32, the logits' gradient cast to the compute dtype for the two gradient matmuls; only the
+    weight gradient is summed over chunks in float32 instead of inside one matmul.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, compute_dtype, chunk_tokens, grads_needed):
+        n_tokens = hidden.shape[0]
+        h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
+        grad_h = torch.empty_like(h) if grads_needed else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads_needed else None
+        for start in range(0, n_tokens, chunk_tokens):
+            rows = slice(start, start + chunk_tokens)
+            h_chunk, t_chunk = h[rows], targets[rows]
+            logits = (h_chunk @ w.T).float()
+            lse = logits.logsumexp(dim=-1)
+            loss_sum += (lse - logits.gather(1, t_chunk[:, None]).squeeze(1)).sum()
+            correct += (logits.argmax(dim=-1) == t_chunk).sum()
+            if grads_needed:
+                # d(mean CE)/d(logits) = (softmax - one_hot(target)) / n_tokens
+                grad_logits = (logits - lse[:, None]).exp_()
+                grad_logits.scatter_add_(1, t_chunk[:, None], torch.full_like(lse[:, None], -1.0))
+                grad_logits = (grad_logits / n_tokens).to(compute_dtype)
+                grad_h[rows] = grad_logits @ w
+                grad_w += (grad_logits.T @ h_chunk).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        ctx.mark_non_differentiable(correct)
+        return loss_sum / n_tokens, correct.float() / n_tokens
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_accuracy):
+        grad_h, grad_w = ctx.saved_tensors
+        return ((grad_h * grad_loss).to(ctx.dtypes[0]), (grad_w * grad_loss).to(ctx.dtypes[1]),
+                None, None, None, None)
+
+
+# Tokens per chunk of _LMHeadLoss: ~2**25 float32 logits (128 MiB) at a time.
+LM_HEAD_CHUNK_ELEMENTS = 2 ** 25
+
+
 class MoELM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -211,15 +262,29 @@ class MoELM(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model)
 
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids (B, T) -> logits (B, T, vocab), and the balance loss averaged over layers."""
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None):
+        """ids (B, T) -> logits (B, T, vocab), and the balance loss averaged over layers.
+
+        With targets (B, T): -> (mean cross-entropy, balance loss, accuracy) instead, without ever
+        materialising the logits (see _LMHeadLoss) -- what training and evaluation need.
+        """
         x = self.dropout(self.embed_tokens(ids))
         aux_losses = []
         for layer in self.layers:
             x, aux_loss = layer(x)
             aux_losses.append(aux_loss)
-        logits = F.linear(self.norm(x), self.embed_tokens.weight)  # LM head tied to the embedding
-        return logits, torch.stack(aux_losses).mean()
+        hidden, aux_loss = self.norm(x), torch.stack(aux_losses).mean()
+        if targets is None:
+            return F.linear(hidden, self.embed_tokens.weight), aux_loss  # LM head tied to the embedding
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        chunk = max(1, LM_HEAD_CHUNK_ELEMENTS // self.cfg.vocab_size)
+        # (Forward passes of autograd Functions run without grad mode, so whether the gradient
+        # is wanted is decided here.)
+        grads_needed = torch.is_grad_enabled() and (hidden.requires_grad or self.embed_tokens.weight.requires_grad)
+        ce, accuracy = _LMHeadLoss.apply(hidden.flatten(0, 1), self.embed_tokens.weight, targets.flatten(),
+                                         dtype, chunk, grads_needed)
+        return ce, aux_loss, accuracy
 
 
 # --- initialisation: fair by construction ------------------------------------------------------

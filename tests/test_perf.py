@@ -94,6 +94,47 @@ def test_comparison_catches_a_wrong_rope_factor():
         assert_same_step(ours.train(), ref.train(), ids)
 
 
+@pytest.mark.parametrize("name", ["baseline", "enhanced_medium"])
+def test_chunked_lm_head_loss_matches_logits_path(name, monkeypatch):
+    """model(ids, targets) -- the loss without materialised logits, in several chunks here -- gives
+    the loss, accuracy and every gradient of cross-entropy on model(ids)'s logits."""
+    monkeypatch.setattr(model_module, "LM_HEAD_CHUNK_ELEMENTS", 10 * SMALL["vocab_size"])  # 10-token chunks
+    model = MoELM(small_config(name)).train()
+    init_weights(model, 0)
+    ids = torch.randint(0, SMALL["vocab_size"], (3, SMALL["seq_len"] + 1), generator=torch.Generator().manual_seed(4))
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+
+    logits, aux = model(inputs)
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    accuracy = (logits.argmax(-1) == targets).float().mean()
+    (ce + 0.01 * aux).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    chunked_ce, chunked_aux, chunked_accuracy = model(inputs, targets)
+    (chunked_ce + 0.01 * chunked_aux).backward()
+    assert chunked_ce.item() == pytest.approx(ce.item(), rel=LOSS_TOL)
+    assert chunked_accuracy.item() == accuracy.item() and chunked_aux.item() == aux.item()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=GRAD_TOL, atol=1e-7, msg=n)
+
+    with torch.no_grad():  # evaluation: no gradient work, same numbers
+        assert model(inputs, targets)[0].item() == pytest.approx(ce.item(), rel=LOSS_TOL)
+
+
+def test_chunked_lm_head_loss_under_bf16_autocast():
+    """Under autocast the chunked loss follows the plain path's arithmetic (bf16 matmul, float32
+    softmax): equal to bf16 rounding."""
+    model = MoELM(small_config("rope_small")).train()
+    init_weights(model, 0)
+    ids = torch.randint(0, SMALL["vocab_size"], (2, SMALL["seq_len"] + 1), generator=torch.Generator().manual_seed(5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = model(ids[:, :-1])
+        chunked, _, _ = model(ids[:, :-1], ids[:, 1:])
+    plain = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+    assert chunked.item() == pytest.approx(plain.item(), rel=1e-3)
+
+
 # --- torch.compile ------------------------------------------------------------------------------
 
 def compiler_unavailable() -> str | None:
