@@ -21,7 +21,6 @@ import traceback
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from config import FIELD_TYPES, ConfigError, TrainConfig, config_from_values, help_text, parse_args, parse_value
 from model import (ModelConfig, MoELM, count_parameters, flops_per_token, init_weights,
@@ -363,11 +362,9 @@ class Run:
             local = batch.chunk(world)[rank].to(device, non_blocking=True)
             inputs, targets = local[:, :-1], local[:, 1:]
             with accelerator.autocast():
-                logits, aux_loss = model(inputs)
-            ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+                ce, aux_loss, accuracy = model(inputs, targets)  # the logits are never materialised
             accelerator.backward(ce + cfg.aux_loss_weight * aux_loss)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-            accuracy = (logits.detach().argmax(-1) == targets).float().mean()
             stop = torch.tensor(float(self.signals.requested), device=device)
             stats = torch.stack([ce.detach(), accuracy, aux_loss.detach().float(), grad_norm.float(), stop])
             loss, accuracy, aux, grad_norm, stop = accelerator.reduce(stats, "mean").tolist()  # the one sync
@@ -414,10 +411,8 @@ class Run:
             local = batches.val_batch(index).chunk(world)[rank].to(device, non_blocking=True)
             inputs, targets = local[:, :-1], local[:, 1:]
             with self.accelerator.autocast():
-                logits, _ = model(inputs)
-            totals[0] += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
-            totals[1] += (logits.argmax(-1) == targets).sum()
-            totals[2] += targets.numel()
+                ce, _, accuracy = model(inputs, targets)
+            totals += torch.stack([ce.float(), accuracy.float(), torch.ones((), device=device)]) * targets.numel()
         loss_sum, correct, count = self.accelerator.reduce(totals, "sum").tolist()
         loss = loss_sum / count
         return {"val/loss": loss, "val/accuracy": correct / count, "val/perplexity": math.exp(min(loss, 700))}

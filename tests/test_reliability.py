@@ -112,13 +112,13 @@ def faulty_forward(fault_step: int, fault):
     original = model_module.MoELM.forward
     calls = {"train": 0}
 
-    def forward(self, ids):
-        logits, aux = original(self, ids)
+    def forward(self, ids, targets=None):
+        ce, aux, *rest = original(self, ids, targets)
         if self.training:
             calls["train"] += 1
             if calls["train"] == fault_step:
-                return fault(logits), aux
-        return logits, aux
+                return fault(ce), aux, *rest
+        return ce, aux, *rest
 
     return forward
 
@@ -130,7 +130,7 @@ def in_process(monkeypatch, args) -> int:
 
 
 def test_injected_nan_diverges_at_that_step(tmp_path, corpus, monkeypatch, capsys):
-    monkeypatch.setattr(model_module.MoELM, "forward", faulty_forward(4, lambda logits: logits * float("nan")))
+    monkeypatch.setattr(model_module.MoELM, "forward", faulty_forward(4, lambda loss: loss * float("nan")))
     code = in_process(monkeypatch, tiny_args(tmp_path, corpus, steps=6))
     record = read_record(tmp_path / "results", "local", "baseline-s0")
     assert code == train.EXIT_CODES["diverged"] != 0
@@ -140,7 +140,7 @@ def test_injected_nan_diverges_at_that_step(tmp_path, corpus, monkeypatch, capsy
 
 
 def test_cuda_out_of_memory_gets_its_own_message(tmp_path, corpus, monkeypatch, capsys):
-    def out_of_memory(logits):
+    def out_of_memory(loss):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(model_module.MoELM, "forward", faulty_forward(2, out_of_memory))
@@ -153,7 +153,7 @@ def test_cuda_out_of_memory_gets_its_own_message(tmp_path, corpus, monkeypatch, 
 
 
 def test_a_crash_is_recorded_failed_with_its_reason(tmp_path, corpus, monkeypatch):
-    def crash(logits):
+    def crash(loss):
         raise RuntimeError("something broke inside")
 
     monkeypatch.setattr(model_module.MoELM, "forward", faulty_forward(3, crash))
