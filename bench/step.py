@@ -284,6 +284,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a fresh process per case (auto: on CPU, for its peak RSS)")
     p.add_argument("--time_budget", type=float, default=None,
                    help="seconds; cases that would start after it are skipped (recorded as such)")
+    p.add_argument("--quiet_wait", type=float, default=0,
+                   help="before each case wait up to this many seconds for other processes to go idle "
+                        "(a shared machine); the wait and the load are recorded with the case")
     p.add_argument("--out", default=None, help="write the full results: PATH.json and PATH.csv")
     p.add_argument("--title", default=None, help="a heading for the printed table")
     p.add_argument("--peak_only", action="store_true", help="only measure the matmul peak (n = 4096, 8192, 16384)")
@@ -429,6 +432,30 @@ def print_peaks(base: dict, out: str | None) -> int:
     return 0
 
 
+def others_running() -> int:
+    """Runnable tasks on the machine other than this process (from /proc/loadavg), at the worst of
+    ten samples over a second."""
+    worst = 0
+    for _ in range(10):
+        with open("/proc/loadavg") as f:
+            worst = max(worst, int(f.read().split()[3].split("/")[0]) - 1)
+        time.sleep(0.1)
+    return worst
+
+
+def wait_for_quiet(max_wait: float) -> float:
+    """Wait (up to max_wait seconds) until nothing else has been runnable for 3 s; -> seconds waited."""
+    start, quiet_since = time.perf_counter(), None
+    while time.perf_counter() - start < max_wait:
+        if others_running() == 0:
+            quiet_since = quiet_since or time.perf_counter()
+            if time.perf_counter() - quiet_since >= 3:
+                break
+        else:
+            quiet_since = None
+    return time.perf_counter() - start
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args._case:  # a child of run_isolated
@@ -438,6 +465,8 @@ def main(argv=None) -> int:
     if base["device"] == "cpu":
         torch.set_num_threads(base["threads"])
     if args.peak_only:
+        if args.quiet_wait:
+            wait_for_quiet(args.quiet_wait)
         return print_peaks(base, args.out)
     meta = machine_info(base["device"])
     meta.update(threads=base["threads"], sizes={k: base[k] for k in SIZE_FIELDS})
@@ -450,7 +479,10 @@ def main(argv=None) -> int:
             results.append(dict(case, status="skipped", error="over --time_budget"))
             print(f"{label}: skipped (time budget)", file=sys.stderr, flush=True)
             continue
+        waited = wait_for_quiet(args.quiet_wait) if args.quiet_wait else 0.0
+        load = os.getloadavg()[0]
         result = run_isolated(case) if case["isolated"] else run_case(case)
+        result.update(waited_for_quiet_s=round(waited, 1), loadavg_before=load, loadavg_after=os.getloadavg()[0])
         if not case["isolated"] and base["device"] == "cuda":
             torch.cuda.empty_cache()
         results.append(result)
