@@ -60,6 +60,45 @@ def check_variant(name: str, device: torch.device) -> dict:
                 min_param_grad_cosine_bf16=(worst16, cosines[worst16]))
 
 
+def check_empty_expert(device: torch.device) -> list[str]:
+    """An expert that no token picks (empty group in the grouped matmul): its gradients must be
+    exactly zero and everything else must match the per-expert loop, in fp32 and bf16."""
+    import model as model_module
+    from model import MoE
+
+    problems = []
+    for dtype in (torch.float32, torch.bfloat16):
+        results = {}
+        for mode in ("grouped", "loop"):
+            model_module.MOE_EXPERT_MATMUL = mode
+            torch.manual_seed(0)
+            moe = MoE(256, 512, 8, 2, 0.0).to(device)
+            with torch.no_grad():
+                for p in (moe.up_proj, moe.down_proj, moe.gate.weight):
+                    p.normal_(0, 0.05)
+                moe.gate.weight[:, 0] = 1.0
+                moe.gate.weight[5, 0] = -1.0  # feature 0 is large below: expert 5 always loses
+            x = torch.randn(4, 64, 256, device=device)
+            x[..., 0] += 50.0
+            x.requires_grad_()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                out, aux = moe(x)
+            (out.float().square().mean() + aux).backward()
+            results[mode] = (out.float(), x.grad, moe.up_proj.grad, moe.down_proj.grad)
+        model_module.MOE_EXPERT_MATMUL = "auto"
+        name = "bf16" if dtype == torch.bfloat16 else "fp32"
+        for label, grad in (("up_proj", results["grouped"][2]), ("down_proj", results["grouped"][3])):
+            if grad[5].abs().max().item() != 0.0:
+                problems.append(f"{name}: the unused expert's {label} gradient is not zero")
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        for label, a, b in zip(("output", "input grad", "up_proj grad", "down_proj grad"),
+                               results["grouped"], results["loop"]):
+            err = ((a - b).norm() / b.norm()).item()
+            if err > tol:
+                problems.append(f"{name}: grouped vs loop {label} differ by {err:.1e} (tolerance {tol:g})")
+    return problems
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.check", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -80,7 +119,10 @@ def main(argv=None) -> int:
               f"{r['min_param_grad_cosine_bf16'][0]} ({r['min_param_grad_cosine_bf16'][1]:.3f})",
               flush=True)
     print(f"{len(names) - failed}/{len(names)} variants match the reference on {device}")
-    return 1 if failed else 0
+    problems = check_empty_expert(device)
+    print("expert with no tokens (empty group), grouped vs loop, fp32 and bf16: "
+          + ("ok" if not problems else "; ".join(problems)))
+    return 1 if failed or problems else 0
 
 
 if __name__ == "__main__":

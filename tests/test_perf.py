@@ -81,6 +81,14 @@ def test_every_fast_path_option_matches_the_reference(name, sdpa_pad, moe_matmul
     assert_same_step(ours, ref, ids)
 
 
+def test_expert_without_tokens_gets_zero_gradient():
+    """An empty group in the grouped expert matmul (no token picks expert 5): its gradients are
+    exactly zero and everything matches the per-expert loop. bench.check repeats this on CUDA."""
+    from bench.check import check_empty_expert
+
+    assert check_empty_expert(torch.device("cpu")) == []
+
+
 def test_comparison_catches_a_wrong_rope_factor():
     """Negative control: the comparison is sharp enough to see a RoPE scaling mismatch (in the
     attention gradients, and in the loss by 3e-5 relative: at init it barely depends on positions)."""
