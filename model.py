@@ -36,8 +36,9 @@ class ModelConfig:
 # no Python loop over experts, no host sync (the group offsets stay on the device; on H100 in bf16
 # it is one CUTLASS kernel), and static shapes, so torch.compile keeps the MoE in one graph.
 # "loop": one matmul per expert, after reading the per-expert token counts to the host (a sync per
-# layer on CUDA). "auto": grouped where it is fast -- CUDA in bf16, and the CPU (measured in
-# docs/PERF.md) -- and loop otherwise. `python -m bench.step --moe_matmul` measures the choice.
+# layer on CUDA). "auto": grouped on CUDA in bf16 (its fast kernel) and on the CPU (as fast as the
+# loop there, docs/PERF.md, and compile-friendly); the loop otherwise (CUDA in fp32, where the
+# grouped op would fall back to a loop with a sync anyway). `bench.step --moe_matmul` measures it.
 MOE_EXPERT_MATMUL = "auto"
 
 
