@@ -471,24 +471,30 @@ def main(argv=None) -> int:
     meta = machine_info(base["device"])
     meta.update(threads=base["threads"], sizes={k: base[k] for k in SIZE_FIELDS})
     started, results = time.perf_counter(), []
-    for i, case in enumerate(cases, 1):
-        label = f"[{i}/{len(cases)}] {case['variant']} {case['impl']} seq={case['seq_len']}" + (
-            " compiled" if case["compile"] else "") + "".join(
-            f" {k}={case[k]}" for k in ("sdpa_pad", "moe_matmul") if case[k] != "auto")
-        if args.time_budget and time.perf_counter() - started > args.time_budget:
-            results.append(dict(case, status="skipped", error="over --time_budget"))
-            print(f"{label}: skipped (time budget)", file=sys.stderr, flush=True)
-            continue
-        waited = wait_for_quiet(args.quiet_wait) if args.quiet_wait else 0.0
-        load = os.getloadavg()[0]
-        result = run_isolated(case) if case["isolated"] else run_case(case)
-        result.update(waited_for_quiet_s=round(waited, 1), loadavg_before=load, loadavg_after=os.getloadavg()[0])
-        if not case["isolated"] and base["device"] == "cuda":
-            torch.cuda.empty_cache()
-        results.append(result)
-        summary = (f"{result['ms_per_step']:.1f} ms/step" if result["status"] == "ok"
-                   else f"{result['status']}: {result.get('error', '')}")
-        print(f"{label}: {summary}", file=sys.stderr, flush=True)
+    try:
+        for i, case in enumerate(cases, 1):
+            label = f"[{i}/{len(cases)}] {case['variant']} {case['impl']} seq={case['seq_len']}" + (
+                " compiled" if case["compile"] else "") + "".join(
+                f" {k}={case[k]}" for k in ("sdpa_pad", "moe_matmul") if case[k] != "auto")
+            if args.time_budget and time.perf_counter() - started > args.time_budget:
+                results.append(dict(case, status="skipped", error="over --time_budget"))
+                print(f"{label}: skipped (time budget)", file=sys.stderr, flush=True)
+                continue
+            waited = wait_for_quiet(args.quiet_wait) if args.quiet_wait else 0.0
+            load = os.getloadavg()[0]
+            result = run_isolated(case) if case["isolated"] else run_case(case)
+            result.update(waited_for_quiet_s=round(waited, 1), loadavg_before=load,
+                          loadavg_after=os.getloadavg()[0])
+            if not case["isolated"] and base["device"] == "cuda":
+                torch.cuda.empty_cache()
+            results.append(result)
+            summary = (f"{result['ms_per_step']:.1f} ms/step" if result["status"] == "ok"
+                       else f"{result['status']}: {result.get('error', '')}")
+            print(f"{label}: {summary}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # Ctrl-C, or gpu.sh's hard timeout: keep and report what was measured
+        done = len(results)
+        results += [dict(case, status="interrupted") for case in cases[done:]]
+        print(f"interrupted: {done} of {len(cases)} cases measured", file=sys.stderr, flush=True)
 
     ok = [r for r in results if r["status"] == "ok"]
     peaks = [r["peak_flops"] for r in ok] or [float("nan")]
@@ -509,7 +515,7 @@ def main(argv=None) -> int:
     if ratios:
         print(f"ours/reference step time (eager): {min(ratios):.2f} to {max(ratios):.2f}"
               f" (geometric mean {math.exp(statistics.mean(math.log(x) for x in ratios)):.2f})")
-    return 0 if all(r["status"] in ("ok", "skipped") for r in results) else 1
+    return 0 if all(r["status"] in ("ok", "skipped", "interrupted") for r in results) else 1
 
 
 if __name__ == "__main__":
