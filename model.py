@@ -7,6 +7,8 @@ initial values of the shared parameters (see `init_weights`).
 """
 import hashlib
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -304,21 +306,27 @@ def init_weights(model: MoELM, seed: int) -> None:
     """Each parameter from its own generator seeded by (seed, parameter name), drawn on the CPU.
 
     So a parameter that exists in two variants (embedding, experts, router, norms) starts from the
-    same values in both, whatever the other parameters are, and on any device.
+    same values in both, whatever the other parameters are, and on any device. The draws are
+    independent, so they run on a few threads (torch releases the GIL while drawing): the values do
+    not depend on the threading, and a run starts sooner (~1 s of draws for the seed's model).
     """
     residual_std = INIT_STD / math.sqrt(2 * model.cfg.n_layers)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                values = torch.ones(param.shape)
-            elif name.endswith(".bias"):
-                values = torch.zeros(param.shape)
-            else:
-                digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-                generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-                std = residual_std if name.endswith(RESIDUAL_OUTPUTS) else INIT_STD
-                values = torch.empty(param.shape).normal_(0.0, std, generator=generator)
-            param.copy_(values)
+
+    @torch.no_grad()
+    def initialise(name: str, param: torch.Tensor) -> None:
+        if name.endswith("norm.weight"):
+            values = torch.ones(param.shape)
+        elif name.endswith(".bias"):
+            values = torch.zeros(param.shape)
+        else:
+            digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+            generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+            std = residual_std if name.endswith(RESIDUAL_OUTPUTS) else INIT_STD
+            values = torch.empty(param.shape).normal_(0.0, std, generator=generator)
+        param.copy_(values)
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        list(pool.map(lambda item: initialise(*item), model.named_parameters()))
 
 
 def shared_parameters_fingerprint(model: MoELM) -> str:
