@@ -327,7 +327,7 @@ class Run:
         })
         device = accelerator.device
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                      fused=device.type == "cuda")
+                                      fused=device.type in ("cuda", "cpu"))  # fused: 76 vs 522 ms/step on CPU
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
         compiled = torch.compile(model) if cfg.compile else model
         compiled, optimizer, scheduler = accelerator.prepare(compiled, optimizer, scheduler)
@@ -365,7 +365,7 @@ class Run:
                 ce, aux_loss, accuracy = model(inputs, targets)  # the logits are never materialised
             accelerator.backward(ce + cfg.aux_loss_weight * aux_loss)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-            stop = torch.tensor(float(self.signals.requested), device=device)
+            stop = torch.full((), float(self.signals.requested), device=device)  # no host-to-device sync
             stats = torch.stack([ce.detach(), accuracy, aux_loss.detach().float(), grad_norm.float(), stop])
             loss, accuracy, aux, grad_norm, stop = accelerator.reduce(stats, "mean").tolist()  # the one sync
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
