@@ -10,7 +10,7 @@ every run.
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -177,16 +177,22 @@ class Batches:
     val_ids: torch.Tensor  # block indices for validation
     batch_size: int
     seed: int
+    _orders: dict = field(default_factory=dict, repr=False)  # {epoch: shuffled ids}, the current one
 
     def train_batch(self, step: int) -> torch.Tensor:
         """The global batch of 0-based `step`: the same for every variant and every process
         count. Epoch e walks the training blocks in a permutation seeded by (seed, e)."""
         per_epoch = len(self.train_ids) // self.batch_size
         epoch, index = divmod(step, per_epoch)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.train_ids), generator=generator)
-        chosen = self.train_ids[order[index * self.batch_size:(index + 1) * self.batch_size]]
+        chosen = self.epoch_order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
         return self.blocks[chosen]
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The training block ids of one epoch, shuffled once per epoch rather than once per step."""
+        if epoch not in self._orders:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._orders = {epoch: self.train_ids[torch.randperm(len(self.train_ids), generator=generator)]}
+        return self._orders[epoch]
 
     def val_batch(self, index: int) -> torch.Tensor:
         return self.blocks[self.val_ids[index * self.batch_size:(index + 1) * self.batch_size]]
