@@ -4,6 +4,7 @@ as `wandb agent` passes `${args}`), and the validation that runs before any heav
 Defaults are the seed report's "fast" setup and recipe; the data defaults are the embedded corpus.
 """
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -72,6 +73,7 @@ class TrainConfig:
     dataset: str = DEFAULT_CORPUS  # a .txt/.txt.gz file, a local dataset directory, or a hub name
     dataset_config: str | None = None
     dataset_split: str = "train"
+    dataset_revision: str | None = None  # hub datasets: a branch, tag or commit; None: the newest
     text_column: str = "text"
     max_documents: int | None = None  # hub datasets: stream only the first N documents
     tokenizer: str = DEFAULT_TOKENIZER  # a tokenizer.json file, or a hub tokenizer name
@@ -119,7 +121,8 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Raise ConfigError on the first bad value; returns self so calls chain."""
         if self.attention not in VARIANTS:
-            raise ConfigError(f"unknown attention variant {self.attention!r}; allowed: {', '.join(VARIANTS)}")
+            raise ConfigError(f"unknown attention variant {self.attention!r}{did_you_mean(self.attention, VARIANTS)}; "
+                              f"allowed: {', '.join(VARIANTS)}")
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -171,6 +174,122 @@ class TrainConfig:
         spec = self.attention_spec()
         if spec.qk_rope_head_dim % 2:
             raise ConfigError(f"--qk_rope_head_dim={spec.qk_rope_head_dim}: must be even (RoPE rotates pairs)")
+
+
+# --- what each option means -------------------------------------------------------------------
+
+# One line per TrainConfig field, in the groups `python train.py --help` and README's option table
+# show (both are rendered from here; tests/test_config.py fails on a field without its line). A new
+# option is its field above plus one line here.
+OPTION_HELP = {
+    "model": {
+        "d_model": "width of the residual stream",
+        "n_layers": "number of transformer blocks",
+        "n_heads": "attention heads per block (d_model must divide by it)",
+        "d_ff": "hidden width of each expert's feed-forward network",
+        "n_experts": "experts in each block's mixture-of-experts FFN",
+        "top_k": "experts each token is routed to",
+        "vocab_size": "embedding rows; None: the tokenizer's size (must not be smaller)",
+        "seq_len": "tokens per training sequence",
+        "dropout": "dropout on embeddings, attention and block outputs (0 to 1)",
+        "router_noise_std": "std of the noise added to router logits while training",
+        "rope_theta": "RoPE base frequency",
+    },
+    "attention": {
+        "attention": "the attention variant compared (see the list below)",
+        "q_lora_rank": "MLA only: query rank, or 'full' for a full-rank q_proj; None: the variant's",
+        "kv_lora_rank": "MLA only: rank of the key/value latent; None: the variant's",
+        "qk_rope_head_dim": "MLA only: rotary dims per query/key head (even); None: the variant's",
+        "qk_nope_head_dim": "MLA only: non-rotary dims per query/key head; None: the variant's",
+        "v_head_dim": "MLA only: value dims per head; None: the variant's",
+        "attention_bias": "bias on the attention projections (True/False); None: the variant's",
+        "rope_scaling": "RoPE position scaling type (linear); None: the variant's",
+        "rope_scaling_factor": "RoPE scaling factor (> 1 stretches positions); None: the variant's",
+    },
+    "recipe": {
+        "batch_size": "sequences per optimizer step, over all processes together",
+        "steps": "optimizer steps",
+        "lr": "AdamW peak learning rate",
+        "weight_decay": "AdamW weight decay",
+        "lr_schedule": "constant or cosine, after the warmup",
+        "warmup_steps": "linear warmup steps from 0 to lr",
+        "min_lr_ratio": "the cosine schedule's floor, as a fraction of lr",
+        "grad_clip": "clip the gradient norm to this; 0 disables clipping",
+        "aux_loss_weight": "weight of the MoE load-balancing loss",
+        "eval_every": "evaluate on the validation set every N steps (and after the last)",
+        "eval_batches": "validation batches per evaluation (the same for every run)",
+    },
+    "data": {
+        "dataset": "a .txt/.txt.gz file, a local dataset directory, or a hub dataset name (streamed)",
+        "dataset_config": "the dataset's configuration (subset) name",
+        "dataset_split": "the split to read",
+        "dataset_revision": "hub datasets: pin a branch, tag or commit; None: the newest",
+        "text_column": "the column holding the text",
+        "max_documents": "hub datasets: read only the first N documents; None: all",
+        "tokenizer": "a tokenizer.json file or a hub tokenizer name",
+        "trust_remote_code": "hub tokenizers only: run the tokenizer's own Python code (off by default)",
+        "val_fraction": "fraction of the token blocks held out for validation (0 to 1)",
+        "cache_dir": "where tokenized data is cached",
+    },
+    "run": {
+        "seed": "initial weights, data order, dropout; all variants of a seed see the same data and init",
+        "mixed_precision": "auto (bf16 on CUDA, fp32 on CPU), no, bf16 or fp16",
+        "compile": "torch.compile the model",
+        "results_dir": "where the run's JSON record, checkpoints and offline W&B runs go",
+        "checkpoint_every": "save a resumable checkpoint every N steps; 0: only when stopped by a signal",
+        "resume": "continue from this run's checkpoint",
+        "dry_run": "print the model's sizes and FLOPs as JSON and exit (needs --vocab_size; no data)",
+    },
+    "W&B": {
+        "project": "the W&B project",
+        "group": "the W&B group and results subdirectory; None: the sweep id under an agent, else local",
+    },
+}
+
+
+def _shown_default(value) -> str:
+    """A default as the user would type it; paths inside the repository relative to it, so the
+    README's table is the same on every machine."""
+    text = str(value)
+    return text[len(str(ROOT)) + 1:] if text.startswith(str(ROOT) + "/") else text
+
+
+def option_rows() -> list[tuple[str, str, str, str]]:
+    """(group, name, default, description) for every option, in help order."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    return [(group, name, _shown_default(defaults[name]), text)
+            for group, options in OPTION_HELP.items() for name, text in options.items()]
+
+
+def help_text() -> str:
+    lines = ["usage: python train.py [--name=value ...]",
+             "Booleans are True/False; a bare --flag means True. Defaults in brackets."]
+    for group in OPTION_HELP:
+        lines += ["", f"{group}:"]
+        for _, name, default, text in (row for row in option_rows() if row[0] == group):
+            lines.append(f"  --{name:<20} {text} [{default}]")
+    lines += ["", f"attention variants: {', '.join(VARIANTS)}"]
+    return "\n".join(lines)
+
+
+def options_markdown() -> str:
+    """README's option table, rendered from OPTION_HELP (`python config.py --markdown`)."""
+    lines = ["| group | option | default | what it sets |", "|---|---|---|---|"]
+    for group, name, default, text in option_rows():
+        cell = text.replace("|", "\\|")  # a pipe would end the cell
+        lines.append(f"| {group} | `--{name}` | `{default}` | {cell} |")
+    return "\n".join(lines)
+
+
+def did_you_mean(word: str, choices, prefix: str = "") -> str:
+    """" (did you mean --X?)" for a likely misspelling (difflib's closest match), else nothing."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def unknown_option(name: str) -> ConfigError:
+    return ConfigError(f"unknown option --{name}{did_you_mean(name, FIELD_TYPES, '--')}; "
+                       f"`python train.py --help` lists them all")
 
 
 # --- parsing `--name=value` ---------------------------------------------------------------------
@@ -229,7 +348,7 @@ def parse_args(argv: list[str]) -> dict:
             raise ConfigError(f"unexpected argument {arg!r}; arguments look like --name=value")
         name, has_value, text = arg[2:].partition("=")
         if name not in FIELD_TYPES:
-            raise ConfigError(f"unknown option --{name}; see `python train.py --help` for the allowed names")
+            raise unknown_option(name)
         if not has_value:
             is_flag = bool in _allowed_types(FIELD_TYPES[name])
             if is_flag and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
@@ -247,15 +366,32 @@ def config_from_values(values: dict) -> TrainConfig:
     """A validated config from {name: value}; values may be strings or already typed (a sweep)."""
     for name in values:
         if name not in FIELD_TYPES:
-            raise ConfigError(f"unknown option --{name}; see `python train.py --help` for the allowed names")
+            raise unknown_option(name)
     typed = {name: parse_value(name, value) for name, value in values.items()}
     return TrainConfig(**typed).validate()
 
 
-def help_text() -> str:
-    lines = ["usage: python train.py [--name=value ...]", "", "options (default):"]
-    for f in fields(TrainConfig):
-        lines.append(f"  --{f.name}={f.default}")
-    lines.append("")
-    lines.append(f"attention variants: {', '.join(VARIANTS)}")
-    return "\n".join(lines)
+
+README_OPTIONS = ("<!-- options: rendered from config.py's OPTION_HELP by `python config.py --readme` -->",
+                  "<!-- /options -->")
+
+
+def readme_with_options(readme: str) -> str:
+    """README's text with the table between the README_OPTIONS markers rendered afresh."""
+    start, end = README_OPTIONS
+    before, _, rest = readme.partition(start + "\n")
+    _, found, after = rest.partition(end)
+    if not found:
+        raise ValueError(f"README.md lacks the markers {start} ... {end}")
+    return f"{before}{start}\n{options_markdown()}\n{end}{after}"
+
+
+if __name__ == "__main__":
+    # python config.py --readme: rewrite README.md's option table; --markdown: print it; else --help
+    import sys
+
+    if sys.argv[1:] == ["--readme"]:
+        readme = ROOT / "README.md"
+        readme.write_text(readme_with_options(readme.read_text()))
+    else:
+        print(options_markdown() if sys.argv[1:] == ["--markdown"] else help_text())

@@ -1,6 +1,7 @@
 """Configuration: `--name=value` parsing the way `wandb agent` passes `${args}`, typed values from a
 sweep, and bad knobs refused through the real command line (exit 2, one `error:` line, no traceback).
 """
+import dataclasses
 import os
 import subprocess
 import sys
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from attention import build_attention
-from config import ConfigError, TrainConfig, config_from_values, parse_args, parse_value
+from config import (OPTION_HELP, ConfigError, TrainConfig, config_from_values, help_text, parse_args, parse_value,
+                    readme_with_options)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,6 +116,8 @@ BAD = {
     "steps_ten": (["--steps=ten"], ["steps=ten", "integer"]),
     "compile_maybe": (["--compile=maybe"], ["compile=maybe", "True/False"]),
     "unknown_option": (["--bogus_option=1"], ["bogus_option"]),
+    "misspelt_option": (["--atention=baseline"], ["--atention", "did you mean --attention?"]),
+    "misspelt_variant": (["--attention=lora_smal"], ["lora_smal", "did you mean lora_small?"]),
     "latent_knob_on_baseline": (["--attention=baseline", "--kv_lora_rank=64"], ["kv_lora_rank=64", "baseline"]),
 }
 
@@ -121,7 +125,8 @@ BAD = {
 # Each of these is a fresh Python importing torch (~2 s of CPU): the cases the command line must
 # refuse, run through it; every case is also checked in-process below.
 SUBPROCESS_CASES = ["unknown_variant", "zero_d_ff", "negative_n_layers", "d_model_not_divisible",
-                    "odd_rotary_dim_mla", "top_k_over_n_experts", "steps_ten", "compile_maybe", "unknown_option"]
+                    "odd_rotary_dim_mla", "top_k_over_n_experts", "steps_ten", "compile_maybe", "unknown_option",
+                    "misspelt_option"]
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +177,44 @@ def test_non_finite_numbers_are_refused(arg):
     name, value = arg[2:].split("=")
     with pytest.raises(ConfigError, match=f"{name}={value}"):
         config_from_values(parse_args(["--attention=rope_only", arg]))
+
+
+# --- the help text and README's option table -----------------------------------------------------
+
+def test_every_option_has_exactly_one_description():
+    """A new TrainConfig field without its line in OPTION_HELP fails here (and so would be missing
+    from --help and the README); a line for a field that does not exist fails too."""
+    described = [name for options in OPTION_HELP.values() for name in options]
+    assert sorted(described) == sorted(f.name for f in dataclasses.fields(TrainConfig))
+    assert len(described) == len(set(described))  # no option in two groups
+    assert list(OPTION_HELP) == ["model", "attention", "recipe", "data", "run", "W&B"]
+    for options in OPTION_HELP.values():
+        for text in options.values():
+            assert text.strip() and "\n" not in text
+
+
+def test_help_prints_every_option_with_its_line_under_its_group(capsys):
+    import train
+
+    assert train.main(["--help"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == help_text() + "\n"
+    lines = printed.splitlines()
+    for group, options in OPTION_HELP.items():
+        start = lines.index(f"{group}:")
+        block = lines[start + 1: lines.index("", start)]
+        assert [line.split()[0] for line in block] == [f"--{name}" for name in options]
+        for line, (name, text) in zip(block, options.items()):
+            default = getattr(TrainConfig(), name)
+            assert text in line and (f"[{default}]" in line or str(default).startswith(str(ROOT)))
+
+
+def test_readme_option_table_is_the_rendered_one():
+    """README's table is OPTION_HELP rendered; if this fails, run `python config.py --readme`."""
+    readme = (ROOT / "README.md").read_text()
+    assert readme_with_options(readme) == readme
+    table = readme.split("<!-- options:")[1].split("<!-- /options -->")[0]
+    for options in OPTION_HELP.values():
+        for name, text in options.items():
+            assert f"`--{name}`" in table and text in table
+    assert str(ROOT) not in table  # defaults inside the repository are shown relative to it
