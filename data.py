@@ -66,7 +66,8 @@ def source_identity(cfg: TrainConfig) -> dict:
         data_id = cfg.dataset
     return {
         "format": CACHE_FORMAT, "dataset": data_id, "dataset_config": cfg.dataset_config,
-        "split": cfg.dataset_split, "text_column": cfg.text_column, "max_documents": cfg.max_documents,
+        "split": cfg.dataset_split, "revision": cfg.dataset_revision, "text_column": cfg.text_column,
+        "max_documents": cfg.max_documents,
         "tokenizer": _file_digest(tokenizer) if tokenizer.is_file() else cfg.tokenizer,
     }
 
@@ -76,6 +77,9 @@ def load_texts(cfg: TrainConfig):
     from datasets import load_dataset, load_from_disk
 
     path = Path(cfg.dataset)
+    if cfg.dataset_revision is not None and path.exists():
+        raise ConfigError(f"--dataset_revision={cfg.dataset_revision}: only hub datasets have revisions, "
+                          f"--dataset={cfg.dataset} is a local path")
     if path.is_file():
         if not path.name.endswith((".txt", ".txt.gz")):
             raise ConfigError(f"--dataset={cfg.dataset}: a file must be .txt or .txt.gz")
@@ -89,9 +93,11 @@ def load_texts(cfg: TrainConfig):
                             cache_dir=str(Path(cfg.cache_dir) / "hf"))
     if looks_like_path(cfg.dataset):
         raise ConfigError(f"--dataset={cfg.dataset}: no such file or directory")
-    extra = {"trust_remote_code": True} if cfg.trust_remote_code else {}
+    # No trust_remote_code: datasets 5 runs no loading scripts (it logs an error and drops the
+    # argument), so a script-based hub dataset fails below whatever we pass.
     try:
-        stream = load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.dataset_split, streaming=True, **extra)
+        stream = load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.dataset_split, streaming=True,
+                              revision=cfg.dataset_revision)
     except Exception as err:  # offline, unknown name, bad config name: all end the same way
         raise ConfigError(f"--dataset={cfg.dataset}: cannot load it from the hub ({one_line(err)})") from None
     return stream.take(cfg.max_documents) if cfg.max_documents else stream
