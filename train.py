@@ -153,6 +153,11 @@ def memory_gb(device: torch.device) -> tuple[float, float]:
     return psutil.Process().memory_info().rss / GB, peak / GB
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU model (e.g. "NVIDIA H100 80GB HBM3"), or the device type ("cpu")."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 def process_start_time() -> float:
     import psutil
 
@@ -316,6 +321,8 @@ class Run:
         if cfg.batch_size % world:
             raise ConfigError(f"--batch_size={cfg.batch_size} does not split over {world} processes")
         tracker.update_config({"vocab_size": vocab_size, "processes": world, "group": self.group})
+        # what time and memory are measured on; the report's audit flags compared runs where it differs
+        self.summary.update({"hardware/processes": world, "hardware/device": device_name(accelerator.device)})
 
         model = MoELM(model_config(cfg, vocab_size))
         init_weights(model, cfg.seed)

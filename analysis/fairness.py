@@ -6,6 +6,9 @@ Two checks over the successful runs (the ones the tables compare):
    `init/shared_fingerprint` (DESIGN.md section 5).
 2. Runs may differ in what attention they use and in their seed, nothing else: any other
    setting (steps, batch size, lr, model dims, data, tokenizer, ...) that differs is flagged.
+3. The tables compare time and memory too, so the runs must have been measured alike: the same
+   number of processes and the same device (GPU model, or cpu). Runs that do not record them
+   (older records, the seed's JSON) are left out of this check.
 """
 import json
 from collections import Counter
@@ -21,8 +24,9 @@ NOT_COMPARED = {
     "attention_bias", "rope_scaling", "rope_scaling_factor",
     "results_dir", "group", "project", "run_name", "cache_dir", "checkpoint_every", "resume",
     "dry_run", "compile", "trust_remote_code",
-    "processes",  # how many GPUs shared each (global) batch; train.py adds it to the W&B config
+    "processes",  # how many GPUs shared each (global) batch: check 3, not a setting
 }
+HARDWARE = ("processes", "device")
 FINGERPRINTS = (("data/fingerprint", "data_fingerprint"), ("init/shared_fingerprint", "init_fingerprint"))
 
 
@@ -101,8 +105,25 @@ def audit(runs: list[Run]) -> Audit:
         result.checks.append(("settings", "differ" if problems else "same",
                               "; ".join(problems) or f"{len(keys)} non-attention settings equal across runs"))
 
+    _check_hardware(compared, result)
     if result.findings:
         result.verdict = "NOT fair"
     elif result.notes:
         result.verdict = "not auditable"
     return result
+
+
+def _check_hardware(compared: list[Run], result: Audit) -> None:
+    problems, recorded = [], 0
+    for key in HARDWARE:
+        values = {r.name: str(getattr(r, key)) for r in compared if getattr(r, key) is not None}
+        recorded = max(recorded, len(values))
+        if len(set(values.values())) > 1:
+            problems.append(_describe_split(key, values, display=str) + ": their time and memory are not comparable")
+    result.findings += problems
+    if problems:
+        result.checks.append(("hardware", "differs", "; ".join(problems)))
+    elif recorded:
+        result.checks.append(("hardware", "same", f"{recorded} runs on the same processes and device"))
+    else:
+        result.checks.append(("hardware", "not checked", "processes and device not recorded"))

@@ -68,6 +68,10 @@ class Run:
     peak_memory_gb: float | None = None
     data_fingerprint: str | None = None
     init_fingerprint: str | None = None
+    # What the time and memory were measured on: data-parallel processes and the device's name
+    # (a GPU model, or "cpu"); the fairness audit flags compared runs where they differ.
+    processes: int | None = None
+    device: str | None = None
     train_history: list = field(default_factory=list)  # [{"step": n, "train/loss": ..., ...}]
     eval_history: list = field(default_factory=list)  # [{"step": n, "val/loss": ..., ...}]
     origin: str = field(default="", compare=False)  # where it was read from (a path, a W&B path)
@@ -146,6 +150,8 @@ def _run_from_parts(*, name, variant, family, seed, status, error, run_id, group
         memory_gb=peak, peak_memory_gb=peak,
         data_fingerprint=summary.get("data/fingerprint"),
         init_fingerprint=summary.get("init/shared_fingerprint"),
+        processes=_number(summary.get("hardware/processes", config.get("processes"))),  # config: W&B's
+        device=summary.get("hardware/device"),
         train_history=train, eval_history=evals, origin=origin,
     )
 
@@ -248,6 +254,7 @@ def run_from_seed_entry(name: str, entry: dict, origin: str = "") -> Run:
         memory_gb=_number(entry.get("memory_used_gb")),
         peak_memory_gb=_number(entry.get("peak_memory_gb")),
         data_fingerprint=entry.get("data_fingerprint"), init_fingerprint=entry.get("init_fingerprint"),
+        processes=_number(entry.get("processes")), device=entry.get("device"),
         train_history=[{"step": s, "train/loss": v} for s, v in zip(train_steps, losses)],
         eval_history=eval_history, origin=origin,
     )
@@ -308,7 +315,7 @@ def to_seed_schema(runs: list[Run]) -> dict:
             "experiment_name": key, "run_name": run.name, "attention": run.variant, "family": run.family,
             "seed": run.seed, "status": run.status, "run_id": run.run_id, "group": run.group,
             "data_fingerprint": run.data_fingerprint, "init_fingerprint": run.init_fingerprint,
-            "config": run.config,
+            "processes": run.processes, "device": run.device, "config": run.config,
         }
         if run.status != "finished":
             entry = {"error": run.error or run.status, **entry}

@@ -371,6 +371,36 @@ def test_fairness_audit_flags_a_different_setting_and_init(tmp_path):
     assert "**Fairness: NOT fair**" in text and "rope_small-s1" in text
 
 
+def test_fairness_audit_flags_runs_measured_on_other_hardware(tmp_path):
+    """Time and memory are compared too: a run on 8 processes or another GPU model is flagged by
+    name; a failed run (not compared) is not; records without the keys leave the check undone."""
+    h100, a100 = "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB"
+    records = three_seed_records()
+    for record in records:
+        record["summary"].update({"hardware/processes": 1, "hardware/device": h100})
+    crashed = make_record("rope_only", 0, 7.9, status="failed")
+    crashed["summary"].update({"hardware/processes": 2, "hardware/device": "cpu"})
+    same = audit(load_path(write_records(tmp_path / "same", records + [crashed])))
+    assert same.verdict == "fair" and ("hardware", "same", "12 runs on the same processes and device") in same.checks
+
+    records[4]["summary"]["hardware/processes"] = 8  # rope_small-s1
+    records[7]["summary"]["hardware/device"] = a100
+    runs = load_path(write_records(tmp_path / "mixed", records))
+    assert {(r.name, r.processes, r.device) for r in runs if r.processes != 1 or r.device != h100} == {
+        (records[4]["run_name"], 8, h100), (records[7]["run_name"], 1, a100)}
+    result = audit(runs)
+    assert result.verdict == "NOT fair"
+    assert (f"processes differs: 1 in 11 runs; {records[4]['run_name']} has 8: "
+            f"their time and memory are not comparable") in result.findings
+    assert (f"device differs: {h100} in 11 runs; {records[7]['run_name']} has {a100}: "
+            f"their time and memory are not comparable") in result.findings
+    assert "hardware | differs" in "\n".join(section(runs, "fairness").lines)
+
+    unrecorded = audit(load_path(write_records(tmp_path / "old", three_seed_records())))
+    assert unrecorded.verdict == "fair" and ("hardware", "not checked",
+                                             "processes and device not recorded") in unrecorded.checks
+
+
 def test_a_variant_and_seed_run_twice_is_named(tmp_path):
     records = three_seed_records()
     rerun = make_record("baseline", 0, 7.5)

@@ -13,7 +13,8 @@ STEP_KEYS = {"train/loss", "train/accuracy", "train/lr", "train/grad_norm", "tra
              "perf/tokens_per_sec", "memory/allocated_gb", "memory/peak_gb"}
 VAL_KEYS = {"val/loss", "val/accuracy", "val/perplexity"}
 SUMMARY_KEYS = VAL_KEYS | {"params/total", "params/attention", "flops/per_token", "time/total_s", "memory/peak_gb",
-                           "data/fingerprint", "init/shared_fingerprint", "status"}
+                           "data/fingerprint", "init/shared_fingerprint", "status", "hardware/processes",
+                           "hardware/device"}
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,7 @@ def test_tiny_run_writes_record_and_offline_wandb_run(tmp_path, corpus):
         assert (VAL_KEYS <= row.keys()) == (row["step"] % TINY["eval_every"] == 0), row
     assert record["summary"]["val/loss"] == record["history"][-1]["val/loss"]
     assert record["config"]["attention"] == "rope_small" and record["config"]["steps"] == TINY["steps"]
+    assert (record["summary"]["hardware/processes"], record["summary"]["hardware/device"]) == (1, "cpu")
 
     (run_dir,) = (tmp_path / "results" / "wandb").glob("offline-run-*")
     logged = offline_run_contents(run_dir)
