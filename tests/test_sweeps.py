@@ -148,3 +148,23 @@ def test_learning_rate_values_are_floats():
     for name in NAMES:
         lr = fixed(load(name)).get("lr")
         assert isinstance(lr, float) and math.isfinite(lr) and lr > 0
+
+
+def test_two_multigpu_launches_on_one_machine_do_not_share_a_port():
+    """fast_multigpu's launch options, parsed and prepared by accelerate's own launcher code: the
+    port is picked free per launch instead of the fixed default both launches would take."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    command = load("fast_multigpu.yaml")["command"]
+    options = command[command.index("launch") + 1: command.index("${program}")]
+
+    def port(launch_options):
+        args = launch_command_parser().parse_args([*launch_options, "train.py", "--seed=0"])
+        args = _validate_launch_command(args)[0]
+        prepare_multi_gpu_env(args)
+        return int(args.master_port)
+
+    default = port([o for o in options if not o.startswith("--main_process_port")])
+    assert default == 29500  # without the option: every launch on the machine asks for the same port
+    assert port(options) != default
