@@ -33,6 +33,8 @@ from model import ModelConfig, MoELM, init_weights
 
 SIZES = dict(vocab_size=512, d_model=256, n_layers=2, n_heads=4, d_ff=512, n_experts=8, top_k=2, seq_len=128,
              dropout=0.0, router_noise_std=0.0)
+# --preset tiny: a CPU dry run of bench/gpu.sh in seconds (the variants' absolute MLA head dims stay)
+TINY_SIZES = dict(SIZES, vocab_size=128, d_model=64, d_ff=64, n_experts=4, seq_len=32)
 
 
 def loss_and_grads(model, ids, bf16: bool):
@@ -168,9 +170,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.check", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--variants", default="all")
+    p.add_argument("--preset", choices=["default", "tiny"], default="default", help="model sizes (tiny: a dry run)")
     p.add_argument("--chunked_variants", default="baseline,rope_large",
                    help="variants for the chunked-loss check (the LM head is shared; two hidden-state paths)")
     args = p.parse_args(argv)
+    if args.preset == "tiny":
+        SIZES.update(TINY_SIZES)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     device = torch.device(args.device)
