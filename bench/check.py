@@ -14,7 +14,8 @@ loss (model._LMHeadLoss, its gradient computed in the forward), so that is check
 chunks, against cross-entropy of the same model's logits on the same device:
 - fp32: loss to 1e-5, accuracy exactly, each gradient to 1e-4 of its norm;
 - bf16 autocast, both paths: loss to 5e-3 relative, gradient cosine above 0.999 (all together) and
-  0.99 (each parameter) -- the same bf16 products, summed in another order.
+  0.99 (each parameter), each gradient to 2e-2 of its norm -- the same bf16 products, summed in
+  another order (measured on CPU: at most 5e-3).
 A variant whose check raises (a kernel error) is reported as failed with its reason; the rest run.
 """
 import argparse
@@ -115,8 +116,8 @@ def check_chunked_loss(name: str, device: torch.device) -> list[dict]:
             flat = lambda gs: torch.cat([g.flatten() for g in gs.values()])  # noqa: E731
             cosine_all = F.cosine_similarity(flat(c_grads), flat(grads), dim=0).item()
             loss_err = abs(c_loss - loss) / abs(loss)
-            if bf16:
-                ok = loss_err <= 5e-3 and cosine_all >= 0.999 and cosines[worst] >= 0.99
+            if bf16:  # (cosines alone are blind to a wrong scale)
+                ok = loss_err <= 5e-3 and cosine_all >= 0.999 and cosines[worst] >= 0.99 and worst_err <= 2e-2
             else:
                 ok = loss_err <= 1e-5 and c_accuracy == accuracy and worst_err <= 1e-4
             rows.append(dict(variant=name, dtype="bf16" if bf16 else "fp32", ok=ok, loss_logits=loss,

@@ -4,6 +4,7 @@ folders deep) brought back from its output folder.
 
     bash bench/gpu.sh [OUTDIR]                  # = python3 -m bench.gpu [OUTDIR]; OUTDIR: $OUT, else bench/results/
     python -m bench.gpu --dry_run OUTDIR        # on a CPU: tiny sizes, every section, a minute or two
+    python -m bench.gpu --prepare               # here, before: warm the token cache, print what to carry
 
 Everything is written to a scratch folder; OUTDIR gets five files: results.tar.gz (all of it: every
 section's printed table, log, JSON and CSV, and the training run's record), summary.txt (what is
@@ -204,7 +205,12 @@ def main(argv=None) -> int:
     p.add_argument("--train_args", default=None,
                    help=f"train.py's arguments (default {SEED_TRAIN_ARGS!r}; a dry run adds tiny sizes)")
     p.add_argument("--deadline", type=int, default=DEADLINE_S, help="seconds for all sections together")
+    p.add_argument("--prepare", action="store_true",
+                   help="on this machine, before: tokenize the embedded corpus if it is not cached (needs "
+                        "`datasets`), and print the token cache's two files: the device tool's `carry`")
     args = p.parse_args(argv)
+    if args.prepare:
+        return prepare()
     args.device = args.device or ("cpu" if args.dry_run else "cuda")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     outdir = Path(args.outdir or os.environ.get("OUT") or ROOT / "bench" / "results" / f"gpu-{stamp}")
@@ -248,6 +254,17 @@ def main(argv=None) -> int:
         summary = write_outputs(outdir, scratch, status, total, args)
     print(summary)
     return 0 if status and all(s["status"] in ("ok", "skipped") for s in status.values()) else 1
+
+
+def prepare() -> int:
+    sys.path.insert(0, str(ROOT))
+    from config import TrainConfig
+    from data import load_tokens, token_cache_paths
+
+    cfg = TrainConfig()  # the embedded corpus and tokenizer, as the seed recipe trains on
+    load_tokens(cfg)
+    print(json.dumps([str(path.relative_to(ROOT)) for path in token_cache_paths(cfg)]))
+    return 0
 
 
 def write_outputs(outdir: Path, scratch: Path, status: dict, total: float, args) -> str:
