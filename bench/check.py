@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import model as model_module
 from attention import VARIANTS
 from bench.reference import build_reference
-from bench.step import forced_failure, one_line
+from bench.step import failure_reason, forced_failure
 from config import TrainConfig
 from model import ModelConfig, MoELM, init_weights
 
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
             r = check_variant(name, device)
         except Exception as err:  # one variant's kernel error: report it, check the others
             failed += 1
-            print(f"{name:16s} FAILED: {one_line(err)}", flush=True)
+            print(f"{name:16s} FAILED: {failure_reason(err)}", flush=True)
             continue
         failed += not r["ok"]
         print(f"{name:16s} {'yes' if r['ok'] else 'NO':3s} {r['loss_ref']:9.5f} {r['loss_fp32']:9.5f} "
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
             rows = check_chunked_loss(name, device)
         except Exception as err:
             chunk_failed += 1
-            print(f"{name:16s} FAILED: {one_line(err)}", flush=True)
+            print(f"{name:16s} FAILED: {failure_reason(err)}", flush=True)
             continue
         for r in rows:
             chunk_failed += not r["ok"]
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
     try:
         problems = check_empty_expert(device)
     except Exception as err:
-        problems = [f"failed: {one_line(err)}"]
+        problems = [f"failed: {failure_reason(err)}"]
     print("expert with no tokens (empty group), grouped vs loop, fp32 and bf16: "
           + ("ok" if not problems else "; ".join(problems)))
     return 1 if failed or chunk_failed or problems else 0

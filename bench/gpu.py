@@ -58,8 +58,8 @@ SECTIONS = [
     ("peak", 10, "the bf16 matmul peak, n = 4096, 8192, 16384"),
 ]
 # Printed characters per section in the summary (all of it is in the archive).
-SUMMARY_SHARE = {"env": 600, "check": 2400, "train": 1200, "main": 3000, "compile": 700, "scan": 1800,
-                 "choices": 900, "peak": 400}
+SUMMARY_SHARE = {"env": 400, "check": 2000, "train": 1000, "main": 3000, "compile": 600, "scan": 1200,
+                 "choices": 500, "peak": 300}
 
 SEED_TRAIN_ARGS = "--recipe=seed --attention=baseline --seed=0 --group=gpu"
 TINY_TRAIN_ARGS = ("--d_model=64 --n_layers=1 --n_heads=2 --d_ff=64 --n_experts=2 --top_k=1 --seq_len=32 "
@@ -214,13 +214,14 @@ def main(argv=None) -> int:
     args.device = args.device or ("cpu" if args.dry_run else "cuda")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     outdir = Path(args.outdir or os.environ.get("OUT") or ROOT / "bench" / "results" / f"gpu-{stamp}")
-    outdir.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="attnsweep-gpu-"))
     wanted = args.sections.split(",")
     unknown = set(wanted) - {name for name, _, _ in SECTIONS}
     if unknown:
-        print(f"error: --sections: unknown {', '.join(sorted(unknown))}", file=sys.stderr)
+        print(f"error: --sections: unknown {', '.join(sorted(unknown))}; allowed: "
+              f"{', '.join(name for name, _, _ in SECTIONS)}", file=sys.stderr)
         return 2
+    outdir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="attnsweep-gpu-"))
 
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -272,7 +273,7 @@ def write_outputs(outdir: Path, scratch: Path, status: dict, total: float, args)
     head = [f"bench/gpu.sh on {args.device}{' (dry run)' if args.dry_run else ''}: {total:.0f} s in all, "
             f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}"]
     for name, s in status.items():
-        head.append(f"  {name:8s} {s['status']:9s} {s['seconds']:5.0f} s  {s['reason']}"[:300])
+        head.append(f"  {name:8s} {s['status']:9s} {s['seconds']:5.0f} s  {s['reason']}"[:160])
     parts = ["\n".join(head)]
     for name, _, _ in SECTIONS:
         path = scratch / f"{name}.txt"

@@ -78,9 +78,11 @@ def forced_failure(*names: str) -> None:
         raise RuntimeError(f"forced failure ({FAIL_ENV}={','.join(sorted(hit))})")
 
 
-def one_line(err: BaseException) -> str:
+def failure_reason(err: BaseException) -> str:
     """An exception as the one-line reason a failed case records."""
-    return f"{type(err).__name__}: {' '.join(str(err).split())}"[:300]
+    from data import one_line
+
+    return f"{type(err).__name__}: {one_line(err)}"
 
 
 # --- one case --------------------------------------------------------------------------------
@@ -529,7 +531,7 @@ def main(argv=None) -> int:
             try:
                 result = run_isolated(case) if case["isolated"] else run_case(case)
             except Exception as err:  # an Inductor failure, one variant's kernel error: this case only
-                result = dict(case, status="failed", error=one_line(err))
+                result = dict(case, status="failed", error=failure_reason(err))
                 device_broken = not device_usable(base["device"])
             result.update(waited_for_quiet_s=round(waited, 1), loadavg_before=load,
                           loadavg_after=os.getloadavg()[0])

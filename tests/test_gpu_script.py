@@ -87,3 +87,36 @@ def test_gpu_dry_run_end_to_end_without_wandb_or_datasets(tmp_path):
     assert "status finished" in train and "tokens/s" in train
     assert f"{record['history'][-1]['val/loss']:.4f}" in train
     assert re.search(r"^  train +ok ", printed, re.M) and re.search(r"^  main +exit 1 .*1 failed", printed, re.M)
+
+
+def test_bench_step_runs_the_rest_in_fresh_processes_after_a_device_error(monkeypatch, tmp_path):
+    """A CUDA kernel error can leave the process's context unusable: the failed case is recorded
+    with its reason, and the remaining cases run each in a fresh process (run_isolated)."""
+    from bench import step
+
+    calls = []
+
+    def measured(case):
+        return dict(case, status="ok", ms_per_step=10.0, tokens_per_s=6400.0, flops_per_token=1e6,
+                    achieved_flops=6.4e9, peak_flops=1e12, peak_n=256)
+
+    def in_process(case):
+        calls.append(("in process", case["variant"]))
+        if case["variant"] == "baseline":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore lines")
+        return measured(case)
+
+    def fresh_process(case):
+        calls.append(("fresh process", case["variant"]))
+        return measured(case)
+
+    monkeypatch.setattr(step, "run_case", in_process)
+    monkeypatch.setattr(step, "run_isolated", fresh_process)
+    monkeypatch.setattr(step, "device_usable", lambda device: False)  # as after that CUDA error
+    code = step.main(["--preset", "tiny", "--device", "cpu", "--isolate", "no", "--impls", "ours",
+                      "--variants", "baseline,rope_small,bias_only", "--out", str(tmp_path / "main")])
+    assert code == 1
+    assert calls == [("in process", "baseline"), ("fresh process", "rope_small"), ("fresh process", "bias_only")]
+    results = json.loads((tmp_path / "main.json").read_text())["results"]
+    assert [r["status"] for r in results] == ["failed", "ok", "ok"]
+    assert results[0]["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered more lines"
