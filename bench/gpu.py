@@ -3,7 +3,7 @@
 folders deep) brought back from its output folder.
 
     bash bench/gpu.sh [OUTDIR]                  # = python3 -m bench.gpu [OUTDIR]; OUTDIR: $OUT, else bench/results/
-    python -m bench.gpu --dry_run OUTDIR        # on a CPU: tiny sizes, every section, a minute or two
+    python -m bench.gpu --dry_run OUTDIR        # on a CPU: tiny sizes, every section (minutes)
     python -m bench.gpu --prepare               # here, before: warm the token cache, print what to carry
 
 Everything is written to a scratch folder; OUTDIR gets five files: results.tar.gz (all of it: every
@@ -58,7 +58,7 @@ SECTIONS = [
     ("peak", 10, "the bf16 matmul peak, n = 4096, 8192, 16384"),
 ]
 # Printed characters per section in the summary (all of it is in the archive).
-SUMMARY_SHARE = {"env": 400, "check": 2000, "train": 1000, "main": 3000, "compile": 600, "scan": 1200,
+SUMMARY_SHARE = {"env": 400, "check": 1800, "train": 1000, "main": 3800, "compile": 600, "scan": 1200,
                  "choices": 500, "peak": 300}
 
 SEED_TRAIN_ARGS = "--recipe=seed --attention=baseline --seed=0 --group=gpu"
