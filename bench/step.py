@@ -440,7 +440,8 @@ def write_out(path: str, meta: dict, results: list[dict]) -> None:
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     fields = ["variant", "impl", "compile", "sdpa_pad", "moe_matmul", "seq_len", "batch_size", "dtype", "device",
               "status", "ms_per_step", "tokens_per_s", "flops_per_token", "achieved_flops", "peak_flops",
-              "peak_mem_bytes", "peak_mem_reserved_bytes", "mem_ratio", "time_ratio", "first_step_s", "loss", "params", "error"]
+              "peak_mem_bytes", "peak_mem_reserved_bytes", "mem_ratio", "time_ratio", "first_step_s", "loss", "params",
+              "error"]
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -535,7 +536,7 @@ def main(argv=None) -> int:
                 device_broken = not device_usable(base["device"])
             result.update(waited_for_quiet_s=round(waited, 1), loadavg_before=load,
                           loadavg_after=os.getloadavg()[0])
-            if not case["isolated"] and base["device"] == "cuda":
+            if not case["isolated"] and base["device"] == "cuda" and not device_broken:
                 torch.cuda.empty_cache()
             results.append(result)
             summary = (f"{result['ms_per_step']:.1f} ms/step" if result["status"] == "ok"
