@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
     p.add_argument("outdir", nargs="?", default=None,
                    help="where the archive and headline tables go (default: $OUT, else bench/results/gpu-<date>)")
-    p.add_argument("--dry_run", action="store_true", help="on the CPU with tiny sizes: every section, in seconds")
+    p.add_argument("--dry_run", action="store_true", help="on the CPU with tiny sizes: every section, in minutes")
     p.add_argument("--device", default=None, help="cuda (default), or cpu (the default with --dry_run)")
     p.add_argument("--variants", default="all", help="variants for check and main (comma list, or all)")
     p.add_argument("--sections", default=",".join(name for name, _, _ in SECTIONS),
@@ -229,13 +229,13 @@ def main(argv=None) -> int:
     commands = section_commands(args, scratch)
     started, status = time.monotonic(), {}
     try:
-        for name, budget, what in SECTIONS:
+        for name, nominal, what in SECTIONS:
             if name not in wanted:
                 continue
             left = args.deadline - (time.monotonic() - started)
             overrun = GRACE_S + KILL_AFTER_S if commands[name][1:3] == ["-m", "bench.step"] else KILL_AFTER_S
-            budget = int(min(budget, left - overrun))
-            if budget < min(MIN_SECTION_S, dict((n, b) for n, b, _ in SECTIONS)[name]):
+            budget = int(min(nominal, left - overrun))
+            if budget < min(MIN_SECTION_S, nominal):
                 status[name] = dict(status="skipped", seconds=0.0, reason=f"out of time ({left:.0f} s left)")
                 (scratch / f"{name}.txt").write_text(f"{name}: skipped, out of time\n")
                 continue
