@@ -120,3 +120,18 @@ def test_bench_step_runs_the_rest_in_fresh_processes_after_a_device_error(monkey
     results = json.loads((tmp_path / "main.json").read_text())["results"]
     assert [r["status"] for r in results] == ["failed", "ok", "ok"]
     assert results[0]["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered more lines"
+
+
+def test_sections_that_would_end_past_the_deadline_are_skipped(tmp_path):
+    """With 30 s in all, env (budget 15 s, 10 s to be killed) runs; peak, a bench.step section that
+    may take its budget + 20 s + 10 s, would end past the deadline, so it is recorded as skipped."""
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), str(out), "--dry_run", "--sections", "env,peak",
+                           "--deadline", "30"], cwd=tmp_path, env=offline_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"^  env +ok ", proc.stdout, re.M)
+    assert re.search(r"^  peak +skipped .*out of time", proc.stdout, re.M)
+    total = int(re.search(r"dry run\): (\d+) s in all", proc.stdout).group(1))
+    assert total < 30
+    assert sorted(p.name for p in out.iterdir()) == ["results.tar.gz", "summary.txt"]  # no headline section ran
