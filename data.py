@@ -152,12 +152,19 @@ def tokenize(cfg: TrainConfig) -> np.ndarray:
     return np.concatenate(pieces)
 
 
-def load_tokens(cfg: TrainConfig) -> tuple[np.ndarray, int]:
-    """(the token stream, the tokenizer's vocabulary size), from the cache when it is there."""
+def token_cache_paths(cfg: TrainConfig) -> tuple[Path, Path]:
+    """The cached token stream (.npy) and its description (.json): all a run needs on a cache hit
+    (no `datasets`, no tokenizer), so these two files are what a machine without them is sent."""
     identity = source_identity(cfg)
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
     cache = Path(cfg.cache_dir) / f"tokens-{key}.npy"
-    meta = cache.with_suffix(".json")
+    return cache, cache.with_suffix(".json")
+
+
+def load_tokens(cfg: TrainConfig) -> tuple[np.ndarray, int]:
+    """(the token stream, the tokenizer's vocabulary size), from the cache when it is there."""
+    identity = source_identity(cfg)
+    cache, meta = token_cache_paths(cfg)
     if cache.exists() and meta.exists():
         return np.load(cache, mmap_mode="r"), json.loads(meta.read_text())["vocab_size"]
     tokens = tokenize(cfg)

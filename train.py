@@ -94,12 +94,13 @@ def check_writable(results_dir: Path) -> None:
 # --- W&B: only the main process talks to it -----------------------------------------------------
 
 class Tracker:
-    """A thin wrapper over one wandb run (or nothing, off the main process)."""
+    """A thin wrapper over one wandb run (or nothing: off the main process, or with
+    WANDB_MODE=disabled, where wandb is not even imported -- a GPU image without it can train)."""
 
     def __init__(self, enabled: bool, project: str, group: str, name: str, tags: list, config: dict,
                  run_id: str, directory: Path):
         self.run = None
-        if not enabled:
+        if not enabled or os.environ.get("WANDB_MODE") == "disabled":
             return
         import wandb
 
@@ -407,6 +408,8 @@ class Run:
         _, peak_gb = memory_gb(device)
         self.summary.update({k: final[k] for k in ("val/loss", "val/accuracy", "val/perplexity")})
         self.summary.update({"memory/peak_gb": peak_gb, "data/fingerprint": fingerprint})
+        if device.type == "cuda":  # what the allocator held from the driver, beside what tensors used
+            self.summary["memory/peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / GB
 
     @torch.no_grad()
     def evaluate(self, model, batches, world, rank, device) -> dict:

@@ -9,20 +9,33 @@ so bench/gpu.sh runs this first. Two checks per variant, dropout and router nois
 - bf16 autocast (ours) vs fp32 (reference): loss to 2e-2 relative, the cosine similarity of all
   gradients together above 0.99 and of each parameter's above 0.9 -- bf16 rounding (and the
   routing decisions it flips), nothing more; a wrong kernel or layout lands far below.
+Those compare the logits path, model(ids). Training takes model(ids, targets), the chunked LM-head
+loss (model._LMHeadLoss, its gradient computed in the forward), so that is checked too, in four
+chunks, against cross-entropy of the same model's logits on the same device:
+- fp32: loss to 1e-5, accuracy exactly, each gradient to 1e-4 of its norm;
+- bf16 autocast, both paths: loss to 5e-3 relative, gradient cosine above 0.999 (all together) and
+  0.99 (each parameter), each gradient to 2e-2 of its norm -- the same bf16 products, summed in
+  another order (measured on CPU: at most 5e-3).
+A variant whose check raises (a kernel error) is reported as failed with its reason; the rest run.
 """
 import argparse
+import math
 import sys
 
 import torch
 import torch.nn.functional as F
 
+import model as model_module
 from attention import VARIANTS
 from bench.reference import build_reference
+from bench.step import failure_reason, forced_failure
 from config import TrainConfig
 from model import ModelConfig, MoELM, init_weights
 
 SIZES = dict(vocab_size=512, d_model=256, n_layers=2, n_heads=4, d_ff=512, n_experts=8, top_k=2, seq_len=128,
              dropout=0.0, router_noise_std=0.0)
+# --preset tiny: a CPU dry run of bench/gpu.sh in seconds (the variants' absolute MLA head dims stay)
+TINY_SIZES = dict(SIZES, vocab_size=128, d_model=64, d_ff=64, n_experts=4, seq_len=32)
 
 
 def loss_and_grads(model, ids, bf16: bool):
@@ -34,14 +47,20 @@ def loss_and_grads(model, ids, bf16: bool):
     return loss.item(), {n: p.grad.double() for n, p in model.named_parameters()}
 
 
-def check_variant(name: str, device: torch.device) -> dict:
+def model_and_batch(name: str):
     spec = TrainConfig(attention=name, d_model=SIZES["d_model"], n_heads=SIZES["n_heads"]).attention_spec()
     cfg = ModelConfig(attention=spec, **SIZES)
+    ids = torch.randint(0, SIZES["vocab_size"], (4, SIZES["seq_len"] + 1), generator=torch.Generator().manual_seed(0))
+    return cfg, ids
+
+
+def check_variant(name: str, device: torch.device) -> dict:
+    forced_failure(name, f"{name}:check")
+    cfg, ids = model_and_batch(name)
     ours, ref = MoELM(cfg), build_reference(cfg)
     init_weights(ours, 0)
     ref.load_state_dict(ours.state_dict(), strict=True)
     ours, ref = ours.to(device).train(), ref.to(device).train()
-    ids = torch.randint(0, SIZES["vocab_size"], (4, SIZES["seq_len"] + 1), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
     ref_loss, ref_grads = loss_and_grads(ref, ids, bf16=False)
     loss32, grads32 = loss_and_grads(ours, ids, bf16=False)
@@ -60,10 +79,59 @@ def check_variant(name: str, device: torch.device) -> dict:
                 min_param_grad_cosine_bf16=(worst16, cosines[worst16]))
 
 
+def chunked_loss_and_grads(model, ids, bf16: bool, chunked: bool):
+    model.zero_grad(set_to_none=True)
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        if chunked:
+            ce, aux, accuracy = model(inputs, targets)
+        else:
+            logits, aux = model(inputs)
+    if not chunked:
+        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        accuracy = (logits.argmax(-1) == targets).float().mean()
+    (ce + 0.01 * aux).backward()
+    return ce.item(), accuracy.item(), {n: p.grad.double() for n, p in model.named_parameters()}
+
+
+def check_chunked_loss(name: str, device: torch.device) -> list[dict]:
+    """The chunked LM-head loss (four chunks) against cross-entropy of the logits, fp32 and bf16."""
+    forced_failure(f"{name}:chunked")
+    cfg, ids = model_and_batch(name)
+    model = MoELM(cfg)
+    init_weights(model, 0)
+    model, ids = model.to(device).train(), ids.to(device)
+    saved = model_module.LM_HEAD_CHUNK_ELEMENTS
+    model_module.LM_HEAD_CHUNK_ELEMENTS = math.ceil(ids[:, 1:].numel() / 4) * SIZES["vocab_size"]
+    try:
+        rows = []
+        for bf16 in (False, True):
+            loss, accuracy, grads = chunked_loss_and_grads(model, ids, bf16, chunked=False)
+            c_loss, c_accuracy, c_grads = chunked_loss_and_grads(model, ids, bf16, chunked=True)
+            floor = 1e-6 * torch.stack([g.norm() for g in grads.values()]).norm()
+            worst_err = max(((c_grads[n] - g).norm() / (g.norm() + floor)).item() for n, g in grads.items())
+            cosines = {n: F.cosine_similarity(c_grads[n].flatten(), g.flatten(), dim=0).item()
+                       for n, g in grads.items() if g.norm() > floor}
+            worst = min(cosines, key=cosines.get)
+            flat = lambda gs: torch.cat([g.flatten() for g in gs.values()])  # noqa: E731
+            cosine_all = F.cosine_similarity(flat(c_grads), flat(grads), dim=0).item()
+            loss_err = abs(c_loss - loss) / abs(loss)
+            if bf16:  # (cosines alone are blind to a wrong scale)
+                ok = loss_err <= 5e-3 and cosine_all >= 0.999 and cosines[worst] >= 0.99 and worst_err <= 2e-2
+            else:
+                ok = loss_err <= 1e-5 and c_accuracy == accuracy and worst_err <= 1e-4
+            rows.append(dict(variant=name, dtype="bf16" if bf16 else "fp32", ok=ok, loss_logits=loss,
+                             loss_chunked=c_loss, loss_rel_err=loss_err, accuracy_logits=accuracy,
+                             accuracy_chunked=c_accuracy, worst_grad_rel_err=worst_err, grad_cosine=cosine_all,
+                             min_param_grad_cosine=(worst, cosines[worst])))
+        return rows
+    finally:
+        model_module.LM_HEAD_CHUNK_ELEMENTS = saved
+
+
 def check_empty_expert(device: torch.device) -> list[str]:
     """An expert that no token picks (empty group in the grouped matmul): its gradients must be
     exactly zero and everything else must match the per-expert loop, in fp32 and bf16."""
-    import model as model_module
     from model import MoE
 
     problems = []
@@ -103,7 +171,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.check", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--variants", default="all")
+    p.add_argument("--preset", choices=["default", "tiny"], default="default", help="model sizes (tiny: a dry run)")
+    p.add_argument("--chunked_variants", default="baseline,rope_large",
+                   help="variants for the chunked-loss check (the LM head is shared; two hidden-state paths)")
     args = p.parse_args(argv)
+    if args.preset == "tiny":
+        SIZES.update(TINY_SIZES)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     device = torch.device(args.device)
@@ -112,17 +185,43 @@ def main(argv=None) -> int:
           f"{'grad cos bf16':>14s}  worst parameter (bf16 cosine)")
     failed = 0
     for name in names:
-        r = check_variant(name, device)
+        try:
+            r = check_variant(name, device)
+        except Exception as err:  # one variant's kernel error: report it, check the others
+            failed += 1
+            print(f"{name:16s} FAILED: {failure_reason(err)}", flush=True)
+            continue
         failed += not r["ok"]
         print(f"{name:16s} {'yes' if r['ok'] else 'NO':3s} {r['loss_ref']:9.5f} {r['loss_fp32']:9.5f} "
               f"{r['loss_bf16']:9.5f} {r['worst_grad_rel_err_fp32']:14.2e} {r['grad_cosine_bf16']:14.5f}  "
               f"{r['min_param_grad_cosine_bf16'][0]} ({r['min_param_grad_cosine_bf16'][1]:.3f})",
               flush=True)
     print(f"{len(names) - failed}/{len(names)} variants match the reference on {device}")
-    problems = check_empty_expert(device)
+
+    print("\nchunked LM-head loss, model(ids, targets), vs cross-entropy of model(ids)'s logits (4 chunks):")
+    print(f"{'variant':16s} {'dtype':5s} {'ok':3s} {'loss logits':>11s} {'chunked':>9s} {'rel err':>8s} "
+          f"{'grad err':>9s} {'grad cos':>9s}  worst parameter (cosine)")
+    chunk_failed = 0
+    for name in args.chunked_variants.split(","):
+        try:
+            rows = check_chunked_loss(name, device)
+        except Exception as err:
+            chunk_failed += 1
+            print(f"{name:16s} FAILED: {failure_reason(err)}", flush=True)
+            continue
+        for r in rows:
+            chunk_failed += not r["ok"]
+            print(f"{name:16s} {r['dtype']:5s} {'yes' if r['ok'] else 'NO':3s} {r['loss_logits']:11.5f} "
+                  f"{r['loss_chunked']:9.5f} {r['loss_rel_err']:8.1e} {r['worst_grad_rel_err']:9.1e} "
+                  f"{r['grad_cosine']:9.6f}  {r['min_param_grad_cosine'][0]} ({r['min_param_grad_cosine'][1]:.4f})",
+                  flush=True)
+    try:
+        problems = check_empty_expert(device)
+    except Exception as err:
+        problems = [f"failed: {failure_reason(err)}"]
     print("expert with no tokens (empty group), grouped vs loop, fp32 and bf16: "
           + ("ok" if not problems else "; ".join(problems)))
-    return 1 if failed or problems else 0
+    return 1 if failed or chunk_failed or problems else 0
 
 
 if __name__ == "__main__":

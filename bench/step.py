@@ -65,6 +65,25 @@ PRESETS = {
 }
 SIZE_FIELDS = list(PRESETS["cpu"])
 
+# BENCH_FAIL=name,...: the cases so named raise (a variant, "variant:impl", or "variant:check" in
+# bench.check). It exercises the failure path -- one case fails, the others' results are kept --
+# in tests/test_gpu_script.py, where no kernel fails by itself.
+FAIL_ENV = "BENCH_FAIL"
+
+
+def forced_failure(*names: str) -> None:
+    wanted = set(filter(None, os.environ.get(FAIL_ENV, "").split(",")))
+    hit = wanted.intersection(names)
+    if hit:
+        raise RuntimeError(f"forced failure ({FAIL_ENV}={','.join(sorted(hit))})")
+
+
+def failure_reason(err: BaseException) -> str:
+    """An exception as the one-line reason a failed case records."""
+    from data import one_line
+
+    return f"{type(err).__name__}: {one_line(err)}"
+
 
 # --- one case --------------------------------------------------------------------------------
 
@@ -148,6 +167,7 @@ def run_case(case: dict) -> dict:
     model_module.MOE_EXPERT_MATMUL = case["moe_matmul"]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[case["dtype"]]
     result = dict(case, status="ok")
+    forced_failure(case["variant"], f"{case['variant']}:{case['impl']}")
 
     import bench.reference  # noqa: F401 -- imported before the RSS baseline, like model
     peak_n = case["peak_n"] or (8192 if device.type == "cuda" else 2048)
@@ -198,6 +218,8 @@ def run_case(case: dict) -> dict:
         if device.type == "cuda":
             result["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device)
             result["peak_mem_source"] = "cuda max_memory_allocated"
+            # what the caching allocator took from the driver: what nvidia-smi shows, minus the context
+            result["peak_mem_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
         elif case["isolated"]:
             result["peak_mem_bytes"] = _max_rss_bytes() - rss_before
             result["peak_mem_source"] = "ru_maxrss growth over the RSS before the model was built"
@@ -248,7 +270,7 @@ def run_isolated(case: dict) -> dict:
     """The case in fresh interpreters: one times it; one, with malloc pinned, measures its peak RSS
     over one warm-up and one step."""
     result = _child(case)
-    if result["status"] == "ok":
+    if result["status"] == "ok" and case["device"] == "cpu":  # on CUDA the allocator's peak is exact
         memory = _child(dict(case, warmup=1, repeats=1, memory_only=True), env={**os.environ, **PINNED_MALLOC})
         result["peak_mem_bytes_default_malloc"] = result["peak_mem_bytes"]
         result["peak_mem_bytes"] = memory.get("peak_mem_bytes")
@@ -380,9 +402,12 @@ def table(results: list[dict]) -> str:
     rows = []
     scan = any(r.get("scan") for r in results)
     header = ["variant", "impl", "compile", "seq", "ms/step", "tokens/s", "MFLOP/tok", "TFLOP/s", "MFU",
-              "peak MB", "mem ours/ref", "time ours/ref"]
+              "peak MB", "reserved MB", "mem ours/ref", "time ours/ref"]
     if not scan:
         header.remove("seq")
+    reserved = any(r.get("peak_mem_reserved_bytes") for r in results)
+    if not reserved:
+        header.remove("reserved MB")
     for r in results:
         impl = r["impl"] if r["impl"] == "reference" else "ours" + "".join(
             f" {k}={r[k]}" for k in ("sdpa_pad", "moe_matmul") if r[k] != "auto")
@@ -395,13 +420,17 @@ def table(results: list[dict]) -> str:
             achieved = r["achieved_flops"]
             row += [f"{r['ms_per_step']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['flops_per_token'] / 1e6:.1f}",
                     f"{achieved / 1e12:.3f}", f"{100 * achieved / r['peak_flops']:.1f}%",
-                    fmt(r.get("peak_mem_bytes") and r["peak_mem_bytes"] / MB, ",.0f"),
-                    fmt(r.get("mem_ratio"), ".2f"), fmt(r.get("time_ratio"), ".2f")]
+                    fmt(r.get("peak_mem_bytes") and r["peak_mem_bytes"] / MB, ",.0f")]
+            if reserved:
+                row.append(fmt(r.get("peak_mem_reserved_bytes") and r["peak_mem_reserved_bytes"] / MB, ",.0f"))
+            row += [fmt(r.get("mem_ratio"), ".2f"), fmt(r.get("time_ratio"), ".2f")]
         rows.append(row)
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda cells: "  ".join(str(c).rjust(w) if i > 2 else str(c).ljust(w)  # noqa: E731
                                    for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+    failures = [f"{r['variant']} {r['impl']}{' compiled' if r['compile'] else ''} seq={r['seq_len']}: "
+                f"{r['status']}: {r.get('error', '')}" for r in results if r["status"] in ("failed", "oom")]
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows] + failures)
 
 
 def write_out(path: str, meta: dict, results: list[dict]) -> None:
@@ -411,7 +440,8 @@ def write_out(path: str, meta: dict, results: list[dict]) -> None:
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     fields = ["variant", "impl", "compile", "sdpa_pad", "moe_matmul", "seq_len", "batch_size", "dtype", "device",
               "status", "ms_per_step", "tokens_per_s", "flops_per_token", "achieved_flops", "peak_flops",
-              "peak_mem_bytes", "mem_ratio", "time_ratio", "first_step_s", "loss", "params", "error"]
+              "peak_mem_bytes", "peak_mem_reserved_bytes", "mem_ratio", "time_ratio", "first_step_s", "loss", "params",
+              "error"]
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -430,6 +460,21 @@ def print_peaks(base: dict, out: str | None) -> int:
         meta = machine_info(base["device"])
         Path(out).with_suffix(".json").write_text(json.dumps({"meta": meta, "dtype": name, "peaks": peaks}, indent=1))
     return 0
+
+
+def device_usable(device: str) -> bool:
+    """After a failed in-process case: can this process still compute on the device? A CUDA kernel
+    error (an illegal address, a device-side assert) poisons the context for good; then the
+    remaining cases run each in a fresh process."""
+    torch._dynamo.reset()  # a failed compilation leaves nothing cached for the next case
+    if device != "cuda":
+        return True
+    try:
+        torch.cuda.empty_cache()
+        torch.ones(1, device=device).add_(1).item()
+        return True
+    except Exception:  # noqa: BLE001 -- any error here means the context is gone
+        return False
 
 
 def others_running() -> int:
@@ -470,7 +515,7 @@ def main(argv=None) -> int:
         return print_peaks(base, args.out)
     meta = machine_info(base["device"])
     meta.update(threads=base["threads"], sizes={k: base[k] for k in SIZE_FIELDS})
-    started, results = time.perf_counter(), []
+    started, results, device_broken = time.perf_counter(), [], False
     try:
         for i, case in enumerate(cases, 1):
             label = f"[{i}/{len(cases)}] {case['variant']} {case['impl']} seq={case['seq_len']}" + (
@@ -482,10 +527,16 @@ def main(argv=None) -> int:
                 continue
             waited = wait_for_quiet(args.quiet_wait) if args.quiet_wait else 0.0
             load = os.getloadavg()[0]
-            result = run_isolated(case) if case["isolated"] else run_case(case)
+            if device_broken:  # an earlier case left this process's CUDA context unusable
+                case = dict(case, isolated=True)
+            try:
+                result = run_isolated(case) if case["isolated"] else run_case(case)
+            except Exception as err:  # an Inductor failure, one variant's kernel error: this case only
+                result = dict(case, status="failed", error=failure_reason(err))
+                device_broken = not device_usable(base["device"])
             result.update(waited_for_quiet_s=round(waited, 1), loadavg_before=load,
                           loadavg_after=os.getloadavg()[0])
-            if not case["isolated"] and base["device"] == "cuda":
+            if not case["isolated"] and base["device"] == "cuda" and not device_broken:
                 torch.cuda.empty_cache()
             results.append(result)
             summary = (f"{result['ms_per_step']:.1f} ms/step" if result["status"] == "ok"

@@ -89,6 +89,26 @@ def test_expert_without_tokens_gets_zero_gradient():
     assert check_empty_expert(torch.device("cpu")) == []
 
 
+def test_chunked_loss_check_passes_and_catches_a_wrong_gradient(monkeypatch):
+    """bench.check's check of the chunked LM-head loss (run on CUDA by bench/gpu.sh): it passes on
+    the model as it is, in fp32 and bf16, and fails both when the LM head's weight gradient is 5% off."""
+    from bench.check import check_chunked_loss
+
+    monkeypatch.setattr("bench.check.SIZES", dict(SMALL, seq_len=32))
+    rows = check_chunked_loss("baseline", torch.device("cpu"))
+    assert [(r["dtype"], r["ok"]) for r in rows] == [("fp32", True), ("bf16", True)]
+
+    backward = model_module._LMHeadLoss.backward
+
+    def off_by_5_percent(ctx, grad_loss, grad_accuracy):
+        grad_h, grad_w, *rest = backward(ctx, grad_loss, grad_accuracy)
+        return (grad_h, grad_w * 1.05, *rest)
+
+    monkeypatch.setattr(model_module._LMHeadLoss, "backward", staticmethod(off_by_5_percent))
+    rows = check_chunked_loss("baseline", torch.device("cpu"))
+    assert [(r["dtype"], r["ok"]) for r in rows] == [("fp32", False), ("bf16", False)]
+
+
 def test_comparison_catches_a_wrong_rope_factor():
     """Negative control: the comparison is sharp enough to see a RoPE scaling mismatch (in the
     attention gradients, and in the loss by 3e-5 relative: at init it barely depends on positions)."""
