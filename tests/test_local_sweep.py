@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import local_sweep
+from localsweep import cli, common, engine, macros, state, table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -115,7 +115,7 @@ def test_argument_forms_match_wandbs_agent():
     from wandb.sdk.launch.sweeps import utils as wandb_utils
 
     theirs = wandb_utils.create_sweep_command_args({"args": {k: {"value": v} for k, v in PARAMS.items()}})
-    ours = local_sweep.sweep_command_args(PARAMS)
+    ours = macros.sweep_command_args(PARAMS)
     for macro in ("args", "args_no_equals", "args_no_hyphens", "args_no_boolean_flags", "args_json",
                   "args_append_hydra", "args_override_hydra"):
         assert ours[macro] == theirs[macro], macro
@@ -156,7 +156,7 @@ def wandb_expansion(command, params, program, interpreter, json_file):
 def test_command_expansion_matches_wandbs_agent(command, monkeypatch):
     monkeypatch.setenv("LOCAL_SWEEP_TEST_VAR", "from-env")
     kwargs = dict(program="train.py", interpreter="python", args_json_file="/tmp/config-x.json")
-    ours = local_sweep.expand_command(command, PARAMS, **kwargs)
+    ours = macros.expand_command(command, PARAMS, **kwargs)
     assert ours == wandb_expansion(command, PARAMS, "train.py", "python", "/tmp/config-x.json")
     if command is None:
         assert ours[:3] == ["/usr/bin/env", "python", "train.py"] and ours[3] == "--attention=rope_small"
@@ -167,20 +167,20 @@ def test_params_file_is_byte_for_byte_what_wandbs_agent_writes(tmp_path):
 
     theirs = tmp_path / "theirs.yaml"
     config_util.save_config_file_from_dict(str(theirs), {k: {"value": v} for k, v in PARAMS.items()})
-    assert local_sweep.params_file_text(PARAMS) == theirs.read_text()
+    assert macros.params_file_text(PARAMS) == theirs.read_text()
     ours = tmp_path / "ours.yaml"
-    ours.write_text(local_sweep.params_file_text(PARAMS))
+    ours.write_text(macros.params_file_text(PARAMS))
     assert config_util.dict_from_config_file(str(ours)) == PARAMS  # what wandb.init reads back
 
 
 def test_engine_sees_states_and_the_metric():
-    sweep = local_sweep.Sweep(Path("/nonexistent"), {"sweep_id": "abc", "runs": [
+    sweep = state.Sweep(Path("/nonexistent"), {"sweep_id": "abc", "runs": [
         {"id": "r1", "params": {"lr": 0.1}, "status": "finished", "metrics": {"val/loss": 3.5, "params/total": 9},
          "metric_history": [{"step": 10, "val/loss": 3.2}]},
         {"id": "r2", "params": {"lr": 0.2}, "status": "diverged", "metrics": {}},
         {"id": "r3", "params": {"lr": 0.3}, "status": "interrupted", "metrics": {}},
     ]})
-    r1, r2, r3 = local_sweep.engine_runs(sweep, "val/loss")
+    r1, r2, r3 = engine.engine_runs(sweep, "val/loss")
     assert (r1.state, r2.state, r3.state) == ("finished", "failed", "preempted")
     assert r1.summary_metrics == {"val/loss": 3.5} and r1.config == {"lr": {"value": 0.1}}
     assert r1.metric_extremum("val/loss", "minimum") == 3.2
@@ -189,7 +189,7 @@ def test_engine_sees_states_and_the_metric():
 # --- bad input: one `error:` line, exit 2, nothing started --------------------------------------
 
 def refuse(capsys, tmp_path, argv) -> str:
-    code = local_sweep.main([*map(str, argv), "--results-dir", str(tmp_path / "results")])
+    code = cli.main([*map(str, argv), "--results-dir", str(tmp_path / "results")])
     err = capsys.readouterr().err
     assert code == 2, err
     lines = err.strip().splitlines()
@@ -271,7 +271,7 @@ def test_random_and_bayes_values_are_checked_one_by_one(capsys, tmp_path, fake):
 def test_bad_options_are_one_error_line(capsys):
     for argv in (["x.yaml", "--count", "0"], ["x.yaml", "--count", "many"], [], ["x.yaml", "--retry-failed"]):
         with pytest.raises(SystemExit) as exit_info:
-            local_sweep.main(argv)
+            cli.main(argv)
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: "), err
@@ -304,7 +304,7 @@ def test_a_grid_with_a_failing_and_a_crashing_run_finishes_and_resumes(tmp_path,
     out = result.stdout
     sweep_dir = only_sweep_dir(results)
     sweep_id = sweep_dir.name
-    assert len(sweep_id) == 8 and set(sweep_id) <= set(local_sweep.ID_ALPHABET)
+    assert len(sweep_id) == 8 and set(sweep_id) <= set(common.ID_ALPHABET)
 
     # one progress line per run, with the reason for the failures
     assert "[1/4] baseline-s0  finished  val_loss=3.800" in out
@@ -420,11 +420,11 @@ def test_a_second_agent_on_the_same_sweep_is_refused(capsys, tmp_path, fake):
     sweep_dir = tmp_path / "results" / "abcd1234"
     sweep_dir.mkdir(parents=True)
     write_sweep(sweep_dir / "sweep.yaml", fake, {"attention": {"values": ["baseline"]}})
-    local_sweep.Sweep(sweep_dir, {"state_schema": 1, "sweep_id": "abcd1234", "sweep_file": "x.yaml",
+    state.Sweep(sweep_dir, {"state_schema": 1, "sweep_id": "abcd1234", "sweep_file": "x.yaml",
                                   "results_dir": str(tmp_path / "results"), "runs": []}).save()
     with open(sweep_dir / ".lock", "a+") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        code = local_sweep.main(["--resume", str(sweep_dir), "--no-report"])
+        code = cli.main(["--resume", str(sweep_dir), "--no-report"])
     assert code == 2
     assert "is being run by another local_sweep.py" in capsys.readouterr().err
     assert calls(fake) == []
@@ -440,5 +440,5 @@ def test_a_failing_report_is_a_warning(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "analysis.report", Broken)
     monkeypatch.setattr(analysis, "report", Broken, raising=False)
-    local_sweep.write_report(tmp_path, tmp_path / "report")
+    table.write_report(tmp_path, tmp_path / "report")
     assert capsys.readouterr().err.startswith("warning: the report failed (ValueError: no runs)")
