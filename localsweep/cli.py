@@ -12,7 +12,8 @@ from .macros import DEFAULT_COMMAND
 from .runner import Runner
 from .state import STATE_FILE, STATE_SCHEMA, Sweep
 from .table import continue_hint, runs_text, summarize
-from .validate import bad_values, check_engine, check_schema, grid_size_and_runs, load_sweep, resolve_program
+from .validate import (bad_values, check_early_terminate, check_engine, check_schema, grid_size_and_runs, load_sweep,
+                       resolve_program)
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
@@ -72,6 +73,7 @@ def prepare(args) -> tuple[Sweep, dict, Path, list[dict], int | None, int | None
     label = args.sweep or str(sweep.dir / "sweep.yaml")
     check_schema(config, label)
     check_engine(config, label)
+    check_early_terminate(config, label)
     method = config["method"]
     count = args.count or (sweep.state.get("count") if sweep else None)
     if isinstance(config.get("run_cap"), int) and config["run_cap"] > 0:

@@ -17,6 +17,11 @@ from .state import Sweep
 from .table import swept_names, swept_text
 from .validate import resolve_program
 
+POLL_S = 1.0  # how often a running run's W&B history is read when the sweep has early_terminate
+# W&B flushes an offline run's .wandb file every 15 s by default (x_transaction_log_flush_interval);
+# hyperband reads a running run's history from there, so its runs flush every second
+FLUSH_INTERVAL_ENV = "WANDB_X_TRANSACTION_LOG_FLUSH_INTERVAL"
+
 
 def find_record(records_dir: Path, run_name: str, run_id: str, since: float) -> tuple[dict | None, Path | None]:
     """This attempt's results record: train.py writes <run_name>.json, or <run_name>-<run_id>.json
@@ -87,14 +92,23 @@ def signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def wait_for(proc: subprocess.Popen, run_name: str) -> tuple[int, int | None]:
+def wait_for(proc: subprocess.Popen, run_name: str, should_stop=None) -> tuple[int, int | None, bool]:
     """Wait for the run; a Ctrl-C (or SIGTERM/SIGHUP) is passed on to it -- it saves a checkpoint
-    and stops at the next step -- a second one stops it at once, a third kills it. Returns
-    (exit code, the signal that stopped the sweep or None)."""
-    stopped_by, asked = None, 0
+    and stops at the next step -- a second one stops it at once, a third kills it. With
+    `should_stop` (early termination), it is asked every POLL_S seconds, and when it says so the
+    run gets SIGTERM, as wandb's agent stops a run. Returns (exit code, the signal that stopped
+    the sweep or None, whether should_stop stopped the run)."""
+    stopped_by, asked, early = None, 0, False
     while True:
         try:
-            return proc.wait(), stopped_by
+            if should_stop is None or early:
+                return proc.wait(), stopped_by, early
+            try:
+                return proc.wait(timeout=POLL_S), stopped_by, early
+            except subprocess.TimeoutExpired:
+                if stopped_by is None and should_stop():
+                    early = True
+                    signal_group(proc, signal.SIGTERM)
         except (KeyboardInterrupt, Stop) as err:
             sig = err.signum if isinstance(err, Stop) else signal.SIGINT
             stopped_by = stopped_by or sig
@@ -128,14 +142,22 @@ class Runner:
         params = entry["args"]
         return Path(params.get("results_dir", self.results_dir)) / str(params.get("group") or self.sweep.id)
 
-    def env(self, run_id: str, param_path: Path) -> dict:
-        env = dict(os.environ)
+    def env(self, run_id: str, param_path: Path, group: str) -> dict:
+        """The run's environment. No WANDB_SWEEP_ID: the server has never seen this local sweep's
+        id, and `wandb sync` of runs carrying it fails (wandb#8115); wandb loads and locks the
+        sweep's values from WANDB_SWEEP_PARAM_PATH alone. The sweep id is the run's W&B group and
+        a tag instead, so the synced runs can be found together."""
+        env = {k: v for k, v in os.environ.items() if k != "WANDB_SWEEP_ID"}
         if env.get("WANDB_MODE") != "disabled":
-            env["WANDB_MODE"] = "offline"  # a local sweep id does not exist on any server
+            env["WANDB_MODE"] = "offline"  # a local sweep exists on no server
+        tags = [t for t in env.get("WANDB_TAGS", "").split(",") if t] + [f"local-sweep-{self.sweep.id}"]
         env.update({
-            "WANDB_SWEEP_ID": self.sweep.id, "WANDB_SWEEP_PARAM_PATH": str(param_path), "WANDB_RUN_ID": run_id,
+            "WANDB_SWEEP_PARAM_PATH": str(param_path), "WANDB_RUN_ID": run_id, "WANDB_RUN_GROUP": group,
+            "WANDB_TAGS": ",".join(dict.fromkeys(tags)),
             "WANDB_PROJECT": str(self.config.get("project") or "attnsweep"), "WANDB_DIR": str(self.sweep.dir),
         })
+        if self.config.get("early_terminate"):
+            env.setdefault(FLUSH_INTERVAL_ENV, "1")
         if self.config.get("entity"):
             env["WANDB_ENTITY"] = str(self.config["entity"])
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -143,8 +165,9 @@ class Runner:
         env["PATH"] = bindir + os.pathsep + env.get("PATH", "") if env.get("PATH") else bindir
         return env
 
-    def execute(self, entry: dict) -> int | None:
-        """Run one entry of the state to its end; returns the signal that stopped the sweep, if any."""
+    def execute(self, entry: dict, should_stop=None) -> int | None:
+        """Run one entry of the state to its end; returns the signal that stopped the sweep, if any.
+        `should_stop`, when given, is asked while the run runs (see wait_for)."""
         sweep, run_id, name = self.sweep, entry["id"], entry["name"]
         base = sweep.dir / "wandb" / f"sweep-{sweep.id}"
         param_path, json_path = base / f"config-{run_id}.yaml", base / f"config-{run_id}.json"
@@ -163,13 +186,14 @@ class Runner:
         values = swept_text(entry, swept_names(self.config))
         prefix = f"[{entry['index']}/{self.total or '?'}] {name}" + (f" {values}" if values else "")
         started_wall, started = time.time(), time.perf_counter()
-        stopped_by = None
+        stopped_by, early = None, False
         with open(log, "ab") as log_file:
             log_file.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {entry['attempts']}: "
                            f"{' '.join(argv)}\n".encode())
             log_file.flush()
             try:
-                proc = subprocess.Popen(argv, env=self.env(run_id, param_path), stdin=subprocess.DEVNULL,
+                run_env = self.env(run_id, param_path, str(entry["args"].get("group") or sweep.id))
+                proc = subprocess.Popen(argv, env=run_env, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, process_group=0)
             except OSError as err:
                 rc, reason = None, f"cannot start {argv[0]!r}: {err.strerror or err}"
@@ -178,19 +202,20 @@ class Runner:
                 pump = OutputPump(proc.stdout, log_file, prefix, self.live)
                 pump.start()
                 try:
-                    rc, stopped_by = wait_for(proc, name)
+                    rc, stopped_by, early = wait_for(proc, name, should_stop)
                 finally:
                     pump.join()
                     proc.stdout.close()
                 reason = None
         elapsed = time.perf_counter() - started
-        self.settle(entry, rc, reason, stopped_by, started_wall, elapsed, log)
+        self.settle(entry, rc, reason, stopped_by, started_wall, elapsed, log, early)
         sweep.save()
         print(self.progress_line(entry, prefix), flush=True)
         return stopped_by
 
-    def settle(self, entry, rc, reason, stopped_by, started_wall, elapsed, log) -> None:
-        """The run's status: its record's, when this attempt wrote one, else the exit code's."""
+    def settle(self, entry, rc, reason, stopped_by, started_wall, elapsed, log, early=False) -> None:
+        """The run's status: its record's, when this attempt wrote one, else the exit code's; a run
+        that early termination stopped is `stopped` (W&B: killed), not interrupted or failed."""
         record, path = find_record(self.records_dir(entry), entry["name"], entry["id"], started_wall)
         status = record.get("status") if record else None
         if status not in ("finished", "failed", "diverged", "interrupted"):
@@ -202,22 +227,28 @@ class Runner:
                 status = "failed"
         if status == "finished" and rc not in (0, None):
             status = "failed"  # the process crashed after its record said finished
+        if early and status != "finished":
+            status, reason = "stopped", entry.get("stop_reason") or "stopped early by early_terminate"
         error = None
-        if status != "finished":
+        if status == "stopped":
+            error = reason
+        elif status != "finished":
             error = (record or {}).get("error") or reason or last_error_line(log)
             if rc is not None and rc < 0:
                 error = f"killed by {signal.Signals(-rc).name}" + (f": {error}" if error else "")
             elif not error:
                 error = f"exit code {rc}"
         summary = (record or {}).get("summary") or {}
+        metric = self.metric_name()
+        history = [{"step": row.get("step"), metric: row[metric]} for row in (record or {}).get("history") or []
+                   if isinstance(row, dict) and metric in row]
         entry.update({
             "status": status, "exit_code": rc, "error": one_line(error)[:500] if error else None,
             "record": str(path) if path else None, "elapsed_s": round(elapsed, 2),
             "metrics": {k: summary.get(k) for k in ("val/loss", "val/accuracy", "params/total", "time/total_s",
-                                                    "memory/peak_gb") if k in summary},
-            "metric_history": [{"step": row.get("step"), self.metric_name(): row[self.metric_name()]}
-                               for row in (record or {}).get("history") or []
-                               if isinstance(row, dict) and self.metric_name() in row],
+                                                    "memory/peak_gb", metric) if k in summary},
+            # the record's history; without one, what early termination read from W&B's history
+            "metric_history": history or (entry.get("metric_history") if early else None) or [],
         })
 
     def metric_name(self) -> str:

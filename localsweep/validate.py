@@ -1,6 +1,7 @@
 """Reading and checking a sweep before any run starts: YAML, W&B's schema, the engine, and every
 value through train.py's own config validation."""
 import math
+import os
 import re
 from pathlib import Path
 
@@ -164,6 +165,21 @@ def check_engine(config: dict, label) -> None:
         import_engine().next_run(config, [], validate=True)
     except Exception as err:
         raise SweepError(f"{label}: W&B's sweep engine refuses it: {one_line(err)}") from None
+
+
+def check_early_terminate(config: dict, label) -> None:
+    """`early_terminate` runs W&B's own hyperband (sweeps.stop_runs) over each run's W&B history,
+    read from its offline run: refused when W&B rejects its settings, or when runs keep no W&B
+    history (WANDB_MODE=disabled) -- rather than a sweep that silently never stops a run."""
+    if not config.get("early_terminate"):
+        return
+    try:
+        import_engine().stop_runs(config, [], validate=True)
+    except Exception as err:
+        raise SweepError(f"{label}: W&B's sweep engine refuses its early_terminate: {one_line(err)}") from None
+    if os.environ.get("WANDB_MODE") == "disabled":
+        raise SweepError(f"{label}: early_terminate reads each run's W&B history, and WANDB_MODE=disabled "
+                         f"keeps none; unset WANDB_MODE (runs are offline) or drop early_terminate")
 
 
 def resolve_program(program: str) -> str:

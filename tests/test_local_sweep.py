@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from localsweep import cli, common, engine, macros, state, table
+from train_helpers import offline_run_contents
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,7 +30,7 @@ FAKE = textwrap.dedent('''
         f.write(json.dumps({"argv": sys.argv[1:],
                             "env": {k: v for k, v in os.environ.items() if k.startswith("WANDB_")}}) + "\\n")
     attention, seed = args.get("attention", "baseline"), int(args.get("seed", 0))
-    group = args.get("group") or os.environ.get("WANDB_SWEEP_ID") or "local"
+    group = args.get("group") or os.environ.get("WANDB_RUN_GROUP") or "local"
     out = Path(args.get("results_dir", "results")) / group / f"{attention}-s{seed}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -335,7 +336,10 @@ def test_a_grid_with_a_failing_and_a_crashing_run_finishes_and_resumes(tmp_path,
     assert sorted(first["argv"][:-2]) == ["--attention=baseline", "--attention_bias=False", "--seed=0", "--steps=5"]
     assert first["argv"][-2:] == [f"--results_dir={results.resolve()}", f"--group={sweep_id}"]
     run_env = first["env"]
-    assert run_env["WANDB_MODE"] == "offline" and run_env["WANDB_SWEEP_ID"] == sweep_id
+    assert run_env["WANDB_MODE"] == "offline"
+    # no sweep id (the server has never seen it: wandb#8115); the sweep is the group and a tag
+    assert "WANDB_SWEEP_ID" not in run_env
+    assert run_env["WANDB_RUN_GROUP"] == sweep_id and f"local-sweep-{sweep_id}" in run_env["WANDB_TAGS"].split(",")
     assert run_env["WANDB_PROJECT"] == "attnsweep" and run_env["WANDB_DIR"] == str(sweep_dir)
     run_id = run_env["WANDB_RUN_ID"]
     assert run_id == state["runs"][0]["id"] and len(run_id) == 8
@@ -442,3 +446,114 @@ def test_a_failing_report_is_a_warning(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(analysis, "report", Broken, raising=False)
     table.write_report(tmp_path, tmp_path / "report")
     assert capsys.readouterr().err.startswith("warning: the report failed (ValueError: no runs)")
+
+
+# --- early_terminate and metric.target -----------------------------------------------------------
+
+# A stand-in for train.py that logs through a real offline W&B run, as train.py does: val/loss at
+# steps 1, 2, 3, ... from a fixed curve per variant, 0.2 s apart; SIGTERM ends it after the step.
+FAKE_WANDB = textwrap.dedent('''
+    import json, os, signal, sys, time
+    from pathlib import Path
+    import wandb
+
+    args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+    attention = args["attention"]
+    curve = {"baseline": [10, 5, 4, 3], "rope_only": [10, 9] + [9] * 98}[attention]
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    # the command line says lr=-1, then tries to change it: the sweep's value must win (locked)
+    run = wandb.init(config={"lr": -1.0, "attention": attention})
+    run.config.update({"lr": -2.0}, allow_val_change=True)
+    history = []
+    for step, loss in enumerate(curve, 1):
+        if stop:
+            break
+        run.log({"val/loss": loss}, step=step)
+        history.append({"step": step, "val/loss": loss})
+        time.sleep(0.2)
+    status = "interrupted" if stop else "finished"
+    out = Path(args["results_dir"]) / args["group"] / f"{attention}-s0.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"run_id": os.environ["WANDB_RUN_ID"], "status": status,
+                               "error": "stopped by a signal" if stop else None,
+                               "summary": {"val/loss": history[-1]["val/loss"]}, "history": history}))
+    run.finish(exit_code=130 if stop else 0)
+    sys.exit(130 if stop else 0)
+''')
+
+
+def test_hyperband_stops_the_run_that_falls_behind_as_stopped(tmp_path):
+    """W&B's hyperband with min_iter=2, eta=3 (bands at 2, 6, 18 steps; r=1/3): at band 2 the
+    threshold over {baseline: 5, rope_only: 9} is sorted([5, 9])[int(2/3)] = 5, and rope_only's best
+    so far, 9, is above it: it is stopped there, read from its W&B history while it runs. Without
+    early termination it would log 100 steps (20 s)."""
+    program = tmp_path / "fake" / "fake_wandb.py"
+    program.parent.mkdir()
+    program.write_text(FAKE_WANDB)
+    sweep = write_sweep(tmp_path / "hb.yaml", program, {
+        "attention": {"values": ["baseline", "rope_only"]}, "lr": {"value": 0.001}},
+        early_terminate={"type": "hyperband", "min_iter": 2, "eta": 3})
+    results = tmp_path / "results"
+    result = run_cli(sweep, "--results-dir", results, "--no-report", timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    sweep_dir = only_sweep_dir(results)
+    first, second = state_of(sweep_dir)["runs"]
+    assert (first["name"], first["status"]) == ("baseline-s0", "finished")  # alone at its bands: never stopped
+    assert (second["name"], second["status"]) == ("rope_only-s0", "stopped")
+    assert "hyperband" in second["error"] and "Band: 2" in second["error"]
+    assert 2 <= len(second["metric_history"]) < 20  # stopped early, a few polls after step 2
+    assert "rope_only-s0  stopped" in result.stdout
+
+    # W&B saw the stop as the agent's doing, not a crash: the run's state for the engine is killed
+    runs = engine.engine_runs(state.Sweep(sweep_dir, state_of(sweep_dir)), "val/loss")
+    assert [r.state for r in runs] == ["finished", "killed"]
+
+    # the offline runs: no sweep id, the sweep as group and tag, the config locked to the params file
+    for entry in (first, second):
+        (run_dir,) = (sweep_dir / "wandb").glob(f"offline-run-*-{entry['id']}")
+        logged = offline_run_contents(run_dir)
+        assert logged["sweep_id"] == "" and logged["group"] == sweep_dir.name
+        assert f"local-sweep-{sweep_dir.name}" in logged["tags"]
+        assert logged["config"]["lr"] == 0.001 and logged["config"]["attention"] == entry["params"]["attention"]
+
+    # a stopped run is a result: --resume does not run it again
+    runs_before = sorted(p.name for p in (sweep_dir / "wandb").glob("offline-run-*"))
+    again = run_cli("--resume", sweep_dir, "--no-report")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert [r["status"] for r in state_of(sweep_dir)["runs"]] == ["finished", "stopped"]
+    assert sorted(p.name for p in (sweep_dir / "wandb").glob("offline-run-*")) == runs_before  # nothing re-ran
+
+
+def test_early_terminate_without_wandb_history_is_refused(capsys, tmp_path, fake, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    sweep = write_sweep(tmp_path / "hb.yaml", fake, {"attention": {"values": ["baseline"]}},
+                        early_terminate={"type": "hyperband", "min_iter": 2})
+    assert "WANDB_MODE=disabled" in refuse(capsys, tmp_path, [sweep])
+
+
+def test_bad_early_terminate_settings_are_refused(capsys, tmp_path, fake):
+    sweep = write_sweep(tmp_path / "hb.yaml", fake, {"attention": {"values": ["baseline"]}},
+                        early_terminate={"type": "hyperband", "max_iter": 1, "s": 2, "eta": 3})
+    assert "early_terminate" in refuse(capsys, tmp_path, [sweep])
+
+
+def test_reaching_the_metric_target_ends_the_hand_out_of_runs(tmp_path, fake):
+    """The fake's val/loss is 3.0 + len(attention)/10: rope_only 3.9, baseline 3.8, bias_only 3.9.
+    With target 3.85 (minimize), baseline reaches it: bias_only, next in the grid, never starts."""
+    sweep = write_sweep(tmp_path / "target.yaml", fake, {
+        "attention": {"values": ["rope_only", "baseline", "bias_only"]}, "seed": {"value": 0}})
+    config = yaml.safe_load(sweep.read_text())
+    config["metric"]["target"] = 3.85
+    sweep.write_text(yaml.safe_dump(config, sort_keys=False))
+    results = tmp_path / "results"
+    result = run_cli(sweep, "--results-dir", results, "--no-report")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [c["argv"][0] for c in calls(fake)] == ["--attention=rope_only", "--attention=baseline"]
+    assert "baseline-s0" in result.stdout and "reached the metric target val/loss=3.85" in result.stdout
+    sweep_dir = only_sweep_dir(results)
+    saved = state_of(sweep_dir)
+    assert saved["complete"] is True and saved["target_reached_by"] == saved["runs"][1]["id"]
+    # and a resumed sweep stays finished
+    assert run_cli("--resume", sweep_dir, "--no-report").returncode == 0
+    assert len(calls(fake)) == 2
