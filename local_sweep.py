@@ -12,12 +12,17 @@ What it does, in the order `wandb sweep` + `wandb agent` would:
      with one `error:` line that lists every bad value;
   2. asks W&B's sweep engine (`sweeps.next_run`, grid / random / bayes) for each next run, given the
      runs so far with their states and, for bayes, their metric from each run's results record;
+     stops handing out runs once a run reaches `metric.target`;
   3. for each run: writes the params file exactly as wandb's agent does
      (`<sweep_dir>/wandb/sweep-<id>/config-<run_id>.yaml`), sets WANDB_MODE=offline,
-     WANDB_SWEEP_ID, WANDB_SWEEP_PARAM_PATH, WANDB_RUN_ID, WANDB_PROJECT and WANDB_DIR, expands the
-     YAML's `command:` macros the way wandb's agent does (default `${env} ${interpreter} ${program}
-     ${args}`), runs it with its output in `<sweep_dir>/logs/<run_name>-<run_id>.log`, and records
-     finished / failed / diverged / interrupted from the exit code and the run's record;
+     WANDB_SWEEP_PARAM_PATH, WANDB_RUN_ID, WANDB_RUN_GROUP and WANDB_TAGS (the sweep id),
+     WANDB_PROJECT and WANDB_DIR -- but no WANDB_SWEEP_ID: the server has never seen a local sweep
+     id, and `wandb sync` of runs carrying one fails (wandb#8115) --, expands the YAML's `command:`
+     macros the way wandb's agent does (default `${env} ${interpreter} ${program} ${args}`), runs it
+     with its output in `<sweep_dir>/logs/<run_name>-<run_id>.log`, and records finished / failed /
+     diverged / interrupted from the exit code and the run's record; with `early_terminate`, W&B's
+     hyperband (`sweeps.stop_runs`) is asked every second over the runs' W&B histories (the running
+     run's read from its offline .wandb file), and a run it stops gets SIGTERM and is `stopped`;
   4. prints one line per run and, at the end, a results table sorted by validation loss, then
      writes the report (analysis.report) when that module is available.
 
