@@ -1,7 +1,9 @@
 """The sweep loop: W&B's engine hands out each next run, given the runs so far; its hyperband
 stopping (`early_terminate`) decides, while a run runs, whether to stop it; a run reaching
 `metric.target` ends the hand-out of new runs."""
-from .common import import_engine, new_id, number, plain
+import sys
+
+from .common import import_engine, new_id, number, one_line, plain
 from .runner import Runner
 from .state import Sweep
 from .wandb_file import run_history
@@ -36,8 +38,13 @@ def early_stop_check(sweep: Sweep, config: dict, entry: dict, metric: str):
         rows = run_history(sweep.dir / "wandb", entry["id"])
         entry["metric_history"] = [{"step": row.get("_step"), metric: row[metric]} for row in rows
                                    if number(row.get(metric)) is not None]
-        runs = engine_runs(sweep, metric)
-        stop = [run for run in sweeps.stop_runs(config, runs, validate=False) if run.name == entry["id"]]
+        try:
+            runs = engine_runs(sweep, metric)
+            stop = [run for run in sweeps.stop_runs(config, runs, validate=False) if run.name == entry["id"]]
+        except Exception as err:  # the engine failing on odd histories must not cost the running run
+            print(f"warning: early_terminate check failed ({one_line(err)[:200]}); the run goes on",
+                  file=sys.stderr)
+            return False
         if stop:
             # the engine's line for this run: "Run: <id> Step: n  (Band: b Metric: m Threshold: t)  STOP"
             lines = [line for line in (stop[0].early_terminate_info or {}).get("lines") or []
