@@ -64,6 +64,10 @@ class OutputPump(threading.Thread):
         self.width = shutil.get_terminal_size((100, 20)).columns
 
     def run(self):
+        # Ctrl-C / SIGTERM / SIGHUP must wake the main thread, which waits for the run: a signal the
+        # kernel hands to this thread instead only interrupts its read(), and the main thread slept
+        # on until the run ended (the Ctrl-C test hung this way when run after other test files)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
         pending = ""
         while True:
             chunk = self.stream.read1(65536) if hasattr(self.stream, "read1") else self.stream.read(65536)
