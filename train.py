@@ -93,6 +93,12 @@ def check_writable(results_dir: Path) -> None:
 
 # --- W&B: only the main process talks to it -----------------------------------------------------
 
+def under_agent() -> bool:
+    """Started by a sweep agent: `wandb agent` sets WANDB_SWEEP_ID and WANDB_SWEEP_PARAM_PATH;
+    local_sweep.py only the params file (its sweep id exists on no server; it is the run's group)."""
+    return bool(os.environ.get("WANDB_SWEEP_ID") or os.environ.get("WANDB_SWEEP_PARAM_PATH"))
+
+
 class Tracker:
     """A thin wrapper over one wandb run (or nothing: off the main process, or with
     WANDB_MODE=disabled, where wandb is not even imported -- a GPU image without it can train)."""
@@ -106,13 +112,15 @@ class Tracker:
 
         self.wandb = wandb
         directory.mkdir(parents=True, exist_ok=True)
+        # init(tags=) replaces WANDB_TAGS: keep a launcher's (local_sweep.py tags its sweep's runs)
+        tags = list(dict.fromkeys([*tags, *(t for t in os.environ.get("WANDB_TAGS", "").split(",") if t)]))
         self.run = wandb.init(project=project, group=group, name=name, tags=tags, job_type="train",
                               config=config, id=run_id, resume="allow", dir=os.environ.get("WANDB_DIR", directory))
         wandb.define_metric("val/loss", summary="min")
 
     def sweep_values(self) -> dict:
         """What the sweep put in wandb.config (empty outside a sweep)."""
-        if self.run is None or not os.environ.get("WANDB_SWEEP_ID"):
+        if self.run is None or not under_agent():
             return {}
         return {k: v for k, v in dict(self.run.config).items() if k in FIELD_TYPES}
 
@@ -216,7 +224,7 @@ class Run:
         # cpu=True is what lets Accelerate see a torchrun launch on CPU as multi-process (gloo)
         self.accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
         self.is_main = self.accelerator.is_main_process
-        self.group = cfg.group or os.environ.get("WANDB_SWEEP_ID") or "local"
+        self.group = cfg.group or os.environ.get("WANDB_SWEEP_ID") or os.environ.get("WANDB_RUN_GROUP") or "local"
         self.results_dir = Path(cfg.results_dir)
         self.checkpoint_dir = self.results_dir / self.group / "checkpoints" / cfg.run_name
         self.progress = self._load_progress()
@@ -453,7 +461,7 @@ def refuse(err: ConfigError, argv: list[str]) -> int:
     """Bad input: one `error:` line and exit 2. Under a W&B agent the run is also opened and marked
     failed with the reason, so the dashboard shows it instead of the agent handing it out again."""
     print(f"error: {err}", file=sys.stderr)
-    if os.environ.get("WANDB_SWEEP_ID"):
+    if under_agent():
         raw = dict(arg[2:].partition("=")[::2] for arg in argv if arg.startswith("--"))
         try:
             import wandb

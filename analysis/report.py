@@ -4,6 +4,7 @@ optionally all of it to a W&B run of job_type "analysis".
     python -m analysis.report --results results/<group> --out reports/<group>
     python -m analysis.report --results architecture_search_results_fast.json --out reports/seed
     python -m analysis.report --sweep ENTITY/PROJECT/SWEEP_ID --out reports/<sweep> [--log-to-wandb]
+    python -m analysis.report --project ENTITY/PROJECT --group SWEEP_ID --out reports/<sweep>  (a synced local_sweep)
     python -m analysis.report --project ENTITY/PROJECT --filters '{"config.steps": 50}' --out DIR
 
 A report only reads its input: it never deletes or changes results, and refuses an --out that
@@ -155,6 +156,8 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--sweep", metavar="ENTITY/PROJECT/SWEEP_ID", help="the runs of a W&B sweep")
     source.add_argument("--project", metavar="ENTITY/PROJECT", help="the runs of a W&B project (see --filters)")
     source.add_argument("--results", metavar="PATH", help="a results directory of run records, or a seed-schema JSON")
+    parser.add_argument("--group", metavar="GROUP", help="with --project: the runs of that W&B group (a synced "
+                        "local_sweep.py sweep's runs have its sweep id as their group)")
     parser.add_argument("--filters", metavar="JSON", help='W&B run filters for --project, e.g. \'{"group": "abc"}\'')
     parser.add_argument("--out", required=True, metavar="DIR", help="where the report and figures go")
     parser.add_argument("--log-to-wandb", action="store_true",
@@ -166,6 +169,8 @@ def _load(args) -> tuple[list[Run], str, str, str | None]:
     """(runs, source in words, the W&B project for --log-to-wandb, the group)."""
     if args.filters and not args.project:
         raise SourceError("--filters: only used with --project")
+    if args.group and not args.project:
+        raise SourceError("--group: only used with --project")
     if args.results:
         runs = load_path(args.results)
         project = Counter(r.config.get("project") or "attnsweep" for r in runs).most_common(1)[0][0]
@@ -187,6 +192,10 @@ def _load(args) -> tuple[list[Run], str, str, str | None]:
         if not isinstance(filters, dict):
             raise SourceError(f"--filters {args.filters!r}: must be a JSON object")
         project_path, group, what = args.project, None, f"project {args.project}"
+        if args.group:
+            if filters.get("group", args.group) != args.group:
+                raise SourceError(f"--group {args.group} and --filters' group {filters['group']!r} disagree")
+            filters, group, what = {**filters, "group": args.group}, args.group, f"group {args.group} of {what}"
     try:
         runs = load_wandb(project_path, filters)
     except Exception as exc:  # network, auth, a missing project: say which, without a traceback

@@ -277,6 +277,13 @@ def test_sweep_cli_reads_wandb_and_writes_the_report(tmp_path, monkeypatch, caps
     assert "**Success Rate**: 12/12 (100%)" in text
     assert report.main(["--project", "me/attn", "--filters", '{"group": "g1"}', "--out", str(tmp_path / "p")]) == 0
     assert api.calls[-1] == ("me/attn", {"group": "g1"}, False)
+    # a synced local_sweep: its runs carry no sweep id; their group is the local sweep's id
+    assert report.main(["--project", "me/attn", "--group", "g1", "--out", str(tmp_path / "g")]) == 0
+    assert api.calls[-1] == ("me/attn", {"group": "g1"}, False)
+    assert "group g1 of project me/attn" in (tmp_path / "g" / "report.md").read_text()
+    assert report.main(["--project", "me/attn", "--group", "g1", "--filters", '{"config.steps": 50}',
+                        "--out", str(tmp_path / "gf")]) == 0
+    assert api.calls[-1] == ("me/attn", {"config.steps": 50, "group": "g1"}, False)
 
     def by_name(runs):
         return sorted(runs, key=lambda r: r.name)
@@ -445,6 +452,8 @@ def test_write_report_writes_every_file_and_leaves_results_alone(tmp_path, capsy
     (["--results", "{seed_dir}"], "pass it as --results"),
     (["--sweep", "only/two"], "ENTITY/PROJECT/SWEEP_ID"),
     (["--results", "{seed_dir}", "--filters", "[]"], "--filters: only used with --project"),
+    (["--sweep", "a/b/c", "--group", "g1"], "--group: only used with --project"),
+    (["--project", "a/b", "--group", "g1", "--filters", '{{"group": "g2"}}'], "disagree"),
     (["--out", "{tmp}/o"], "one of the arguments"),
 ])
 def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, argv, needle):

@@ -11,6 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
+from train_helpers import offline_run_contents
+
 ROOT = Path(__file__).resolve().parent.parent
 
 SWEEP = """
@@ -45,6 +49,19 @@ def test_report_of_a_real_offline_sweep(tmp_path):
     reports = list((tmp_path / "results").glob("*/report/report.md"))
     assert len(reports) == 1, done.stdout[-2000:]
     assert f"report: {reports[0]}" in done.stdout
+
+    # the offline W&B runs can be synced: no sweep id in them (wandb#8115), the config is the params
+    # file's (wandb locks it from WANDB_SWEEP_PARAM_PATH alone), the local sweep id is the group
+    sweep_dir = reports[0].parent.parent
+    state = json.loads((sweep_dir / "sweep_state.json").read_text())
+    for entry in state["runs"]:
+        (run_dir,) = (sweep_dir / "wandb").glob(f"offline-run-*-{entry['id']}")
+        logged = offline_run_contents(run_dir)
+        assert logged["sweep_id"] == "" and logged["group"] == sweep_dir.name
+        assert f"local-sweep-{sweep_dir.name}" in logged["tags"]
+        params_file = sweep_dir / "wandb" / f"sweep-{sweep_dir.name}" / f"config-{entry['id']}.yaml"
+        params = {k: v["value"] for k, v in yaml.safe_load(params_file.read_text()).items() if k != "wandb_version"}
+        assert {k: logged["config"][k] for k in params} == params
     out = reports[0].parent
     for figure in ("architecture_search_comprehensive.png", "learning_curves.png", "baseline_differences.png"):
         assert (out / figure).stat().st_size > 10_000, figure

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-import local_sweep
+from localsweep import cli, common, engine, macros, state, table
+from train_helpers import offline_run_contents
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,7 +30,7 @@ FAKE = textwrap.dedent('''
         f.write(json.dumps({"argv": sys.argv[1:],
                             "env": {k: v for k, v in os.environ.items() if k.startswith("WANDB_")}}) + "\\n")
     attention, seed = args.get("attention", "baseline"), int(args.get("seed", 0))
-    group = args.get("group") or os.environ.get("WANDB_SWEEP_ID") or "local"
+    group = args.get("group") or os.environ.get("WANDB_RUN_GROUP") or "local"
     out = Path(args.get("results_dir", "results")) / group / f"{attention}-s{seed}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -115,7 +116,7 @@ def test_argument_forms_match_wandbs_agent():
     from wandb.sdk.launch.sweeps import utils as wandb_utils
 
     theirs = wandb_utils.create_sweep_command_args({"args": {k: {"value": v} for k, v in PARAMS.items()}})
-    ours = local_sweep.sweep_command_args(PARAMS)
+    ours = macros.sweep_command_args(PARAMS)
     for macro in ("args", "args_no_equals", "args_no_hyphens", "args_no_boolean_flags", "args_json",
                   "args_append_hydra", "args_override_hydra"):
         assert ours[macro] == theirs[macro], macro
@@ -156,7 +157,7 @@ def wandb_expansion(command, params, program, interpreter, json_file):
 def test_command_expansion_matches_wandbs_agent(command, monkeypatch):
     monkeypatch.setenv("LOCAL_SWEEP_TEST_VAR", "from-env")
     kwargs = dict(program="train.py", interpreter="python", args_json_file="/tmp/config-x.json")
-    ours = local_sweep.expand_command(command, PARAMS, **kwargs)
+    ours = macros.expand_command(command, PARAMS, **kwargs)
     assert ours == wandb_expansion(command, PARAMS, "train.py", "python", "/tmp/config-x.json")
     if command is None:
         assert ours[:3] == ["/usr/bin/env", "python", "train.py"] and ours[3] == "--attention=rope_small"
@@ -167,20 +168,20 @@ def test_params_file_is_byte_for_byte_what_wandbs_agent_writes(tmp_path):
 
     theirs = tmp_path / "theirs.yaml"
     config_util.save_config_file_from_dict(str(theirs), {k: {"value": v} for k, v in PARAMS.items()})
-    assert local_sweep.params_file_text(PARAMS) == theirs.read_text()
+    assert macros.params_file_text(PARAMS) == theirs.read_text()
     ours = tmp_path / "ours.yaml"
-    ours.write_text(local_sweep.params_file_text(PARAMS))
+    ours.write_text(macros.params_file_text(PARAMS))
     assert config_util.dict_from_config_file(str(ours)) == PARAMS  # what wandb.init reads back
 
 
 def test_engine_sees_states_and_the_metric():
-    sweep = local_sweep.Sweep(Path("/nonexistent"), {"sweep_id": "abc", "runs": [
+    sweep = state.Sweep(Path("/nonexistent"), {"sweep_id": "abc", "runs": [
         {"id": "r1", "params": {"lr": 0.1}, "status": "finished", "metrics": {"val/loss": 3.5, "params/total": 9},
          "metric_history": [{"step": 10, "val/loss": 3.2}]},
         {"id": "r2", "params": {"lr": 0.2}, "status": "diverged", "metrics": {}},
         {"id": "r3", "params": {"lr": 0.3}, "status": "interrupted", "metrics": {}},
     ]})
-    r1, r2, r3 = local_sweep.engine_runs(sweep, "val/loss")
+    r1, r2, r3 = engine.engine_runs(sweep, "val/loss")
     assert (r1.state, r2.state, r3.state) == ("finished", "failed", "preempted")
     assert r1.summary_metrics == {"val/loss": 3.5} and r1.config == {"lr": {"value": 0.1}}
     assert r1.metric_extremum("val/loss", "minimum") == 3.2
@@ -189,7 +190,7 @@ def test_engine_sees_states_and_the_metric():
 # --- bad input: one `error:` line, exit 2, nothing started --------------------------------------
 
 def refuse(capsys, tmp_path, argv) -> str:
-    code = local_sweep.main([*map(str, argv), "--results-dir", str(tmp_path / "results")])
+    code = cli.main([*map(str, argv), "--results-dir", str(tmp_path / "results")])
     err = capsys.readouterr().err
     assert code == 2, err
     lines = err.strip().splitlines()
@@ -271,7 +272,7 @@ def test_random_and_bayes_values_are_checked_one_by_one(capsys, tmp_path, fake):
 def test_bad_options_are_one_error_line(capsys):
     for argv in (["x.yaml", "--count", "0"], ["x.yaml", "--count", "many"], [], ["x.yaml", "--retry-failed"]):
         with pytest.raises(SystemExit) as exit_info:
-            local_sweep.main(argv)
+            cli.main(argv)
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: "), err
@@ -304,7 +305,7 @@ def test_a_grid_with_a_failing_and_a_crashing_run_finishes_and_resumes(tmp_path,
     out = result.stdout
     sweep_dir = only_sweep_dir(results)
     sweep_id = sweep_dir.name
-    assert len(sweep_id) == 8 and set(sweep_id) <= set(local_sweep.ID_ALPHABET)
+    assert len(sweep_id) == 8 and set(sweep_id) <= set(common.ID_ALPHABET)
 
     # one progress line per run, with the reason for the failures
     assert "[1/4] baseline-s0  finished  val_loss=3.800" in out
@@ -335,7 +336,10 @@ def test_a_grid_with_a_failing_and_a_crashing_run_finishes_and_resumes(tmp_path,
     assert sorted(first["argv"][:-2]) == ["--attention=baseline", "--attention_bias=False", "--seed=0", "--steps=5"]
     assert first["argv"][-2:] == [f"--results_dir={results.resolve()}", f"--group={sweep_id}"]
     run_env = first["env"]
-    assert run_env["WANDB_MODE"] == "offline" and run_env["WANDB_SWEEP_ID"] == sweep_id
+    assert run_env["WANDB_MODE"] == "offline"
+    # no sweep id (the server has never seen it: wandb#8115); the sweep is the group and a tag
+    assert "WANDB_SWEEP_ID" not in run_env
+    assert run_env["WANDB_RUN_GROUP"] == sweep_id and f"local-sweep-{sweep_id}" in run_env["WANDB_TAGS"].split(",")
     assert run_env["WANDB_PROJECT"] == "attnsweep" and run_env["WANDB_DIR"] == str(sweep_dir)
     run_id = run_env["WANDB_RUN_ID"]
     assert run_id == state["runs"][0]["id"] and len(run_id) == 8
@@ -420,11 +424,11 @@ def test_a_second_agent_on_the_same_sweep_is_refused(capsys, tmp_path, fake):
     sweep_dir = tmp_path / "results" / "abcd1234"
     sweep_dir.mkdir(parents=True)
     write_sweep(sweep_dir / "sweep.yaml", fake, {"attention": {"values": ["baseline"]}})
-    local_sweep.Sweep(sweep_dir, {"state_schema": 1, "sweep_id": "abcd1234", "sweep_file": "x.yaml",
+    state.Sweep(sweep_dir, {"state_schema": 1, "sweep_id": "abcd1234", "sweep_file": "x.yaml",
                                   "results_dir": str(tmp_path / "results"), "runs": []}).save()
     with open(sweep_dir / ".lock", "a+") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        code = local_sweep.main(["--resume", str(sweep_dir), "--no-report"])
+        code = cli.main(["--resume", str(sweep_dir), "--no-report"])
     assert code == 2
     assert "is being run by another local_sweep.py" in capsys.readouterr().err
     assert calls(fake) == []
@@ -440,5 +444,116 @@ def test_a_failing_report_is_a_warning(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "analysis.report", Broken)
     monkeypatch.setattr(analysis, "report", Broken, raising=False)
-    local_sweep.write_report(tmp_path, tmp_path / "report")
+    table.write_report(tmp_path, tmp_path / "report")
     assert capsys.readouterr().err.startswith("warning: the report failed (ValueError: no runs)")
+
+
+# --- early_terminate and metric.target -----------------------------------------------------------
+
+# A stand-in for train.py that logs through a real offline W&B run, as train.py does: val/loss at
+# steps 1, 2, 3, ... from a fixed curve per variant, 0.2 s apart; SIGTERM ends it after the step.
+FAKE_WANDB = textwrap.dedent('''
+    import json, os, signal, sys, time
+    from pathlib import Path
+    import wandb
+
+    args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+    attention = args["attention"]
+    curve = {"baseline": [10, 5, 4, 3], "rope_only": [10, 9] + [9] * 98}[attention]
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    # the command line says lr=-1, then tries to change it: the sweep's value must win (locked)
+    run = wandb.init(config={"lr": -1.0, "attention": attention})
+    run.config.update({"lr": -2.0}, allow_val_change=True)
+    history = []
+    for step, loss in enumerate(curve, 1):
+        if stop:
+            break
+        run.log({"val/loss": loss}, step=step)
+        history.append({"step": step, "val/loss": loss})
+        time.sleep(0.2)
+    status = "interrupted" if stop else "finished"
+    out = Path(args["results_dir"]) / args["group"] / f"{attention}-s0.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"run_id": os.environ["WANDB_RUN_ID"], "status": status,
+                               "error": "stopped by a signal" if stop else None,
+                               "summary": {"val/loss": history[-1]["val/loss"]}, "history": history}))
+    run.finish(exit_code=130 if stop else 0)
+    sys.exit(130 if stop else 0)
+''')
+
+
+def test_hyperband_stops_the_run_that_falls_behind_as_stopped(tmp_path):
+    """W&B's hyperband with min_iter=2, eta=3 (bands at 2, 6, 18 steps; r=1/3): at band 2 the
+    threshold over {baseline: 5, rope_only: 9} is sorted([5, 9])[int(2/3)] = 5, and rope_only's best
+    so far, 9, is above it: it is stopped there, read from its W&B history while it runs. Without
+    early termination it would log 100 steps (20 s)."""
+    program = tmp_path / "fake" / "fake_wandb.py"
+    program.parent.mkdir()
+    program.write_text(FAKE_WANDB)
+    sweep = write_sweep(tmp_path / "hb.yaml", program, {
+        "attention": {"values": ["baseline", "rope_only"]}, "lr": {"value": 0.001}},
+        early_terminate={"type": "hyperband", "min_iter": 2, "eta": 3})
+    results = tmp_path / "results"
+    result = run_cli(sweep, "--results-dir", results, "--no-report", timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    sweep_dir = only_sweep_dir(results)
+    first, second = state_of(sweep_dir)["runs"]
+    assert (first["name"], first["status"]) == ("baseline-s0", "finished")  # alone at its bands: never stopped
+    assert (second["name"], second["status"]) == ("rope_only-s0", "stopped")
+    assert "hyperband" in second["error"] and "Band: 2" in second["error"]
+    assert 2 <= len(second["metric_history"]) < 20  # stopped early, a few polls after step 2
+    assert "rope_only-s0  stopped" in result.stdout
+
+    # W&B saw the stop as the agent's doing, not a crash: the run's state for the engine is killed
+    runs = engine.engine_runs(state.Sweep(sweep_dir, state_of(sweep_dir)), "val/loss")
+    assert [r.state for r in runs] == ["finished", "killed"]
+
+    # the offline runs: no sweep id, the sweep as group and tag, the config locked to the params file
+    for entry in (first, second):
+        (run_dir,) = (sweep_dir / "wandb").glob(f"offline-run-*-{entry['id']}")
+        logged = offline_run_contents(run_dir)
+        assert logged["sweep_id"] == "" and logged["group"] == sweep_dir.name
+        assert f"local-sweep-{sweep_dir.name}" in logged["tags"]
+        assert logged["config"]["lr"] == 0.001 and logged["config"]["attention"] == entry["params"]["attention"]
+
+    # a stopped run is a result: --resume does not run it again
+    runs_before = sorted(p.name for p in (sweep_dir / "wandb").glob("offline-run-*"))
+    again = run_cli("--resume", sweep_dir, "--no-report")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert [r["status"] for r in state_of(sweep_dir)["runs"]] == ["finished", "stopped"]
+    assert sorted(p.name for p in (sweep_dir / "wandb").glob("offline-run-*")) == runs_before  # nothing re-ran
+
+
+def test_early_terminate_without_wandb_history_is_refused(capsys, tmp_path, fake, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    sweep = write_sweep(tmp_path / "hb.yaml", fake, {"attention": {"values": ["baseline"]}},
+                        early_terminate={"type": "hyperband", "min_iter": 2})
+    assert "WANDB_MODE=disabled" in refuse(capsys, tmp_path, [sweep])
+
+
+def test_bad_early_terminate_settings_are_refused(capsys, tmp_path, fake):
+    sweep = write_sweep(tmp_path / "hb.yaml", fake, {"attention": {"values": ["baseline"]}},
+                        early_terminate={"type": "hyperband", "max_iter": 1, "s": 2, "eta": 3})
+    assert "early_terminate" in refuse(capsys, tmp_path, [sweep])
+
+
+def test_reaching_the_metric_target_ends_the_hand_out_of_runs(tmp_path, fake):
+    """The fake's val/loss is 3.0 + len(attention)/10: rope_only 3.9, baseline 3.8, bias_only 3.9.
+    With target 3.85 (minimize), baseline reaches it: bias_only, next in the grid, never starts."""
+    sweep = write_sweep(tmp_path / "target.yaml", fake, {
+        "attention": {"values": ["rope_only", "baseline", "bias_only"]}, "seed": {"value": 0}})
+    config = yaml.safe_load(sweep.read_text())
+    config["metric"]["target"] = 3.85
+    sweep.write_text(yaml.safe_dump(config, sort_keys=False))
+    results = tmp_path / "results"
+    result = run_cli(sweep, "--results-dir", results, "--no-report")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [c["argv"][0] for c in calls(fake)] == ["--attention=rope_only", "--attention=baseline"]
+    assert "baseline-s0" in result.stdout and "reached the metric target val/loss=3.85" in result.stdout
+    sweep_dir = only_sweep_dir(results)
+    saved = state_of(sweep_dir)
+    assert saved["complete"] is True and saved["target_reached_by"] == saved["runs"][1]["id"]
+    # and a resumed sweep stays finished
+    assert run_cli("--resume", sweep_dir, "--no-report").returncode == 0
+    assert len(calls(fake)) == 2

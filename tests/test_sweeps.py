@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import local_sweep
+from localsweep import common, macros, validate
 from attention import VARIANTS
 from config import FIELD_TYPES, _allowed_types, config_from_values, parse_args
 
@@ -32,7 +32,7 @@ def test_the_four_sweeps_are_there_and_nothing_else():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_wandb_schema_accepts_it(name):
-    sweeps = local_sweep.import_engine()
+    sweeps = common.import_engine()
     assert sweeps.schema_violations_from_proposed_config(load(name)) == []
 
 
@@ -68,11 +68,11 @@ def test_enumerates_exactly_the_13_variants_in_order(name):
 def test_every_value_passes_config_validation(name):
     """Every run the grid can produce, as W&B's engine enumerates it, is a valid TrainConfig."""
     config = load(name)
-    total, runs = local_sweep.grid_size_and_runs(config)
+    total, runs = validate.grid_size_and_runs(config)
     assert runs is not None and len(runs) == total
     for values in runs:
         config_from_values(values)
-    assert local_sweep.bad_values(config, runs) == []
+    assert validate.bad_values(config, runs) == []
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -80,9 +80,9 @@ def test_values_survive_the_agents_command_line(name):
     """What train.py parses from `${args}` (`--name=value`) equals the YAML's typed values, so
     train.py's check that wandb.config agrees with its command line holds."""
     config = load(name)
-    _, runs = local_sweep.grid_size_and_runs(config)
+    _, runs = validate.grid_size_and_runs(config)
     for values in runs[:3]:
-        argv = local_sweep.sweep_command_args(values)["args"]
+        argv = macros.sweep_command_args(values)["args"]
         assert config_from_values(parse_args(argv)) == config_from_values(values)
 
 
@@ -121,8 +121,8 @@ def test_smoke_and_seeds_are_small_and_on_the_embedded_corpus():
     smoke, seeds = fixed(load("smoke.yaml")), fixed(load("seeds.yaml"))
     assert {k: v for k, v in seeds.items() if k != "seed"} == {k: v for k, v in smoke.items() if k != "seed"}
     assert load("seeds.yaml")["parameters"]["seed"]["values"] == [0, 1, 2]
-    assert local_sweep.grid_size_and_runs(load("seeds.yaml"))[0] == 39
-    assert local_sweep.grid_size_and_runs(load("smoke.yaml"))[0] == 13
+    assert validate.grid_size_and_runs(load("seeds.yaml"))[0] == 39
+    assert validate.grid_size_and_runs(load("smoke.yaml"))[0] == 13
 
 
 def test_multigpu_command_is_accelerate_launch_then_the_program():
@@ -138,7 +138,7 @@ def test_multigpu_command_is_accelerate_launch_then_the_program():
     assert processes and fixed(load("fast_multigpu.yaml"))["batch_size"] % processes[0] == 0
     # otherwise the same experiment as fast.yaml
     assert load("fast_multigpu.yaml")["parameters"] == load("fast.yaml")["parameters"]
-    argv = local_sweep.expand_command(command, {"attention": "baseline", "seed": 0}, program="train.py",
+    argv = macros.expand_command(command, {"attention": "baseline", "seed": 0}, program="train.py",
                                       interpreter="python", args_json_file="x.json")
     assert argv[:3] == ["/usr/bin/env", "accelerate", "launch"]
     assert argv[argv.index("train.py") + 1:] == ["--attention=baseline", "--seed=0"]

@@ -95,14 +95,17 @@ def test_agent_contract_sweep_values_and_group(tmp_path, corpus):
     assert logged["config"]["seed"] == 4 and logged["config"]["lr"] == 0.002
 
 
-def test_agent_values_that_disagree_with_the_command_line_fail_loudly(tmp_path, corpus):
+@pytest.mark.parametrize("sweep_id", ["swp999", None])  # None: local_sweep.py, the params file alone
+def test_agent_values_that_disagree_with_the_command_line_fail_loudly(tmp_path, corpus, sweep_id):
     param_path = tmp_path / "params.json"
     param_path.write_text(json.dumps({"attention": {"value": "rope_only"}}))
-    env = {"WANDB_SWEEP_ID": "swp999", "WANDB_SWEEP_PARAM_PATH": str(param_path)}
+    env = {"WANDB_SWEEP_PARAM_PATH": str(param_path), "WANDB_RUN_GROUP": "grp999"}
+    if sweep_id:
+        env["WANDB_SWEEP_ID"] = sweep_id
     result = run_train(tiny_args(tmp_path, corpus, attention="baseline"), env=env)
     assert result.returncode == 2
     assert "attention='rope_only' disagrees" in result.stderr
-    record = read_record(tmp_path / "results", "swp999", "baseline-s0")
+    record = read_record(tmp_path / "results", sweep_id or "grp999", "baseline-s0")
     assert record["status"] == "failed" and "disagrees" in record["error"]
 
 

@@ -3,10 +3,11 @@ one, and a reader for what W&B wrote into an offline run."""
 import gzip
 import json
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
+
+from localsweep.wandb_file import history_rows, parsed_records
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,44 +46,17 @@ def read_record(results_dir: Path, group: str, run_name: str) -> dict:
     return json.loads((results_dir / group / f"{run_name}.json").read_text())
 
 
-def _wandb_log_records(path: Path) -> list[bytes]:
-    """The records of a .wandb file: a 7-byte header (":W&B", magic, version), then LevelDB-style
-    32 KiB blocks of chunks, each with a 7-byte header (crc32, length, type: 1 full, 2 first,
-    3 middle, 4 last). wandb 0.31 has no Python reader for it any more, so the test has its own."""
-    data, block, pos = path.read_bytes(), 32768, 7
-    assert data[:4] == b":W&B", path
-    records, pending = [], b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0:
-            break
-        pending += data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):
-            records.append(pending)
-            pending = b""
-    return records
-
-
 def offline_run_contents(run_dir: Path) -> dict:
-    """The config, group and logged history rows stored in an offline run's .wandb file."""
-    from wandb.proto import wandb_internal_pb2
-
+    """The config, group, sweep id, tags and logged history rows stored in an offline run's .wandb
+    file (read with local_sweep's reader: it is how hyperband sees a running run)."""
     (wandb_file,) = run_dir.glob("run-*.wandb")
-    config, group, history = {}, None, []
-    for data in _wandb_log_records(wandb_file):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
-        kind = record.WhichOneof("record_type")
+    config, group, sweep_id, tags, history = {}, None, None, [], []
+    for kind, record in parsed_records(wandb_file):
         if kind == "run":
-            group = record.run.run_group
+            group, sweep_id, tags = record.run.run_group, record.run.sweep_id, list(record.run.tags)
             config.update({item.key: json.loads(item.value_json) for item in record.run.config.update})
         elif kind == "config":
             config.update({item.key: json.loads(item.value_json) for item in record.config.update})
         elif kind == "history":
-            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                            for item in record.history.item})
-    return {"config": config, "group": group, "history": history}
+            history.append(history_rows(record))
+    return {"config": config, "group": group, "sweep_id": sweep_id, "tags": tags, "history": history}
