@@ -1,0 +1,120 @@
+"""README and docstring promises that need their own independent check: the learning-rate
+schedule against hand values, results records that never clobber another run's, the hub dataset
+path, the token cache under two processes, the data fingerprint recomputed from first principles,
+and compile / bf16 through the real command line."""
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import train
+from config import TrainConfig
+from train_helpers import ROOT, offline_env, offline_run_contents, read_record, run_train, small_corpus, tiny_args
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return small_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+# --- the learning-rate schedule ------------------------------------------------------------------
+
+def test_lr_factor_hand_values():
+    """warmup 3 of 10 steps, cosine to a floor of 0.1: step s < 3 gets (s+1)/3; then
+    0.1 + 0.9 * (1 + cos(pi * (s-3)/7)) / 2, worked out by hand below; the floor at step 10."""
+    cfg = TrainConfig(lr_schedule="cosine", warmup_steps=3, steps=10, min_lr_ratio=0.1)
+    hand = [1 / 3, 2 / 3, 1.0,  # warmup
+            1.0,  # cos(0) = 1
+            0.1 + 0.45 * (1 + 0.9009688679),  # cos(pi/7)
+            0.1 + 0.45 * (1 + 0.6234898019),  # cos(2pi/7)
+            0.1 + 0.45 * (1 + 0.2225209340),  # cos(3pi/7)
+            0.1 + 0.45 * (1 - 0.2225209340),
+            0.1 + 0.45 * (1 - 0.6234898019),
+            0.1 + 0.45 * (1 - 0.9009688679)]  # the last step, 0.14456...
+    assert [train.lr_factor(cfg, s) for s in range(10)] == pytest.approx(hand, abs=1e-9)
+    assert hand[-1] == pytest.approx(0.144564, abs=1e-6)
+    assert train.lr_factor(cfg, 10) == pytest.approx(0.1)  # the floor, reached after the last step
+    assert train.lr_factor(cfg, 25) == pytest.approx(0.1)  # and never gone below
+    constant = TrainConfig(lr_schedule="constant", warmup_steps=2, steps=10)
+    assert [train.lr_factor(constant, s) for s in range(5)] == [0.5, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_logged_lr_of_every_step_of_a_real_run_is_the_schedule(tmp_path, corpus):
+    """warmup 2 of 6 steps, cosine to 0.2, lr 0.01: what the optimizer used at each step, as the
+    record and the W&B run log it."""
+    args = tiny_args(tmp_path, corpus, steps=6, eval_every=6, lr=0.01, lr_schedule="cosine", warmup_steps=2,
+                     min_lr_ratio=0.2)
+    result = run_train(args)
+    assert result.returncode == 0, result.stderr
+    # 0.2 + 0.4 * (1 + cos(pi * k/4)) for k = 0..3: 1, 0.88284271, 0.6, 0.31715729
+    hand = [0.005, 0.01, 0.01, 0.0088284271, 0.006, 0.0031715729]
+    record = read_record(tmp_path / "results", "local", "baseline-s0")
+    assert [row["train/lr"] for row in record["history"]] == pytest.approx(hand, rel=1e-8)
+    (run_dir,) = (tmp_path / "results" / "wandb").glob("offline-run-*")
+    logged = [row["train/lr"] for row in offline_run_contents(run_dir)["history"] if "train/lr" in row]
+    assert logged == pytest.approx(hand, rel=1e-8)
+
+
+# --- results records: every run keeps its own -------------------------------------------------------
+
+def record_of(run_id: str, status: str) -> dict:
+    return {"schema": 1, "run_id": run_id, "run_name": "baseline-s0", "status": status,
+            "error": None if status == "finished" else f"the reason {run_id} {status}"}
+
+
+@pytest.mark.parametrize("first,second", [("finished", "failed"), ("failed", "finished"),
+                                          ("diverged", "interrupted"), ("interrupted", "finished")])
+def test_a_record_never_replaces_another_runs_record(tmp_path, first, second):
+    path_a = train.write_record(tmp_path, "g", "baseline-s0", "aaaa", record_of("aaaa", first))
+    path_b = train.write_record(tmp_path, "g", "baseline-s0", "bbbb", record_of("bbbb", second))
+    assert path_a == tmp_path / "g" / "baseline-s0.json" and path_b == tmp_path / "g" / "baseline-s0-bbbb.json"
+    assert json.loads(path_a.read_text()) == record_of("aaaa", first)
+    assert json.loads(path_b.read_text()) == record_of("bbbb", second)
+    # the same run writing again (a resumed run) updates its own record, wherever it is
+    assert train.write_record(tmp_path, "g", "baseline-s0", "bbbb", record_of("bbbb", "finished")) == path_b
+    assert train.write_record(tmp_path, "g", "baseline-s0", "aaaa", record_of("aaaa", "finished")) == path_a
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["baseline-s0-bbbb.json", "baseline-s0.json"]
+
+
+def _write_at_once(directory, run_id, barrier):
+    barrier.wait()
+    train.write_record(directory, "g", "baseline-s0", run_id, record_of(run_id, "failed"))
+
+
+def test_two_writers_at_once_keep_both_records(tmp_path):
+    """Two processes released together by a barrier, 20 times: both records survive every time."""
+    context = multiprocessing.get_context("fork")
+    for trial in range(20):
+        directory = tmp_path / str(trial)
+        barrier = context.Barrier(2)
+        writers = [context.Process(target=_write_at_once, args=(directory, run_id, barrier)) for run_id in ("a1", "b2")]
+        for writer in writers:
+            writer.start()
+        for writer in writers:
+            writer.join(30)
+            assert writer.exitcode == 0
+        records = [json.loads(p.read_text()) for p in (directory / "g").glob("*.json")]
+        assert sorted(r["run_id"] for r in records) == ["a1", "b2"], trial
+        assert not list((directory / "g").glob(".*tmp"))  # no temp file left behind
+
+
+def test_a_failed_runs_record_survives_a_later_finished_run(tmp_path, corpus):
+    """Through the CLI, in the order the old code lost: a run fails (its corpus is too small),
+    then another run of the same name finishes. Both records are there, each with its end time."""
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("only a few words here\n")
+    failed = run_train(tiny_args(tmp_path, tiny), env={"WANDB_RUN_ID": "failedrun"})
+    assert failed.returncode == 2, failed.stderr
+    finished = run_train(tiny_args(tmp_path, corpus, steps=2, eval_every=2), env={"WANDB_RUN_ID": "finishedrun"})
+    assert finished.returncode == 0, finished.stderr
+    first = read_record(tmp_path / "results", "local", "baseline-s0")
+    second = read_record(tmp_path / "results", "local", "baseline-s0-finishedrun")
+    assert (first["run_id"], first["status"]) == ("failedrun", "failed") and "too few" in first["error"]
+    assert (second["run_id"], second["status"]) == ("finishedrun", "finished")
+    assert first["summary"]["time/ended_at"] < second["summary"]["time/ended_at"]
