@@ -50,36 +50,45 @@ def bad_corpora(tmp: Path) -> dict:
     readonly = tmp / "readonly_results"
     readonly.mkdir()
     readonly.chmod(0o500)
+    (tmp / "a_file").write_text("a regular file, so nothing can be created under it, not even by root\n")
+    (tmp / "not_a_dataset").mkdir()
+    (tmp / "not_a_dataset" / "notes.bin").write_bytes(bytes(range(256)))
     return {"empty": tmp / "empty.txt", "latin1": tmp / "latin1.txt", "tiny": tmp / "tiny.txt",
-            "broken": tmp / "broken.txt.gz", "unreadable": unreadable, "readonly": readonly}
+            "broken": tmp / "broken.txt.gz", "unreadable": unreadable, "readonly": readonly,
+            "under_a_file": tmp / "a_file" / "results", "corpus_under_a_file": tmp / "a_file" / "corpus.txt",
+            "not_a_dataset": tmp / "not_a_dataset"}
 
 
-BAD_INPUTS = [  # (case, extra arguments, text the error line must contain)
-    ("unknown variant", {"attention": "flash_magic"}, "flash_magic"),
-    ("unknown key", {"warp_speed": 9}, "--warp_speed"),
-    ("wrong int", {"steps": "ten"}, "--steps=ten"),
-    ("wrong bool", {"compile": "maybe"}, "--compile=maybe"),
-    ("zero size", {"d_model": 0}, "--d_model=0"),
-    ("negative size", {"batch_size": -4}, "--batch_size=-4"),
-    ("heads do not divide", {"d_model": 30, "n_heads": 4}, "--d_model=30"),
-    ("odd rotary dim", {"attention": "rope_only", "qk_rope_head_dim": 7}, "--qk_rope_head_dim=7"),
-    ("top_k over experts", {"top_k": 5, "n_experts": 4}, "--top_k=5"),
-    ("knob on baseline", {"kv_lora_rank": 16}, "--kv_lora_rank=16"),
-    ("bad precision", {"mixed_precision": "fp8"}, "--mixed_precision=fp8"),
-    ("missing corpus", {"dataset": "/nonexistent/corpus.txt"}, "/nonexistent/corpus.txt"),
-    ("empty corpus", {"dataset": "@empty"}, "empty.txt"),
-    ("non-UTF-8 corpus", {"dataset": "@latin1"}, "not UTF-8"),
-    ("broken gzip", {"dataset": "@broken"}, "broken.txt.gz"),
-    ("corpus too small", {"dataset": "@tiny"}, "too few"),
-    ("seq_len too long for corpus", {"seq_len": 30000}, "too few"),
-    ("unwritable results dir", {"results_dir": "@readonly"}, "readonly_results"),
+BAD_INPUTS = [  # (case, extra arguments, text the error line must contain, whether the run gets a record)
+    ("unknown variant", {"attention": "flash_magic"}, "flash_magic", False),
+    ("unknown key", {"warp_speed": 9}, "--warp_speed", False),
+    ("wrong int", {"steps": "ten"}, "--steps=ten", False),
+    ("wrong bool", {"compile": "maybe"}, "--compile=maybe", False),
+    ("zero size", {"d_model": 0}, "--d_model=0", False),
+    ("negative size", {"batch_size": -4}, "--batch_size=-4", False),
+    ("heads do not divide", {"d_model": 30, "n_heads": 4}, "--d_model=30", False),
+    ("odd rotary dim", {"attention": "rope_only", "qk_rope_head_dim": 7}, "--qk_rope_head_dim=7", False),
+    ("top_k over experts", {"top_k": 5, "n_experts": 4}, "--top_k=5", False),
+    ("knob on baseline", {"kv_lora_rank": 16}, "--kv_lora_rank=16", False),
+    ("bad precision", {"mixed_precision": "fp8"}, "--mixed_precision=fp8", False),
+    ("missing corpus", {"dataset": "/nonexistent/corpus.txt"}, "/nonexistent/corpus.txt", True),
+    ("corpus under a regular file", {"dataset": "@corpus_under_a_file"}, "a_file/corpus.txt", True),
+    ("directory that is not a dataset", {"dataset": "@not_a_dataset"}, "without a dataset", True),
+    ("empty corpus", {"dataset": "@empty"}, "empty.txt", True),
+    ("non-UTF-8 corpus", {"dataset": "@latin1"}, "not UTF-8", True),
+    ("broken gzip", {"dataset": "@broken"}, "broken.txt.gz", True),
+    ("corpus too small", {"dataset": "@tiny"}, "too few", True),
+    ("seq_len too long for corpus", {"seq_len": 30000}, "too few", True),
+    ("unwritable results dir", {"results_dir": "@readonly"}, "readonly_results", False),
+    # a path under a regular file cannot be created by anyone, root included: check_writable runs here
+    ("results dir under a regular file", {"results_dir": "@under_a_file"}, "a_file/results: not writable", False),
 ]
 if os.geteuid() != 0:  # root reads a chmod-0 file anyway
-    BAD_INPUTS.append(("unreadable corpus", {"dataset": "@unreadable"}, "unreadable.txt"))
+    BAD_INPUTS.append(("unreadable corpus", {"dataset": "@unreadable"}, "unreadable.txt", True))
 
 
-@pytest.mark.parametrize("case,extra,expected", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_one_error_line_and_nothing_lost(tmp_path, corpus, case, extra, expected):
+@pytest.mark.parametrize("case,extra,expected,recorded", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_one_error_line_and_nothing_lost(tmp_path, corpus, case, extra, expected, recorded):
     if case == "unwritable results dir" and os.geteuid() == 0:
         pytest.skip("root writes into a read-only directory")
     files = bad_corpora(tmp_path)
@@ -100,7 +109,10 @@ def test_bad_input_one_error_line_and_nothing_lost(tmp_path, corpus, case, extra
     after = tree_snapshot(results)
     own_record = {k for k in after if k.startswith("local/") and k.endswith(".json") and k not in before}
     assert {k: after[k] for k in after if k not in own_record and not k.startswith("wandb/")} == before
-    for name in own_record:  # the failed run's own record, if it got that far
+    # a run that got past the command line leaves its own record, failed with the reason; a refused
+    # command line or an unwritable results directory leaves none
+    assert len(own_record) == (1 if recorded else 0), sorted(own_record)
+    for name in own_record:
         record = json.loads((results / name).read_text())
         assert record["status"] == "failed" and expected in record["error"]
 
