@@ -15,7 +15,7 @@ import torch
 
 import model as model_module
 import train
-from train_helpers import ROOT, offline_env, read_record, run_train, small_corpus, tiny_args
+from train_helpers import ROOT, offline_env, offline_run_contents, read_record, run_train, small_corpus, tiny_args
 
 TIMING_KEYS = ("perf/step_time_ms", "perf/tokens_per_sec", "memory/allocated_gb", "memory/peak_gb")
 
@@ -135,6 +135,19 @@ def faulty_forward(fault_step: int, fault):
     return forward
 
 
+def assert_wandb_run_says(results_dir: Path, record: dict, exit_code: int) -> None:
+    """The run's W&B side, read back from its offline .wandb file: the summary has the record's
+    status and reason, and the exit code (which sync turns into the failed state) is not 0."""
+    (run_dir,) = (results_dir / "wandb").glob(f"offline-run-*-{record['run_id']}")
+    # in-process, the wandb service (still running for the next test) writes the exit record a
+    # moment after run.finish() returns; a process that exits flushes it on teardown
+    assert wait_for(lambda: offline_run_contents(run_dir)["exit_code"] is not None, timeout=30)
+    logged = offline_run_contents(run_dir)
+    assert logged["exit_code"] == exit_code != 0
+    assert (logged["summary"]["status"], logged["summary"]["error"]) == (record["status"], record["error"])
+    assert len(logged["history"]) == len(record["history"])
+
+
 def in_process(monkeypatch, args) -> int:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -149,6 +162,7 @@ def test_injected_nan_diverges_at_that_step(tmp_path, corpus, monkeypatch, capsy
     assert record["status"] == "diverged" and "step 4" in record["error"]
     assert [row["step"] for row in record["history"]] == [1, 2, 3]
     assert "error: non-finite loss at step 4" in capsys.readouterr().err
+    assert_wandb_run_says(tmp_path / "results", record, train.EXIT_CODES["diverged"])
 
 
 def test_cuda_out_of_memory_gets_its_own_message(tmp_path, corpus, monkeypatch, capsys):
@@ -173,6 +187,7 @@ def test_a_crash_is_recorded_failed_with_its_reason(tmp_path, corpus, monkeypatc
     record = read_record(tmp_path / "results", "local", "baseline-s0")
     assert record["status"] == "failed" and "RuntimeError: something broke inside" in record["error"]
     assert (tmp_path / "results" / "local" / "baseline-s0.traceback.txt").exists()
+    assert_wandb_run_says(tmp_path / "results", record, 1)
 
 
 def test_real_divergence_in_a_sweep_does_not_stop_the_sweep(tmp_path, corpus):
@@ -255,6 +270,7 @@ def test_sigterm_checkpoints_and_marks_interrupted(tmp_path, corpus):
     progress = json.loads((tmp_path / "results" / "local" / "checkpoints" / "baseline-s0" / "progress.json").read_text())
     assert progress["step"] == len(record["history"])
     assert (tmp_path / "results" / "local" / "checkpoints" / "baseline-s0" / "state").is_dir()
+    assert_wandb_run_says(tmp_path / "results", record, train.EXIT_CODES["interrupted"])
 
     resumed = run_train(args + ["--resume"])  # the checkpoint is usable
     assert resumed.returncode == 0, resumed.stderr

@@ -68,11 +68,13 @@ def _wandb_log_records(path: Path) -> list[bytes]:
 
 
 def offline_run_contents(run_dir: Path) -> dict:
-    """The config, group and logged history rows stored in an offline run's .wandb file."""
+    """The config, group, logged history rows, summary and exit code stored in an offline run's
+    .wandb file (the exit code is what `wandb sync` turns into the run's state: 0 finished, else
+    failed; None when the run never ended)."""
     from wandb.proto import wandb_internal_pb2
 
     (wandb_file,) = run_dir.glob("run-*.wandb")
-    config, group, history = {}, None, []
+    config, group, history, summary, exit_code = {}, None, [], {}, None
     for data in _wandb_log_records(wandb_file):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(data)
@@ -85,4 +87,11 @@ def offline_run_contents(run_dir: Path) -> dict:
         elif kind == "history":
             history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                             for item in record.history.item})
-    return {"config": config, "group": group, "history": history}
+        elif kind == "summary":
+            summary.update({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                            for item in record.summary.update})
+            for item in record.summary.remove:
+                summary.pop(item.key or "/".join(item.nested_key), None)
+        elif kind == "exit":
+            exit_code = record.exit.exit_code
+    return {"config": config, "group": group, "history": history, "summary": summary, "exit_code": exit_code}
