@@ -118,3 +118,68 @@ def test_a_failed_runs_record_survives_a_later_finished_run(tmp_path, corpus):
     assert (first["run_id"], first["status"]) == ("failedrun", "failed") and "too few" in first["error"]
     assert (second["run_id"], second["status"]) == ("finishedrun", "finished")
     assert first["summary"]["time/ended_at"] < second["summary"]["time/ended_at"]
+
+
+# --- the hub dataset path (streaming + max_documents) ----------------------------------------------
+
+@pytest.fixture
+def fake_hub(monkeypatch, corpus):
+    """datasets.load_dataset answering hub names with a streamed IterableDataset of the corpus's
+    lines (in a column named "content"), as the hub would; local loads go to the real function."""
+    import datasets
+
+    real = datasets.load_dataset
+    lines = corpus.read_text(encoding="utf-8").split("\n")[:-1]  # what the "text" loader yields
+    calls = []
+
+    def load_dataset(path, name=None, *, split=None, streaming=False, **kwargs):
+        if path == "text" or not streaming:
+            return real(path, name, split=split, streaming=streaming, **kwargs)
+        calls.append({"path": path, "name": name, "split": split, **kwargs})
+
+        def documents():
+            for line in lines:
+                yield {"content": line, "title": line.upper()}
+
+        return datasets.IterableDataset.from_generator(documents)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return lines, calls
+
+
+def test_a_streamed_hub_dataset_gives_the_file_paths_tokens_cut_at_max_documents(tmp_path, corpus, fake_hub):
+    from data import load_tokens
+
+    lines, calls = fake_hub
+    hub = TrainConfig(dataset="someone/corpus", dataset_config="plain", dataset_split="train", text_column="content",
+                      cache_dir=str(tmp_path / "cache"))
+    tokens, vocab = load_tokens(hub)
+    assert calls == [{"path": "someone/corpus", "name": "plain", "split": "train"}]
+    file_tokens, file_vocab = load_tokens(TrainConfig(dataset=str(corpus), cache_dir=str(tmp_path / "cache")))
+    assert vocab == file_vocab == 8192 and len(tokens) > 10_000
+    assert np.array_equal(tokens, file_tokens)
+
+    first = tmp_path / "first60.txt"  # the first 60 documents, as a file
+    first.write_text("".join(line + "\n" for line in lines[:60]), encoding="utf-8")
+    cut, _ = load_tokens(TrainConfig(**{**hub.to_dict(), "max_documents": 60}))
+    expected, _ = load_tokens(TrainConfig(dataset=str(first), cache_dir=str(tmp_path / "cache")))
+    assert np.array_equal(cut, expected) and 0 < len(cut) < len(tokens)
+
+
+def test_the_token_cache_key_holds_everything_that_changes_the_tokens(tmp_path, corpus, fake_hub):
+    """Each setting that changes a hub source's tokens makes a cache miss (a new load, a new cache
+    file); the same settings again are a hit."""
+    from data import load_tokens
+
+    _, calls = fake_hub
+    base = {"dataset": "someone/corpus", "dataset_config": "plain", "dataset_split": "train", "text_column": "content",
+            "max_documents": 40, "cache_dir": str(tmp_path / "cache")}
+    other_tokenizer = tmp_path / "tokenizer.json"
+    other_tokenizer.write_text((ROOT / "corpus" / "tokenizer.json").read_text().replace('"<|endoftext|>"', '"<|endoftext|>" ', 1))
+    changes = [{}, {"dataset": "someone/other"}, {"dataset_config": "fancy"}, {"dataset_split": "validation"},
+               {"text_column": "title"}, {"max_documents": 41}, {"tokenizer": str(other_tokenizer)}]
+    for index, change in enumerate(changes):
+        load_tokens(TrainConfig(**{**base, **change}))
+        assert len(calls) == index + 1, change
+    load_tokens(TrainConfig(**base))  # unchanged: from the cache
+    assert len(calls) == len(changes)
