@@ -229,3 +229,44 @@ def test_data_fingerprint_recomputed_from_first_principles_and_pinned(tmp_path, 
     (token_file,) = (tmp_path / "cache").glob("tokens-*.npy")
     assert fingerprint_from_first_principles(token_file, val_fraction=0.05, seed=0, **sizes) == logged
     assert logged == GOLDEN_EMBEDDED_SEED0
+
+
+# --- the token cache under two processes at once -------------------------------------------------
+
+BUILD_CACHE = """
+import hashlib, os, sys, time
+sys.path.insert(0, sys.argv[1])
+from config import TrainConfig
+import data
+tokenized, real_tokenize = [], data.tokenize
+data.tokenize = lambda cfg: tokenized.append(cfg) or real_tokenize(cfg)
+while not os.path.exists(sys.argv[4]):  # released together
+    time.sleep(0.001)
+tokens, vocab = data.load_tokens(TrainConfig(dataset=sys.argv[2], cache_dir=sys.argv[3]))
+print(len(tokenized))
+print(hashlib.sha256(tokens.tobytes()).hexdigest(), len(tokens), vocab)
+"""
+
+
+def test_two_processes_building_the_token_cache_at_once(tmp_path, corpus):
+    """data.py: "a concurrent run ... never leaves a half-written cache behind". Two processes
+    tokenize the same corpus into one empty cache directory at the same moment: both get the
+    same tokens, the cache holds one complete entry that a third load reads back unchanged."""
+    from data import load_tokens
+
+    cache, go = tmp_path / "cache", tmp_path / "go"
+    builders = [subprocess.Popen([sys.executable, "-c", BUILD_CACHE, str(ROOT), str(corpus), str(cache), str(go)],
+                                 env=offline_env(TOKENIZERS_PARALLELISM="false"), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    go.touch()
+    outputs = [builder.communicate(timeout=120) for builder in builders]
+    assert [builder.returncode for builder in builders] == [0, 0], [err for _, err in outputs]
+    assert [out.split("\n")[-3] for out, _ in outputs] == ["1", "1"]  # both really built it
+    results = {out.split("\n")[-2] for out, _ in outputs}
+    assert len(results) == 1  # the same digest, length and vocabulary in both
+    assert sorted(p.suffix for p in cache.iterdir() if p.name.startswith("tokens-")) == [".json", ".npy"]
+    assert not [p for p in cache.iterdir() if ".tmp" in p.name]
+    reread, vocab = load_tokens(TrainConfig(dataset=str(corpus), cache_dir=str(cache)))
+    meta = json.loads(next(cache.glob("tokens-*.json")).read_text())
+    digest = hashlib.sha256(np.asarray(reread).tobytes()).hexdigest()
+    assert results == {f"{digest} {len(reread)} {vocab}"} and meta["tokens"] == len(reread)
