@@ -270,3 +270,57 @@ def test_two_processes_building_the_token_cache_at_once(tmp_path, corpus):
     meta = json.loads(next(cache.glob("tokens-*.json")).read_text())
     digest = hashlib.sha256(np.asarray(reread).tobytes()).hexdigest()
     assert results == {f"{digest} {len(reread)} {vocab}"} and meta["tokens"] == len(reread)
+
+
+# --- --compile=True and --mixed_precision=bf16 through the command line, with a resume ------------
+
+# train.py as the command line runs it, except that the process sends itself SIGTERM while it
+# fetches the batch of 0-based step argv[1]: the run checkpoints after that step and stops
+INTERRUPT_AT = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[2])
+import data, train
+stop_at, real_batch = int(sys.argv[1]), data.Batches.train_batch
+
+def train_batch(self, step):
+    if step == stop_at:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real_batch(self, step)
+
+data.Batches.train_batch = train_batch
+sys.exit(train.main(sys.argv[3:]))
+"""
+
+
+def losses(record):
+    return [(row["train/loss"], row.get("val/loss")) for row in record["history"]]
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="torch.compile needs a C compiler")
+def test_compile_and_bf16_through_the_cli_resume_exactly_and_stay_close_to_fp32(tmp_path, corpus):
+    sizes = {"steps": 6, "eval_every": 3, "checkpoint_every": 0, "cache_dir": tmp_path / "cache"}  # tokenized once
+    fp32 = run_train(tiny_args(tmp_path / "fp32", corpus, **sizes, mixed_precision="no"))
+    assert fp32.returncode == 0, fp32.stderr
+    fast = {**sizes, "mixed_precision": "bf16", "compile": True}
+    straight = run_train(tiny_args(tmp_path / "straight", corpus, **fast))
+    assert straight.returncode == 0, straight.stderr
+
+    args = tiny_args(tmp_path / "resumed", corpus, **fast)
+    interrupted = subprocess.run([sys.executable, "-c", INTERRUPT_AT, "3", str(ROOT), *args], cwd=ROOT,
+                                 env=offline_env(), capture_output=True, text=True, timeout=300)
+    assert interrupted.returncode == train.EXIT_CODES["interrupted"], interrupted.stderr
+    assert read_record(tmp_path / "resumed" / "results", "local", "baseline-s0")["status"] == "interrupted"
+    resumed = run_train(args + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "from its checkpoint at step 4" in resumed.stderr
+
+    reference = read_record(tmp_path / "fp32" / "results", "local", "baseline-s0")
+    uninterrupted = read_record(tmp_path / "straight" / "results", "local", "baseline-s0")
+    record = read_record(tmp_path / "resumed" / "results", "local", "baseline-s0")
+    assert record["config"]["compile"] is True and record["config"]["mixed_precision"] == "bf16"
+    assert losses(record) == losses(uninterrupted)  # exactly, bit for bit
+    assert record["summary"]["data/fingerprint"] == reference["summary"]["data/fingerprint"]
+    assert losses(uninterrupted) != losses(reference)  # bf16 really ran
+    for (loss, val), (loss32, val32) in zip(losses(uninterrupted), losses(reference), strict=True):
+        assert loss == pytest.approx(loss32, rel=2e-2)
+        assert (val is None) == (val32 is None) and (val is None or val == pytest.approx(val32, rel=2e-2))

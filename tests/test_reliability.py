@@ -109,6 +109,7 @@ def test_bad_input_one_error_line_and_nothing_lost(tmp_path, corpus, case, extra
     after = tree_snapshot(results)
     own_record = {k for k in after if k.startswith("local/") and k.endswith(".json") and k not in before}
     assert {k: after[k] for k in after if k not in own_record and not k.startswith("wandb/")} == before
+    assert (tmp_path / "a_file").read_text().startswith("a regular file")  # the file in the way is untouched
     # a run that got past the command line leaves its own record, failed with the reason; a refused
     # command line or an unwritable results directory leaves none
     assert len(own_record) == (1 if recorded else 0), sorted(own_record)
