@@ -5,8 +5,9 @@
     python train.py --attention=baseline --vocab_size=49152 --dry_run
     torchrun --nproc_per_node=2 train.py ...        (or `accelerate launch` on GPUs)
 
-Every run ends with one results record, <results_dir>/<group>/<attention>-s<seed>.json, whose
-status is finished, failed, diverged or interrupted, and an exit code that says the same.
+Every run ends with one results record, <results_dir>/<group>/<attention>-s<seed>.json (with
+-<run_id> before .json when another run's record holds that name), whose status is finished,
+failed, diverged or interrupted, and an exit code that says the same.
 """
 import hashlib
 import json
