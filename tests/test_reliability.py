@@ -231,21 +231,24 @@ def start_train(args):
 
 
 LONG = {"steps": 120, "eval_every": 40, "checkpoint_every": 10, "dropout": 0.1}
+# a checkpoint costs about 3.7 s of CPU here (120 steps: 15 s without, 55 s with one every 10), so
+# the kill -9 runs are 40 steps: 3 checkpoints, still ~9 s of run left after the first to kill it in
+KILL = {**LONG, "steps": 40, "eval_every": 20}
 
 
 def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, corpus):
-    straight = run_train(tiny_args(tmp_path / "straight", corpus, **LONG))
+    straight = run_train(tiny_args(tmp_path / "straight", corpus, **KILL))
     assert straight.returncode == 0, straight.stderr
     reference = read_record(tmp_path / "straight" / "results", "local", "baseline-s0")
 
-    args = tiny_args(tmp_path / "killed", corpus, **LONG)
+    args = tiny_args(tmp_path / "killed", corpus, **KILL)
     progress = tmp_path / "killed" / "results" / "local" / "checkpoints" / "baseline-s0" / "progress.json"
     process = start_train(args)
     assert wait_for(progress.exists), "no checkpoint appeared"
     process.send_signal(signal.SIGKILL)
     process.wait()
     killed_at = json.loads(progress.read_text())["step"]
-    assert killed_at < LONG["steps"]
+    assert killed_at < KILL["steps"]
 
     resumed = run_train(args + ["--resume"])
     assert resumed.returncode == 0, resumed.stderr
