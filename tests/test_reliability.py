@@ -231,8 +231,9 @@ def start_train(args):
 
 
 LONG = {"steps": 120, "eval_every": 40, "checkpoint_every": 10, "dropout": 0.1}
-# a checkpoint costs about 3.7 s of CPU here (120 steps: 15 s without, 55 s with one every 10), so
-# the kill -9 runs are 40 steps: 3 checkpoints, still ~9 s of run left after the first to kill it in
+# a checkpoint costs seconds here (40 steps on the shared 2-core machine: a 5.9 s loop without,
+# 10.5 s with one every 10), so the kill -9 runs are 40 steps rather than 120: 3 checkpoints, and
+# two of them plus 30 steps still to run after the first, when the test kills the process
 KILL = {**LONG, "steps": 40, "eval_every": 20}
 
 
