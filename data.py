@@ -89,8 +89,11 @@ def load_texts(cfg: TrainConfig):
         if (path / "dataset_info.json").exists() or (path / "state.json").exists():
             loaded = load_from_disk(str(path))
             return loaded[cfg.dataset_split] if hasattr(loaded, "keys") else loaded
-        return load_dataset(str(path), cfg.dataset_config, split=cfg.dataset_split,
-                            cache_dir=str(Path(cfg.cache_dir) / "hf"))
+        try:
+            return load_dataset(str(path), cfg.dataset_config, split=cfg.dataset_split,
+                                cache_dir=str(Path(cfg.cache_dir) / "hf"))
+        except FileNotFoundError as err:  # datasets' "no (supported) data files" errors
+            raise ConfigError(f"--dataset={cfg.dataset}: a directory without a dataset in it ({one_line(err)})") from None
     if looks_like_path(cfg.dataset):
         raise ConfigError(f"--dataset={cfg.dataset}: no such file or directory")
     # No trust_remote_code: datasets 5 runs no loading scripts (it logs an error and drops the

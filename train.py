@@ -5,8 +5,9 @@
     python train.py --attention=baseline --vocab_size=49152 --dry_run
     torchrun --nproc_per_node=2 train.py ...        (or `accelerate launch` on GPUs)
 
-Every run ends with one results record, <results_dir>/<group>/<attention>-s<seed>.json, whose
-status is finished, failed, diverged or interrupted, and an exit code that says the same.
+Every run ends with one results record, <results_dir>/<group>/<attention>-s<seed>.json (with
+-<run_id> before .json when another run's record holds that name), whose status is finished,
+failed, diverged or interrupted, and an exit code that says the same.
 """
 import hashlib
 import json
@@ -68,17 +69,33 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def record_path(results_dir: Path, group: str, run_name: str, run_id: str) -> Path:
-    """<group>/<run_name>.json, unless another run's finished record holds that name: then the run
-    id goes into the name, so two agents sharing a results directory never clobber each other."""
+def write_record(results_dir: Path, group: str, run_name: str, run_id: str, record: dict) -> Path:
+    """<group>/<run_name>.json, unless another run's record (finished or not: a failed run's reason
+    is a result too) holds that name: then the run id goes into the name, so two agents sharing a
+    results directory never clobber each other. The name is claimed with a hard link, which fails
+    if it exists, so two runs ending at the same moment cannot both take it."""
     path = results_dir / group / f"{run_name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str))
     try:
-        existing = json.loads(path.read_text())
-    except (OSError, ValueError):
+        os.link(tmp, path)
+        tmp.unlink()
         return path
-    if existing.get("run_id") in (run_id, None) or existing.get("status") != "finished":
-        return path
-    return path.with_name(f"{run_name}-{run_id}.json")
+    except FileExistsError:
+        pass
+    except OSError:  # a filesystem without hard links: claim by rename, as before
+        if not path.exists():
+            os.replace(tmp, path)
+            return path
+    try:
+        owner = json.loads(path.read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        owner = None
+    if owner not in (run_id, None):
+        path = path.with_name(f"{run_name}-{run_id}.json")
+    os.replace(tmp, path)
+    return path
 
 
 def check_writable(results_dir: Path) -> None:
@@ -290,7 +307,8 @@ class Run:
 
     def _finish(self, tracker: "Tracker | None", exit_code: int) -> None:
         self.summary.update({"status": self.status, "error": self.error,
-                             "time/total_s": round(self.progress.get("elapsed", 0.0) + self.elapsed(), 3)})
+                             "time/total_s": round(self.progress.get("elapsed", 0.0) + self.elapsed(), 3),
+                             "time/ended_at": round(time.time(), 3)})  # which of two reruns is the later
         if self.error:
             print(f"error: {self.error}", file=sys.stderr)
         if not self.is_main:
@@ -302,8 +320,7 @@ class Run:
             "history": self.history,
         }
         try:
-            path = record_path(self.results_dir, self.group, self.cfg.run_name, self.run_id)
-            write_json_atomic(path, record)
+            write_record(self.results_dir, self.group, self.cfg.run_name, self.run_id, record)
         except OSError as err:  # already reported as the error when the directory is unwritable
             print(f"warning: cannot write the results record ({err})", file=sys.stderr)
         if self.status == "finished":  # a checkpoint is only for finishing; it can be GBs

@@ -14,6 +14,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 
+from analysis import stats
 from analysis.runs import Run
 
 # Settings that may differ between compared runs: what is being compared, the seed, and
@@ -66,14 +67,13 @@ def audit(runs: list[Run]) -> Audit:
     by_seed: dict = {}
     for run in compared:
         by_seed.setdefault(run.seed, []).append(run)
-    twins: dict = {}
-    for run in compared:
-        if run.seed is not None:
-            twins.setdefault((run.variant, run.seed), []).append(run.name)
-    for (variant, seed), names in sorted(twins.items(), key=str):
-        if len(names) > 1:
-            result.notes.append(f"{variant} seed {seed} ran {len(names)} times ({', '.join(names)}): "
-                                f"the statistics count {names[-1]}")
+    counted = {id(r) for r in stats.counted_runs(compared)}
+    for group in sorted(stats.runs_by_variant_and_seed(compared).values(), key=lambda g: str(g[0].name)):
+        if len(group) > 1:
+            names = ", ".join(sorted(r.name for r in group))
+            (chosen,) = (r.name for r in group if id(r) in counted)
+            result.notes.append(f"{group[0].variant} seed {group[0].seed} ran {len(group)} times ({names}): "
+                                f"the statistics count {chosen} (it ended last)")
     for key, attribute in FINGERPRINTS:
         present = [r for r in compared if getattr(r, attribute)]
         if not present:

@@ -61,6 +61,7 @@ class Run:
     params_attention: int | None = None
     flops_per_token: float | None = None
     time_s: float | None = None
+    ended_at: float | None = None  # unix time the run ended (train.py's time/ended_at)
     # The seed report's "Memory": the memory the run itself used. The seed's JSON has it as
     # memory_used_gb (peak minus what was allocated before the run); train.py resets the peak at
     # the start of a run, so for records and W&B runs it is memory/peak_gb.
@@ -147,6 +148,7 @@ def _run_from_parts(*, name, variant, family, seed, status, error, run_id, group
         params_attention=_number(summary.get("params/attention")),
         flops_per_token=_number(summary.get("flops/per_token")),
         time_s=_number(summary.get("time/total_s")),
+        ended_at=_number(summary.get("time/ended_at")),
         memory_gb=peak, peak_memory_gb=peak,
         data_fingerprint=summary.get("data/fingerprint"),
         init_fingerprint=summary.get("init/shared_fingerprint"),

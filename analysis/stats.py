@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats as sps
 
-from analysis.runs import Run
+from analysis.runs import Run, SourceError
 
 ALPHA = 0.05
 POWER = 0.80
@@ -53,11 +53,32 @@ def t_interval(values, confidence: float = 0.95) -> tuple[float, float]:
     return float(values.mean() - half), float(values.mean() + half)
 
 
+def runs_by_variant_and_seed(runs: list[Run]) -> dict:
+    """{(variant, seed): [successful runs]}; a run without a seed is a group of its own."""
+    groups: dict = {}
+    for run in (r for r in runs if r.succeeded):
+        groups.setdefault((run.variant, run.seed) if run.seed is not None else id(run), []).append(run)
+    return groups
+
+
+def counted_runs(runs: list[Run]) -> list[Run]:
+    """The successful runs the statistics count: of two runs with the same variant and seed, the
+    one that ended later (the audit names them). Without an end time to decide by (a record from
+    before time/ended_at, a W&B run) the pooling is refused rather than decided by file name."""
+    out = []
+    for twins in runs_by_variant_and_seed(runs).values():
+        if len(twins) > 1 and any(r.ended_at is None for r in twins):
+            raise SourceError(f"{twins[0].variant} seed {twins[0].seed} ran {len(twins)} times "
+                              f"({', '.join(sorted(r.name for r in twins))}) and not every run says when it "
+                              f"ended (time/ended_at); keep one of them")
+        out.append(max(twins, key=lambda r: r.ended_at or 0.0))
+    return out
+
+
 def losses_by_variant(runs: list[Run]) -> dict[str, dict]:
-    """{variant: {seed: val_loss}} over successful runs; a run without a seed gets its own key.
-    Of two runs with the same variant and seed the later one counts (the audit names them)."""
+    """{variant: {seed: val_loss}} over the counted runs; a run without a seed gets its own key."""
     table: dict[str, dict] = {}
-    for i, run in enumerate(r for r in runs if r.succeeded):
+    for i, run in enumerate(counted_runs(runs)):
         seed = run.seed if run.seed is not None else f"run{i}"
         table.setdefault(run.variant, {})[seed] = run.val_loss
     return table

@@ -17,7 +17,7 @@ from scipy import stats as sps
 
 from analysis import report, stats, tables
 from analysis.fairness import audit
-from analysis.runs import (TRAIN_KEYS, family_of, load_path, load_wandb, run_from_record,
+from analysis.runs import (TRAIN_KEYS, SourceError, family_of, load_path, load_wandb, run_from_record,
                            run_from_wandb, to_seed_schema)
 
 SEED_FIXTURE = Path(__file__).parent / "fixtures" / "analysis_seed_fast.json"
@@ -408,17 +408,31 @@ def test_fairness_audit_flags_runs_measured_on_other_hardware(tmp_path):
                                              "processes and device not recorded") in unrecorded.checks
 
 
-def test_a_variant_and_seed_run_twice_is_named(tmp_path):
+@pytest.mark.parametrize("rerun_ended_later", [True, False])
+def test_of_a_variant_and_seed_run_twice_the_one_that_ended_later_counts(tmp_path, rerun_ended_later):
+    """train.py names a second run's record <name>-<run id>.json, which sorts before <name>.json:
+    the file order must not decide, the runs' own end times do."""
     records = three_seed_records()
+    first = next(r for r in records if r["run_name"] == "baseline-s0")
     rerun = make_record("baseline", 0, 7.5)
-    rerun.update(run_name="baseline-s0-2", run_id="id-rerun")
+    rerun.update(run_name="baseline-s0-idrerun", run_id="idrerun")
+    first["summary"]["time/ended_at"] = 1_800_000_000.0
+    rerun["summary"]["time/ended_at"] = 1_800_000_000.0 + (60.0 if rerun_ended_later else -60.0)
     runs = load_path(write_records(tmp_path, records + [rerun]))
-    notes = audit(runs).notes
-    assert len(notes) == 1 and notes[0].startswith("baseline seed 0 ran 2 times (")
-    counted = notes[0].rsplit(" ", 1)[1]
-    assert {"baseline-s0", "baseline-s0-2"} == set(notes[0].split("(")[1].split(")")[0].split(", "))
-    loss = next(r.val_loss for r in runs if r.name == counted)
-    assert stats.losses_by_variant(runs)["baseline"][0] == loss
+    later = rerun if rerun_ended_later else first
+    assert stats.losses_by_variant(runs)["baseline"][0] == later["summary"]["val/loss"]
+    (note,) = audit(runs).notes
+    assert note == (f"baseline seed 0 ran 2 times (baseline-s0, baseline-s0-idrerun): "
+                    f"the statistics count {later['run_name']} (it ended last)")
+
+
+def test_two_runs_of_a_variant_and_seed_without_end_times_are_not_pooled(tmp_path):
+    rerun = make_record("baseline", 0, 7.5)
+    rerun.update(run_name="baseline-s0-idrerun", run_id="idrerun")
+    results = write_records(tmp_path / "results", three_seed_records() + [rerun])
+    with pytest.raises(SourceError, match="baseline seed 0 ran 2 times .* not every run says when it ended"):
+        stats.losses_by_variant(load_path(results))
+    assert report.main(["--results", str(results), "--out", str(tmp_path / "out")]) == 2
 
 
 # --- the command line and write_report --------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 
 import model as model_module
 import train
-from train_helpers import ROOT, offline_env, read_record, run_train, small_corpus, tiny_args
+from train_helpers import ROOT, offline_env, offline_run_contents, read_record, run_train, small_corpus, tiny_args
 
 TIMING_KEYS = ("perf/step_time_ms", "perf/tokens_per_sec", "memory/allocated_gb", "memory/peak_gb")
 
@@ -50,36 +50,45 @@ def bad_corpora(tmp: Path) -> dict:
     readonly = tmp / "readonly_results"
     readonly.mkdir()
     readonly.chmod(0o500)
+    (tmp / "a_file").write_text("a regular file, so nothing can be created under it, not even by root\n")
+    (tmp / "not_a_dataset").mkdir()
+    (tmp / "not_a_dataset" / "notes.bin").write_bytes(bytes(range(256)))
     return {"empty": tmp / "empty.txt", "latin1": tmp / "latin1.txt", "tiny": tmp / "tiny.txt",
-            "broken": tmp / "broken.txt.gz", "unreadable": unreadable, "readonly": readonly}
+            "broken": tmp / "broken.txt.gz", "unreadable": unreadable, "readonly": readonly,
+            "under_a_file": tmp / "a_file" / "results", "corpus_under_a_file": tmp / "a_file" / "corpus.txt",
+            "not_a_dataset": tmp / "not_a_dataset"}
 
 
-BAD_INPUTS = [  # (case, extra arguments, text the error line must contain)
-    ("unknown variant", {"attention": "flash_magic"}, "flash_magic"),
-    ("unknown key", {"warp_speed": 9}, "--warp_speed"),
-    ("wrong int", {"steps": "ten"}, "--steps=ten"),
-    ("wrong bool", {"compile": "maybe"}, "--compile=maybe"),
-    ("zero size", {"d_model": 0}, "--d_model=0"),
-    ("negative size", {"batch_size": -4}, "--batch_size=-4"),
-    ("heads do not divide", {"d_model": 30, "n_heads": 4}, "--d_model=30"),
-    ("odd rotary dim", {"attention": "rope_only", "qk_rope_head_dim": 7}, "--qk_rope_head_dim=7"),
-    ("top_k over experts", {"top_k": 5, "n_experts": 4}, "--top_k=5"),
-    ("knob on baseline", {"kv_lora_rank": 16}, "--kv_lora_rank=16"),
-    ("bad precision", {"mixed_precision": "fp8"}, "--mixed_precision=fp8"),
-    ("missing corpus", {"dataset": "/nonexistent/corpus.txt"}, "/nonexistent/corpus.txt"),
-    ("empty corpus", {"dataset": "@empty"}, "empty.txt"),
-    ("non-UTF-8 corpus", {"dataset": "@latin1"}, "not UTF-8"),
-    ("broken gzip", {"dataset": "@broken"}, "broken.txt.gz"),
-    ("corpus too small", {"dataset": "@tiny"}, "too few"),
-    ("seq_len too long for corpus", {"seq_len": 30000}, "too few"),
-    ("unwritable results dir", {"results_dir": "@readonly"}, "readonly_results"),
+BAD_INPUTS = [  # (case, extra arguments, text the error line must contain, whether the run gets a record)
+    ("unknown variant", {"attention": "flash_magic"}, "flash_magic", False),
+    ("unknown key", {"warp_speed": 9}, "--warp_speed", False),
+    ("wrong int", {"steps": "ten"}, "--steps=ten", False),
+    ("wrong bool", {"compile": "maybe"}, "--compile=maybe", False),
+    ("zero size", {"d_model": 0}, "--d_model=0", False),
+    ("negative size", {"batch_size": -4}, "--batch_size=-4", False),
+    ("heads do not divide", {"d_model": 30, "n_heads": 4}, "--d_model=30", False),
+    ("odd rotary dim", {"attention": "rope_only", "qk_rope_head_dim": 7}, "--qk_rope_head_dim=7", False),
+    ("top_k over experts", {"top_k": 5, "n_experts": 4}, "--top_k=5", False),
+    ("knob on baseline", {"kv_lora_rank": 16}, "--kv_lora_rank=16", False),
+    ("bad precision", {"mixed_precision": "fp8"}, "--mixed_precision=fp8", False),
+    ("missing corpus", {"dataset": "/nonexistent/corpus.txt"}, "/nonexistent/corpus.txt", True),
+    ("corpus under a regular file", {"dataset": "@corpus_under_a_file"}, "a_file/corpus.txt", True),
+    ("directory that is not a dataset", {"dataset": "@not_a_dataset"}, "without a dataset", True),
+    ("empty corpus", {"dataset": "@empty"}, "empty.txt", True),
+    ("non-UTF-8 corpus", {"dataset": "@latin1"}, "not UTF-8", True),
+    ("broken gzip", {"dataset": "@broken"}, "broken.txt.gz", True),
+    ("corpus too small", {"dataset": "@tiny"}, "too few", True),
+    ("seq_len too long for corpus", {"seq_len": 30000}, "too few", True),
+    ("unwritable results dir", {"results_dir": "@readonly"}, "readonly_results", False),
+    # a path under a regular file cannot be created by anyone, root included: check_writable runs here
+    ("results dir under a regular file", {"results_dir": "@under_a_file"}, "a_file/results: not writable", False),
 ]
 if os.geteuid() != 0:  # root reads a chmod-0 file anyway
-    BAD_INPUTS.append(("unreadable corpus", {"dataset": "@unreadable"}, "unreadable.txt"))
+    BAD_INPUTS.append(("unreadable corpus", {"dataset": "@unreadable"}, "unreadable.txt", True))
 
 
-@pytest.mark.parametrize("case,extra,expected", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_one_error_line_and_nothing_lost(tmp_path, corpus, case, extra, expected):
+@pytest.mark.parametrize("case,extra,expected,recorded", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_one_error_line_and_nothing_lost(tmp_path, corpus, case, extra, expected, recorded):
     if case == "unwritable results dir" and os.geteuid() == 0:
         pytest.skip("root writes into a read-only directory")
     files = bad_corpora(tmp_path)
@@ -100,7 +109,11 @@ def test_bad_input_one_error_line_and_nothing_lost(tmp_path, corpus, case, extra
     after = tree_snapshot(results)
     own_record = {k for k in after if k.startswith("local/") and k.endswith(".json") and k not in before}
     assert {k: after[k] for k in after if k not in own_record and not k.startswith("wandb/")} == before
-    for name in own_record:  # the failed run's own record, if it got that far
+    assert (tmp_path / "a_file").read_text().startswith("a regular file")  # the file in the way is untouched
+    # a run that got past the command line leaves its own record, failed with the reason; a refused
+    # command line or an unwritable results directory leaves none
+    assert len(own_record) == (1 if recorded else 0), sorted(own_record)
+    for name in own_record:
         record = json.loads((results / name).read_text())
         assert record["status"] == "failed" and expected in record["error"]
 
@@ -123,6 +136,19 @@ def faulty_forward(fault_step: int, fault):
     return forward
 
 
+def assert_wandb_run_says(results_dir: Path, record: dict, exit_code: int) -> None:
+    """The run's W&B side, read back from its offline .wandb file: the summary has the record's
+    status and reason, and the exit code (which sync turns into the failed state) is not 0."""
+    (run_dir,) = (results_dir / "wandb").glob(f"offline-run-*-{record['run_id']}")
+    # in-process, the wandb service (still running for the next test) writes the exit record a
+    # moment after run.finish() returns; a process that exits flushes it on teardown
+    assert wait_for(lambda: offline_run_contents(run_dir)["exit_code"] is not None, timeout=30)
+    logged = offline_run_contents(run_dir)
+    assert logged["exit_code"] == exit_code != 0
+    assert (logged["summary"]["status"], logged["summary"]["error"]) == (record["status"], record["error"])
+    assert len(logged["history"]) == len(record["history"])
+
+
 def in_process(monkeypatch, args) -> int:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -137,6 +163,7 @@ def test_injected_nan_diverges_at_that_step(tmp_path, corpus, monkeypatch, capsy
     assert record["status"] == "diverged" and "step 4" in record["error"]
     assert [row["step"] for row in record["history"]] == [1, 2, 3]
     assert "error: non-finite loss at step 4" in capsys.readouterr().err
+    assert_wandb_run_says(tmp_path / "results", record, train.EXIT_CODES["diverged"])
 
 
 def test_cuda_out_of_memory_gets_its_own_message(tmp_path, corpus, monkeypatch, capsys):
@@ -161,6 +188,7 @@ def test_a_crash_is_recorded_failed_with_its_reason(tmp_path, corpus, monkeypatc
     record = read_record(tmp_path / "results", "local", "baseline-s0")
     assert record["status"] == "failed" and "RuntimeError: something broke inside" in record["error"]
     assert (tmp_path / "results" / "local" / "baseline-s0.traceback.txt").exists()
+    assert_wandb_run_says(tmp_path / "results", record, 1)
 
 
 def test_real_divergence_in_a_sweep_does_not_stop_the_sweep(tmp_path, corpus):
@@ -203,21 +231,25 @@ def start_train(args):
 
 
 LONG = {"steps": 120, "eval_every": 40, "checkpoint_every": 10, "dropout": 0.1}
+# a checkpoint costs seconds here (40 steps on the shared 2-core machine: a 5.9 s loop without,
+# 10.5 s with one every 10), so the kill -9 runs are 40 steps rather than 120: 3 checkpoints, and
+# two of them plus 30 steps still to run after the first, when the test kills the process
+KILL = {**LONG, "steps": 40, "eval_every": 20}
 
 
 def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, corpus):
-    straight = run_train(tiny_args(tmp_path / "straight", corpus, **LONG))
+    straight = run_train(tiny_args(tmp_path / "straight", corpus, **KILL))
     assert straight.returncode == 0, straight.stderr
     reference = read_record(tmp_path / "straight" / "results", "local", "baseline-s0")
 
-    args = tiny_args(tmp_path / "killed", corpus, **LONG)
+    args = tiny_args(tmp_path / "killed", corpus, **KILL)
     progress = tmp_path / "killed" / "results" / "local" / "checkpoints" / "baseline-s0" / "progress.json"
     process = start_train(args)
     assert wait_for(progress.exists), "no checkpoint appeared"
     process.send_signal(signal.SIGKILL)
     process.wait()
     killed_at = json.loads(progress.read_text())["step"]
-    assert killed_at < LONG["steps"]
+    assert killed_at < KILL["steps"]
 
     resumed = run_train(args + ["--resume"])
     assert resumed.returncode == 0, resumed.stderr
@@ -243,6 +275,7 @@ def test_sigterm_checkpoints_and_marks_interrupted(tmp_path, corpus):
     progress = json.loads((tmp_path / "results" / "local" / "checkpoints" / "baseline-s0" / "progress.json").read_text())
     assert progress["step"] == len(record["history"])
     assert (tmp_path / "results" / "local" / "checkpoints" / "baseline-s0" / "state").is_dir()
+    assert_wandb_run_says(tmp_path / "results", record, train.EXIT_CODES["interrupted"])
 
     resumed = run_train(args + ["--resume"])  # the checkpoint is usable
     assert resumed.returncode == 0, resumed.stderr

@@ -25,7 +25,8 @@ def fixed(config: dict) -> dict:
 
 
 def test_the_four_sweeps_are_there_and_nothing_else():
-    assert {"fast.yaml", "smoke.yaml", "seeds.yaml", "fast_multigpu.yaml"} <= set(NAMES)
+    assert set(NAMES) == {"fast.yaml", "smoke.yaml", "seeds.yaml", "fast_multigpu.yaml"}
+    assert sorted(p.name for p in (ROOT / "sweeps").iterdir()) == sorted(NAMES)  # no other file either
     # sweeps/ holds YAML only: a package named `sweeps` here would shadow W&B's engine
     assert not (ROOT / "sweeps" / "__init__.py").exists()
 

@@ -47,10 +47,12 @@ def read_record(results_dir: Path, group: str, run_name: str) -> dict:
 
 
 def offline_run_contents(run_dir: Path) -> dict:
-    """The config, group, sweep id, tags and logged history rows stored in an offline run's .wandb
-    file (read with local_sweep's reader: it is how hyperband sees a running run)."""
+    """The config, group, sweep id, tags, logged history rows, summary and exit code stored in an
+    offline run's .wandb file (read with local_sweep's reader: it is how hyperband sees a running
+    run). The exit code is what `wandb sync` turns into the run's state: 0 finished, else failed;
+    None when the run never ended."""
     (wandb_file,) = run_dir.glob("run-*.wandb")
-    config, group, sweep_id, tags, history = {}, None, None, [], []
+    config, group, sweep_id, tags, history, summary, exit_code = {}, None, None, [], [], {}, None
     for kind, record in parsed_records(wandb_file):
         if kind == "run":
             group, sweep_id, tags = record.run.run_group, record.run.sweep_id, list(record.run.tags)
@@ -59,4 +61,12 @@ def offline_run_contents(run_dir: Path) -> dict:
             config.update({item.key: json.loads(item.value_json) for item in record.config.update})
         elif kind == "history":
             history.append(history_rows(record))
-    return {"config": config, "group": group, "sweep_id": sweep_id, "tags": tags, "history": history}
+        elif kind == "summary":
+            summary.update({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                            for item in record.summary.update})
+            for item in record.summary.remove:
+                summary.pop(item.key or "/".join(item.nested_key), None)
+        elif kind == "exit":
+            exit_code = record.exit.exit_code
+    return {"config": config, "group": group, "sweep_id": sweep_id, "tags": tags, "history": history,
+            "summary": summary, "exit_code": exit_code}
