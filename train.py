@@ -46,6 +46,8 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
         attention=cfg.attention_spec(), vocab_size=vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers,
         n_heads=cfg.n_heads, d_ff=cfg.d_ff, n_experts=cfg.n_experts, top_k=cfg.top_k, seq_len=cfg.seq_len,
         dropout=cfg.dropout, router_noise_std=cfg.router_noise_std, rope_theta=cfg.rope_theta,
+        embed_scale=cfg.embed_scale, aux_loss_reduction=cfg.aux_loss_reduction, expert_dropout=cfg.expert_dropout,
+        final_dropout=cfg.final_dropout, init_residual_scaling=cfg.init_residual_scaling,
     )
 
 
