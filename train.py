@@ -202,15 +202,22 @@ class Run:
     """One training run: set up, train, evaluate, checkpoint, and always leave a record."""
 
     def __init__(self, cfg: TrainConfig):
-        from accelerate import Accelerator
+        from accelerate import Accelerator, DataLoaderConfiguration
 
         self.cfg = cfg
         self.started = time.perf_counter()
         mixed = cfg.mixed_precision
         if mixed == "auto":
             mixed = "bf16" if torch.cuda.is_available() else "no"
-        # cpu=True is what lets Accelerate see a torchrun launch on CPU as multi-process (gloo)
-        self.accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+        # cpu=True is what lets Accelerate see a torchrun launch on CPU as multi-process (gloo).
+        # split_batches=True says what we do: --batch_size is the global batch, split over the
+        # processes (Run._loop), so one optimizer step is one step of the schedule. Without it,
+        # Accelerate's prepared scheduler assumes per-process batches and steps num_processes
+        # times per step (accelerate/scheduler.py): with 2 processes train/lr at step 2 of a
+        # warmup read 0.00225 where one process read 0.0015. (step_scheduler_with_optimizer=False
+        # would also step once, but would keep stepping when fp16's scaler skips an optimizer step.)
+        self.accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(),
+                                       dataloader_config=DataLoaderConfiguration(split_batches=True))
         self.is_main = self.accelerator.is_main_process
         self.group = cfg.group or os.environ.get("WANDB_SWEEP_ID") or "local"
         self.results_dir = Path(cfg.results_dir)

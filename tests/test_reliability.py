@@ -253,14 +253,28 @@ def test_sigterm_checkpoints_and_marks_interrupted(tmp_path, corpus):
 
 # --- several processes ---------------------------------------------------------------------------
 
+# lr_factor for warmup 2, cosine over the remaining 4 of 6 steps to a floor of 0.1, by hand:
+# warmup (step + 1) / 2; then 0.1 + 0.9 * (1 + cos(pi * (step - 2) / 4)) / 2.
+WARMUP_COSINE = {"lr_schedule": "cosine", "warmup_steps": 2, "min_lr_ratio": 0.1, "steps": 6}
+WARMUP_COSINE_FACTORS = [0.5, 1.0, 1.0, 0.868198, 0.55, 0.231802]
+
+
+def test_lr_factor_hand_values():
+    cfg = train.TrainConfig(**WARMUP_COSINE)
+    assert [train.lr_factor(cfg, step) for step in range(6)] == pytest.approx(WARMUP_COSINE_FACTORS, abs=1e-6)
+    assert train.lr_factor(cfg, 6) == pytest.approx(0.1)  # the floor, reached after the last step
+
+
 def test_two_processes_match_one(tmp_path, corpus):
     """torchrun starts two CPU processes (gloo) that Accelerate picks up: one record, one W&B
-    run, the same global batch, and the same losses as one process.
+    run, the same global batch, and the same learning rate and losses as one process, under
+    warmup + cosine (a constant lr would hide a schedule stepped once per process).
 
     Dropout and router noise draw from per-process generators, and the balance loss is a statistic
     of each process's own tokens (as in any data-parallel MoE), so those are off for the exact
     comparison; with them on, the processes train the same model up to those differences."""
-    deterministic = {"dropout": 0.0, "router_noise_std": 0.0, "aux_loss_weight": 0.0, "steps": 6, "batch_size": 4}
+    deterministic = {"dropout": 0.0, "router_noise_std": 0.0, "aux_loss_weight": 0.0, "batch_size": 4,
+                     **WARMUP_COSINE}
     one = run_train(tiny_args(tmp_path / "one", corpus, **deterministic))
     assert one.returncode == 0, one.stderr
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
@@ -274,7 +288,11 @@ def test_two_processes_match_one(tmp_path, corpus):
     assert len(list((tmp_path / "two" / "results").rglob("*.json"))) == 1  # one record, main process only
     assert len(list((tmp_path / "two" / "results" / "wandb").glob("offline-run-*"))) == 1
     assert double["summary"]["data/fingerprint"] == single["summary"]["data/fingerprint"]
+    lr = float(dict(arg[2:].split("=", 1) for arg in tiny_args(tmp_path, corpus))["lr"])
+    assert [row["train/lr"] for row in single["history"]] == pytest.approx(
+        [lr * f for f in WARMUP_COSINE_FACTORS], rel=1e-5)
     for a, b in zip(single["history"], double["history"], strict=True):
+        assert b["train/lr"] == a["train/lr"], f"step {a['step']}"
         assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
         if "val/loss" in a:
             assert b["val/loss"] == pytest.approx(a["val/loss"], rel=1e-5)
