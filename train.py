@@ -109,7 +109,8 @@ class Tracker:
         directory.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=project, group=group, name=name, tags=tags, job_type="train",
                               config=config, id=run_id, resume="allow", dir=os.environ.get("WANDB_DIR", directory))
-        wandb.define_metric("val/loss", summary="min")
+        # val/loss in the summary is the final value, as in the record (W&B's default "last"; no
+        # define_metric(summary="min")); the minimum is val/loss_min in both.
 
     def sweep_values(self) -> dict:
         """What the sweep put in wandb.config (empty outside a sweep)."""
@@ -127,7 +128,7 @@ class Tracker:
 
     def finish(self, summary: dict, exit_code: int) -> None:
         if self.run is not None:
-            self.run.summary.update({k: v for k, v in summary.items() if k != "val/loss"})
+            self.run.summary.update(summary)
             self.run.finish(exit_code=exit_code)
 
 
@@ -408,6 +409,7 @@ class Run:
         final = self.history[-1]
         _, peak_gb = memory_gb(device)
         self.summary.update({k: final[k] for k in ("val/loss", "val/accuracy", "val/perplexity")})
+        self.summary["val/loss_min"] = min(row["val/loss"] for row in self.history if "val/loss" in row)
         self.summary.update({"memory/peak_gb": peak_gb, "data/fingerprint": fingerprint})
 
     @torch.no_grad()

@@ -20,6 +20,9 @@ RUNNING = "running"  # only from W&B: a run still in progress is neither a succe
 TRAIN_KEYS = ("train/loss", "train/accuracy", "train/lr", "train/grad_norm", "train/aux_loss",
               "perf/step_time_ms", "perf/tokens_per_sec", "memory/allocated_gb", "memory/peak_gb")
 EVAL_KEYS = ("val/loss", "val/accuracy", "val/perplexity")
+# val/loss in a summary is the final evaluation's (the headline, as the seed reports it); the
+# lowest evaluation is val/loss_min.
+VAL_LOSS_MIN = "val/loss_min"
 
 FAMILIES = ("baseline", "lora", "enhanced", "rope", "bias")
 # Records and W&B runs carry their family. Only the seed's JSON does not, so this map (DESIGN.md
@@ -57,6 +60,7 @@ class Run:
     val_loss: float | None = None
     val_accuracy: float | None = None
     val_perplexity: float | None = None
+    val_loss_min: float | None = None  # the lowest evaluation's; val_loss is the final one
     params_total: int | None = None
     params_attention: int | None = None
     flops_per_token: float | None = None
@@ -126,19 +130,24 @@ def _run_from_parts(*, name, variant, family, seed, status, error, run_id, group
     last_eval = evals[-1] if evals else {}
 
     def final(key):
-        """The summary's value; else, for a finished run, its last evaluation's (W&B keeps only an
-        aggregate like {"min": ...} for val/loss). A run that stopped early has no final value."""
+        """The summary's value; else, for a finished run, its last evaluation's (W&B runs from
+        before val/loss_min kept only {"min": ...} for val/loss). A run that stopped early has no
+        final value."""
         value = _number(summary.get(key))
         if value is None and status == "finished":
             value = _number(last_eval.get(key))
         return value
+
+    val_loss_min = _number(summary.get(VAL_LOSS_MIN))
+    if val_loss_min is None and status == "finished" and any("val/loss" in row for row in evals):
+        val_loss_min = min(row["val/loss"] for row in evals if "val/loss" in row)
 
     peak = _number(summary.get("memory/peak_gb"))
     return Run(
         name=name, variant=variant, family=family, seed=seed, status=status, error=error,
         run_id=run_id, group=group, config=config,
         val_loss=final("val/loss"), val_accuracy=final("val/accuracy"),
-        val_perplexity=final("val/perplexity"),
+        val_perplexity=final("val/perplexity"), val_loss_min=val_loss_min,
         params_total=_number(summary.get("params/total")),
         params_attention=_number(summary.get("params/attention")),
         flops_per_token=_number(summary.get("flops/per_token")),
@@ -241,7 +250,7 @@ def run_from_seed_entry(name: str, entry: dict, origin: str = "") -> Run:
         status=status, error=None if entry.get("error") is None else str(entry["error"]),
         run_id=entry.get("run_id"), group=entry.get("group"), config=entry.get("config") or {},
         val_loss=val_loss, val_accuracy=_number(entry.get("val_accuracy")),
-        val_perplexity=_number(entry.get("val_perplexity")),
+        val_perplexity=_number(entry.get("val_perplexity")), val_loss_min=_number(entry.get("val_loss_min")),
         params_total=params, params_attention=_number(entry.get("params_attention")),
         flops_per_token=_number(entry.get("flops_per_token")),
         time_s=None if minutes is None else minutes * 60,
@@ -295,6 +304,7 @@ def to_seed_schema(runs: list[Run]) -> dict:
     for key, run in zip(seed_schema_keys(runs), runs):
         entry = {
             "val_loss": run.val_loss, "val_accuracy": run.val_accuracy, "val_perplexity": run.val_perplexity,
+            "val_loss_min": run.val_loss_min,
             "training_time_minutes": run.time_min, "memory_used_gb": run.memory_gb,
             "peak_memory_gb": run.peak_memory_gb, "parameter_count": run.params_total,
             "parameters_millions": run.params_m, "params_attention": run.params_attention,

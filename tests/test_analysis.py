@@ -243,7 +243,8 @@ def test_wandb_run_maps_to_the_same_run_as_the_local_record(status, state):
 
 def test_wandb_summary_min_aggregate_and_states():
     record = make_record("baseline", 0, 7.81)
-    # train.py leaves val/loss to define_metric(summary="min"): the summary holds {"min": ...}
+    # runs from before val/loss_min used define_metric(summary="min"): the summary holds {"min": ...};
+    # the final value then comes from the last evaluation
     summary = dict(record["summary"], **{"val/loss": {"min": 7.5}})
     assert run_from_wandb(FakeWandbRun(record, "finished", summary)).val_loss == 7.81
     no_status = {k: v for k, v in record["summary"].items() if k not in ("status", "error")}

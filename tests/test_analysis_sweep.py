@@ -11,6 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from analysis import tables
+from analysis.fairness import audit
+from analysis.runs import load_path, run_from_wandb
+from test_analysis import FakeWandbRun
+from train_helpers import offline_run_contents
+
 ROOT = Path(__file__).resolve().parent.parent
 
 SWEEP = """
@@ -63,3 +69,32 @@ def test_report_of_a_real_offline_sweep(tmp_path):
     assert "Success Rate: 4/4 (100%)" in again.stdout
     # same records, same tables (the report's own files in the sweep dir are not records)
     assert (tmp_path / "again" / "report.md").read_text().split("## Figures")[0] == text.split("## Figures")[0]
+
+    # The W&B path: each run as W&B holds it (config, summary, history from its offline .wandb
+    # file) gives the same runs, and so the same tables, as the records.
+    local = sorted(load_path(reports[0].parent.parent), key=lambda r: r.name)
+    from_wandb = sorted((run_from_wandb(wandb_view(d)) for d in (tmp_path / "results").glob("*/wandb/offline-run-*")),
+                        key=lambda r: r.name)
+    assert [r.name for r in from_wandb] == [r.name for r in local]
+    for w, r in zip(from_wandb, local):
+        assert w.val_loss == r.val_loss == r.eval_history[-1]["val/loss"]  # the final evaluation
+        assert w.val_loss_min == r.val_loss_min == min(row["val/loss"] for row in r.eval_history)
+        assert (w.status, w.seed, w.variant, w.data_fingerprint) == (r.status, r.seed, r.variant, r.data_fingerprint)
+    for run_dir in (tmp_path / "results").glob("*/wandb/offline-run-*"):  # W&B's own summary: final, and min
+        summary, history = offline_run_contents(run_dir)["summary"], offline_run_contents(run_dir)["history"]
+        evals = [row["val/loss"] for row in history if "val/loss" in row]
+        assert summary["val/loss"] == evals[-1] and summary["val/loss_min"] == min(evals), run_dir
+    for key in ("top5", "statistics", "seed_statistics"):
+        def lines(runs):
+            return {s.key: s for s in tables.build_sections(runs, audit(runs))}[key].lines
+        assert lines(from_wandb) == lines(local), key
+
+
+def wandb_view(run_dir: Path) -> FakeWandbRun:
+    """What wandb.Api() would return for an offline run once synced, from its own .wandb file."""
+    contents = offline_run_contents(run_dir)
+    record = {"run_id": run_dir.name.rsplit("-", 1)[1], "run_name": contents["config"]["attention"] + "-s"
+              + str(contents["config"]["seed"]), "group": contents["group"], "family": (contents["tags"] or [""])[0],
+              "config": contents["config"], "summary": contents["summary"],
+              "history": [{"step": row["_step"], **row} for row in contents["history"]]}
+    return FakeWandbRun(record, "finished")

@@ -68,21 +68,26 @@ def _wandb_log_records(path: Path) -> list[bytes]:
 
 
 def offline_run_contents(run_dir: Path) -> dict:
-    """The config, group and logged history rows stored in an offline run's .wandb file."""
+    """The config, group, logged history rows and final summary (its updates merged in order)
+    stored in an offline run's .wandb file: what W&B's server would show for the run."""
     from wandb.proto import wandb_internal_pb2
 
     (wandb_file,) = run_dir.glob("run-*.wandb")
-    config, group, history = {}, None, []
+    config, group, history, summary, tags = {}, None, [], {}, []
     for data in _wandb_log_records(wandb_file):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(data)
         kind = record.WhichOneof("record_type")
         if kind == "run":
             group = record.run.run_group
+            tags = list(record.run.tags)
             config.update({item.key: json.loads(item.value_json) for item in record.run.config.update})
         elif kind == "config":
             config.update({item.key: json.loads(item.value_json) for item in record.config.update})
         elif kind == "history":
             history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                             for item in record.history.item})
-    return {"config": config, "group": group, "history": history}
+        elif kind == "summary":
+            summary.update({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                            for item in record.summary.update})
+    return {"config": config, "group": group, "history": history, "summary": summary, "tags": tags}
