@@ -142,6 +142,23 @@ def check_sweep_agrees(cfg: TrainConfig, sweep_values: dict) -> None:
                               f"(--{name}={getattr(cfg, name)}); pass the sweep's ${{args}} to train.py")
 
 
+# --- checkpoints --------------------------------------------------------------------------------
+
+# Settings a resumed run may change: where things are written and how often it checkpoints.
+RESUME_MAY_CHANGE = ("resume", "checkpoint_every", "results_dir", "cache_dir", "dry_run")
+
+
+def checkpoint_dir(checkpoints: Path, run_name: str, run_id: str) -> Path:
+    return checkpoints / f"{run_name}-{run_id}"
+
+
+def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
+    """`name=saved there, current here` for every setting (but RESUME_MAY_CHANGE) that differs."""
+    current = cfg.to_dict()
+    return [f"{name}={saved.get(name, 'unset')!r} there, {current[name]!r} here" for name in current
+            if name not in RESUME_MAY_CHANGE and saved.get(name, "unset") != current[name]]
+
+
 # --- measuring ---------------------------------------------------------------------------------
 
 def memory_gb(device: torch.device) -> tuple[float, float]:
@@ -222,22 +239,37 @@ class Run:
         self.is_main = self.accelerator.is_main_process
         self.group = cfg.group or os.environ.get("WANDB_SWEEP_ID") or "local"
         self.results_dir = Path(cfg.results_dir)
-        self.checkpoint_dir = self.results_dir / self.group / "checkpoints" / cfg.run_name
-        self.progress = self._load_progress()
+        self.progress = self._load_progress(self.results_dir / self.group / "checkpoints")
         self.run_id = (os.environ.get("WANDB_RUN_ID") or self.progress.get("run_id")
                        or secrets.token_hex(4))
+        # Keyed by run id: two runs of one variant and seed that differ in another setting (a
+        # sweep over lr) never share a checkpoint, its .tmp, or its deletion.
+        self.checkpoint_dir = checkpoint_dir(self.results_dir / self.group / "checkpoints", cfg.run_name,
+                                             self.run_id)
         self.status, self.error = "running", None
         self.history, self.summary = [], {}
 
-    def _load_progress(self) -> dict:
-        """A checkpoint's progress, if this run should resume: --resume, or an agent handing out
-        the same run id again after the machine was lost."""
-        path = self.checkpoint_dir / "progress.json"
-        if not path.exists():
+    def _load_progress(self, checkpoints: Path) -> dict:
+        """A checkpoint's progress, if this run should resume: an agent handing out the same run id
+        again after the machine was lost, or --resume (the newest checkpoint of this variant and
+        seed). Its config must be this run's; another config is refused, never loaded."""
+        run_id = os.environ.get("WANDB_RUN_ID")
+        if run_id:
+            candidates = [checkpoint_dir(checkpoints, self.cfg.run_name, run_id)]
+        elif self.cfg.resume:
+            candidates = [path for path in checkpoints.glob(f"{self.cfg.run_name}-*") if "." not in path.name]
+        else:
             return {}
-        progress = json.loads(path.read_text())
-        if self.cfg.resume or progress.get("run_id") == os.environ.get("WANDB_RUN_ID"):
-            return progress
+        saved = [json.loads((path / "progress.json").read_text()) | {"path": str(path)}
+                 for path in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True)
+                 if (path / "progress.json").exists()]
+        for progress in saved:
+            if not config_differences(progress.get("config") or {}, self.cfg):
+                return progress
+        if saved:
+            differences = config_differences(saved[0].get("config") or {}, self.cfg)
+            raise ConfigError(f"the checkpoint {saved[0]['path']} was saved by a run with another config "
+                              f"({'; '.join(differences[:3])}); resume with that run's settings")
         return {}
 
     # the whole life of a run; returns the exit code
@@ -437,7 +469,7 @@ class Run:
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp / "state"))
         if self.is_main:
-            progress = {"step": step, "fingerprint": fingerprint, "run_id": self.run_id,
+            progress = {"step": step, "fingerprint": fingerprint, "run_id": self.run_id, "config": self.cfg.to_dict(),
                         "elapsed": self.progress.get("elapsed", 0.0) + self.elapsed(), "history": self.history}
             write_json_atomic(tmp / "progress.json", progress)
             old = self.checkpoint_dir.with_name(self.checkpoint_dir.name + ".old")
@@ -479,9 +511,10 @@ def main(argv: list[str]) -> int:
                 raise ConfigError("--dry_run needs --vocab_size (it loads no tokenizer)")
             print(json.dumps(describe_model(cfg, cfg.vocab_size)))
             return 0
+        run = Run(cfg)  # finds the checkpoint to resume, and refuses one of another config
     except ConfigError as err:
         return refuse(err, argv)
-    return Run(cfg).execute()
+    return run.execute()
 
 
 if __name__ == "__main__":

@@ -211,11 +211,12 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, corpus):
     reference = read_record(tmp_path / "straight" / "results", "local", "baseline-s0")
 
     args = tiny_args(tmp_path / "killed", corpus, **LONG)
-    progress = tmp_path / "killed" / "results" / "local" / "checkpoints" / "baseline-s0" / "progress.json"
+    checkpoints = tmp_path / "killed" / "results" / "local" / "checkpoints"
     process = start_train(args)
-    assert wait_for(progress.exists), "no checkpoint appeared"
+    assert wait_for(lambda: any(checkpoints.glob("baseline-s0-*/progress.json"))), "no checkpoint appeared"
     process.send_signal(signal.SIGKILL)
     process.wait()
+    (progress,) = checkpoints.glob("baseline-s0-*/progress.json")
     killed_at = json.loads(progress.read_text())["step"]
     assert killed_at < LONG["steps"]
 
@@ -240,15 +241,49 @@ def test_sigterm_checkpoints_and_marks_interrupted(tmp_path, corpus):
     assert process.returncode == train.EXIT_CODES["interrupted"], stderr
     record = json.loads(record_file.read_text())
     assert record["status"] == "interrupted" and "--resume" in record["error"]
-    progress = json.loads((tmp_path / "results" / "local" / "checkpoints" / "baseline-s0" / "progress.json").read_text())
+    checkpoint = tmp_path / "results" / "local" / "checkpoints" / f"baseline-s0-{record['run_id']}"
+    progress = json.loads((checkpoint / "progress.json").read_text())
     assert progress["step"] == len(record["history"])
-    assert (tmp_path / "results" / "local" / "checkpoints" / "baseline-s0" / "state").is_dir()
+    assert (checkpoint / "state").is_dir()
 
     resumed = run_train(args + ["--resume"])  # the checkpoint is usable
     assert resumed.returncode == 0, resumed.stderr
     final = read_record(tmp_path / "results", "local", "baseline-s0")
     assert final["status"] == "finished" and len(final["history"]) == LONG["steps"]
     assert final["run_id"] == record["run_id"]  # the same W&B run continues
+
+
+def test_runs_differing_in_a_knob_keep_their_own_checkpoints_and_resume_checks_the_config(
+        tmp_path, corpus, monkeypatch, capsys):
+    """Two runs of baseline seed 0 with two lr values: each checkpoints under its run id; one
+    finishing leaves the other's checkpoint; --resume continues the run of the same config and
+    refuses (one error line, exit 2, checkpoint kept) where only another config's checkpoint is."""
+    checkpoints = tmp_path / "results" / "local" / "checkpoints"
+    base = {**LONG, "steps": 8, "eval_every": 4, "checkpoint_every": 2}
+    monkeypatch.setattr(model_module.MoELM, "forward", faulty_forward(7, lambda loss: loss * float("nan")))
+    assert in_process(monkeypatch, tiny_args(tmp_path, corpus, **base, lr=1e-3)) == train.EXIT_CODES["diverged"]
+    monkeypatch.undo()
+    (first,) = checkpoints.iterdir()
+    first_run_id = read_record(tmp_path / "results", "local", "baseline-s0")["run_id"]
+    assert first.name == f"baseline-s0-{first_run_id}"
+    assert json.loads((first / "progress.json").read_text())["step"] == 6
+
+    other = run_train(tiny_args(tmp_path, corpus, **base, lr=3e-3))  # same variant and seed, other lr
+    assert other.returncode == 0, other.stderr
+    assert [p.name for p in checkpoints.iterdir()] == [first.name]  # untouched by the other run
+    before = tree_snapshot(first)
+
+    refused = run_train(tiny_args(tmp_path, corpus, **base, lr=2e-3) + ["--resume"])
+    assert refused.returncode == 2, refused.stderr
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "another config" in errors[0] and "lr=0.001 there, 0.002 here" in errors[0]
+    assert "Traceback" not in refused.stderr
+    assert tree_snapshot(first) == before
+
+    resumed = run_train(tiny_args(tmp_path, corpus, **base, lr=1e-3) + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "from its checkpoint at step 6" in resumed.stderr
+    assert not first.exists()
 
 
 # --- several processes ---------------------------------------------------------------------------
