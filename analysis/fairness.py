@@ -5,23 +5,21 @@ Two checks over the successful runs (the ones the tables compare):
    started their shared parameters from the same values: equal `data/fingerprint` and
    `init/shared_fingerprint` (DESIGN.md section 5).
 2. Runs may differ in what attention they use and in their seed, nothing else: any other
-   setting (steps, batch size, lr, model dims, data, tokenizer, ...) that differs is flagged.
+   setting (steps, batch size, lr, model dims, data, tokenizer, ...) that differs is flagged --
+   unless it was swept: every variant ran the same two or more values of it (a grid over lr). Each
+   value is then its own configuration, compared only with the baseline of the same value.
 """
 import json
 from collections import Counter
 from dataclasses import dataclass, field
 
-from analysis.runs import Run
+from analysis.runs import BOOKKEEPING, Run, configuration, varying_settings
 
-# Settings that may differ between compared runs: what is being compared, the seed, and
-# bookkeeping that does not change what a run computes.
-NOT_COMPARED = {
-    "attention", "family", "seed",
+# Settings that may differ between compared runs: what is being compared (the attention and its
+# knobs), the seed, and bookkeeping that does not change what a run computes.
+NOT_COMPARED = BOOKKEEPING | {
     "q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
     "attention_bias", "rope_scaling", "rope_scaling_factor",
-    "results_dir", "group", "project", "run_name", "cache_dir", "checkpoint_every", "resume",
-    "dry_run", "compile", "trust_remote_code",
-    "processes",  # how many GPUs shared each (global) batch; train.py adds it to the W&B config
 }
 FINGERPRINTS = (("data/fingerprint", "data_fingerprint"), ("init/shared_fingerprint", "init_fingerprint"))
 
@@ -51,6 +49,19 @@ def _describe_split(what: str, values: dict, display=_short) -> str:
     return f"{what} differs: {display(common)} in {len(values) - len(odd)} runs; {others}"
 
 
+def _swept(runs: list[Run], keys: list[str]) -> dict:
+    """{setting: its values} for the keys every variant ran with the same two or more values."""
+    swept = {}
+    for key in keys:
+        per_variant: dict = {}
+        for run in runs:
+            per_variant.setdefault(run.variant, set()).add(json.dumps(run.config.get(key), sort_keys=True))
+        value_sets = list(per_variant.values())
+        if len(value_sets[0]) > 1 and all(v == value_sets[0] for v in value_sets):
+            swept[key] = sorted(value_sets[0])
+    return swept
+
+
 def audit(runs: list[Run]) -> Audit:
     compared = [r for r in runs if r.succeeded]
     result = Audit(verdict="fair")
@@ -63,12 +74,13 @@ def audit(runs: list[Run]) -> Audit:
     for run in compared:
         by_seed.setdefault(run.seed, []).append(run)
     twins: dict = {}
+    varying = varying_settings(compared)
     for run in compared:
         if run.seed is not None:
-            twins.setdefault((run.variant, run.seed), []).append(run.name)
-    for (variant, seed), names in sorted(twins.items(), key=str):
+            twins.setdefault((configuration(run, varying), run.seed), []).append(run.name)
+    for (label, seed), names in sorted(twins.items(), key=str):
         if len(names) > 1:
-            result.notes.append(f"{variant} seed {seed} ran {len(names)} times ({', '.join(names)}): "
+            result.notes.append(f"{label} seed {seed} ran {len(names)} times ({', '.join(names)}): "
                                 f"the statistics count {names[-1]}")
     for key, attribute in FINGERPRINTS:
         present = [r for r in compared if getattr(r, attribute)]
@@ -92,7 +104,11 @@ def audit(runs: list[Run]) -> Audit:
         result.checks.append(("settings", "not checked", "no config recorded"))
     else:
         problems = []
-        keys = sorted({k for r in configured for k in r.config} - NOT_COMPARED)
+        swept = _swept(configured, [k for k in varying if k not in NOT_COMPARED])
+        if swept:
+            result.checks.append(("swept settings", "one configuration per value",
+                                  "; ".join(f"{k}: {', '.join(v)}" for k, v in swept.items())))
+        keys = sorted({k for r in configured for k in r.config} - NOT_COMPARED - set(swept))
         for key in keys:
             values = {r.name: json.dumps(r.config[key], sort_keys=True) for r in configured if key in r.config}
             if len(set(values.values())) > 1:

@@ -25,6 +25,11 @@ EVAL_KEYS = ("val/loss", "val/accuracy", "val/perplexity")
 VAL_LOSS_MIN = "val/loss_min"
 
 FAMILIES = ("baseline", "lora", "enhanced", "rope", "bias")
+# Config keys that are bookkeeping, not settings: they do not change what a run computes (or, for
+# attention and seed, are what every comparison is about), so they never tell configurations apart.
+BOOKKEEPING = {"attention", "family", "seed", "results_dir", "group", "project", "run_name", "cache_dir",
+               "checkpoint_every", "resume", "dry_run", "compile", "trust_remote_code",
+               "processes"}  # how many GPUs shared each (global) batch; train.py adds it to the W&B config
 # Records and W&B runs carry their family. Only the seed's JSON does not, so this map (DESIGN.md
 # section 3) is the fallback for it; an unknown name falls back to its prefix, else "other".
 VARIANT_FAMILIES = {
@@ -88,6 +93,24 @@ class Run:
     @property
     def params_m(self) -> float | None:
         return None if self.params_total is None else self.params_total / 1e6
+
+
+def varying_settings(runs: list[Run]) -> list[str]:
+    """The settings (bookkeeping aside) that take two or more values among the successful runs of
+    one variant, e.g. lr in a sweep over lr: each value is its own configuration."""
+    by_variant: dict = {}
+    for run in (r for r in runs if r.succeeded):
+        for key, value in run.config.items():
+            if key not in BOOKKEEPING:
+                by_variant.setdefault((run.variant, key), set()).add(json.dumps(value, sort_keys=True))
+    return sorted({key for (_, key), values in by_variant.items() if len(values) > 1})
+
+
+def configuration(run: Run, varying: list[str]) -> str:
+    """What a run is an instance of: its variant plus its values of the varying settings (those it
+    has), e.g. `rope_small lr=0.003`; just the variant when nothing varies."""
+    return " ".join([run.variant, *(f"{key}={run.config[key]}" for key in varying
+                                    if run.config.get(key) is not None)])
 
 
 def family_of(variant: str) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from analysis import stats
 from analysis.fairness import Audit
-from analysis.runs import RUNNING, Run
+from analysis.runs import RUNNING, Run, varying_settings
 
 FAMILY_LABELS = {"baseline": "Baseline", "lora": "LoRA", "enhanced": "Enhanced", "rope": "RoPE",
                  "bias": "Bias", "other": "Other"}
@@ -267,14 +267,15 @@ def seed_statistics(runs: list[Run]) -> Section:
         return Section("seed_statistics", title, ["No successful run."])
     if max(s.n for s in summaries) < 2:
         return Section("seed_statistics", title, [ONE_SEED])
-    comparisons = {c.variant: c for c in stats.compare_to_baseline(runs, BASELINE)}
-    columns = ["variant", "family", "seeds", "val loss mean ± std", "95% CI", "Δ vs baseline", "95% CI of Δ",
+    comparisons = {c.configuration: c for c in stats.compare_to_baseline(runs, BASELINE)}
+    varying = varying_settings(runs)
+    columns = ["configuration" if varying else "variant", "family", "seeds", "val loss mean ± std", "95% CI", "Δ vs baseline", "95% CI of Δ",
                "d_z", "p", "p (Holm)", "verdict", "seeds to resolve"]
     rows, cells = [], []
     for s in summaries:
-        c = comparisons.get(s.variant)
-        row = [s.variant, s.family, s.n, s.mean, s.std, s.ci_low, s.ci_high]
-        cell = [s.variant, s.family, s.n, f"{s.mean:.4f} ± {fmt(s.std, '.4f')}",
+        c = comparisons.get(s.configuration)
+        row = [s.configuration, s.family, s.n, s.mean, s.std, s.ci_low, s.ci_high]
+        cell = [s.configuration, s.family, s.n, f"{s.mean:.4f} ± {fmt(s.std, '.4f')}",
                 f"[{fmt(s.ci_low, '.4f')}, {fmt(s.ci_high, '.4f')}]"]
         if s.variant == BASELINE or c is None:
             verdict = "reference" if s.variant == BASELINE else "n/a (no baseline run)"
@@ -288,6 +289,10 @@ def seed_statistics(runs: list[Run]) -> Section:
         rows.append(row)
         cells.append(cell)
     lines = markdown_table(columns, cells)
+    if varying:
+        lines += ["", f"Settings that vary within these runs: {', '.join(varying)}. One row per configuration "
+                      "(the variant plus its values of these); runs are paired by seed within a configuration, "
+                      "against the baseline with the same values."]
     noise = stats.seed_noise(runs, list(comparisons.values()))
     if noise is not None:
         text = (f"Seed-to-seed noise: the final validation loss of one variant moves by **{noise.pooled_std:.4f}** "
@@ -296,7 +301,7 @@ def seed_statistics(runs: list[Run]) -> Section:
             text += (f"; the per-seed difference to baseline moves by {noise.paired_std:.4f} "
                      "(pooled std of Δ: pairing by seed cancels the noise that runs of one seed share)")
         lines += ["", text + "."]
-    single = [s.variant for s in summaries if s.n < 2]
+    single = [s.configuration for s in summaries if s.n < 2]
     if single:
         lines += ["", f"One seed only, not tested: {', '.join(single)}."]
     if BASELINE not in {s.variant for s in summaries}:
