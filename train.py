@@ -260,9 +260,9 @@ class Run:
             candidates = [path for path in checkpoints.glob(f"{self.cfg.run_name}-*") if "." not in path.name]
         else:
             return {}
+        found = [path for path in candidates if (path / "progress.json").exists()]
         saved = [json.loads((path / "progress.json").read_text()) | {"path": str(path)}
-                 for path in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True)
-                 if (path / "progress.json").exists()]
+                 for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
         for progress in saved:
             if not config_differences(progress.get("config") or {}, self.cfg):
                 return progress

@@ -11,7 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from analysis import tables
+import pytest
+
+from analysis import stats, tables
 from analysis.fairness import audit
 from analysis.runs import load_path, run_from_wandb
 from test_analysis import FakeWandbRun
@@ -98,3 +100,32 @@ def wandb_view(run_dir: Path) -> FakeWandbRun:
               "config": contents["config"], "summary": contents["summary"],
               "history": [{"step": row["_step"], **row} for row in contents["history"]]}
     return FakeWandbRun(record, "finished")
+
+
+def test_a_real_sweep_over_lr_reports_one_row_per_configuration(tmp_path):
+    """Issue 9: a grid over a setting (lr, two values) is two configurations per variant, not one
+    run per (variant, seed) picked at random: the report has a row for each, paired by seed within
+    it, and says that lr varies."""
+    grid = SWEEP.replace("name: analysis-e2e", "name: analysis-lr").replace("steps: {value: 4}", "steps: {value: 2}")
+    (tmp_path / "sweep.yaml").write_text(grid + "  lr: {values: [0.001, 0.01]}\n")
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
+    done = subprocess.run([sys.executable, "local_sweep.py", str(tmp_path / "sweep.yaml"),
+                           "--results-dir", str(tmp_path / "results")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    runs = load_path(tmp_path / "results")
+    assert len(runs) == 8 and all(r.succeeded for r in runs)
+    (text,) = [p.read_text() for p in (tmp_path / "results").glob("*/report/report.md")]
+    assert "**Success Rate**: 8/8 (100%)" in text
+    assert "Settings that vary within these runs: lr." in text
+    for label in ("baseline lr=0.001", "baseline lr=0.01", "rope_small lr=0.001", "rope_small lr=0.01"):
+        assert f"| {label} | " in text, label
+    assert "| rope_small lr=0.001 | rope | 2 |" in text and "| rope_small lr=0.01 | rope | 2 |" in text
+    # each configuration's mean is the mean of its own two runs, by hand
+    mean = {}
+    for r in runs:
+        mean.setdefault((r.variant, r.config["lr"]), []).append(r.val_loss)
+    summaries = {s.configuration: s for s in stats.summarize_variants(runs)}
+    for (variant, lr), losses in mean.items():
+        assert summaries[f"{variant} lr={lr}"].mean == pytest.approx(sum(losses) / 2)
+    assert "**Fairness: fair**" in text
