@@ -153,15 +153,15 @@ def _run_from_parts(*, name, variant, family, seed, status, error, run_id, group
     last_eval = evals[-1] if evals else {}
 
     def final(key):
-        """The summary's value; else, for a finished run, its last evaluation's (W&B runs from
-        before val/loss_min kept only {"min": ...} for val/loss). A run that stopped early has no
-        final value."""
+        """A finished run's summary value, else its last evaluation's (W&B runs from before
+        val/loss_min kept only {"min": ...} for val/loss). A run that stopped early has no final
+        value, whatever W&B's summary kept of its last logged one."""
+        if status != "finished":
+            return None
         value = _number(summary.get(key))
-        if value is None and status == "finished":
-            value = _number(last_eval.get(key))
-        return value
+        return _number(last_eval.get(key)) if value is None else value
 
-    val_loss_min = _number(summary.get(VAL_LOSS_MIN))
+    val_loss_min = _number(summary.get(VAL_LOSS_MIN)) if status == "finished" else None
     if val_loss_min is None and status == "finished" and any("val/loss" in row for row in evals):
         val_loss_min = min(row["val/loss"] for row in evals if "val/loss" in row)
 

@@ -247,6 +247,11 @@ def test_wandb_summary_min_aggregate_and_states():
     # the final value then comes from the last evaluation
     summary = dict(record["summary"], **{"val/loss": {"min": 7.5}})
     assert run_from_wandb(FakeWandbRun(record, "finished", summary)).val_loss == 7.81
+    # a run that stopped early has no final value, even where W&B's summary kept its last logged one
+    failed = make_record("baseline", 0, 7.81, status="failed")
+    logged = dict(failed["summary"], **{"val/loss": 7.9, "val/loss_min": 7.9})
+    assert run_from_wandb(FakeWandbRun(failed, "failed", logged)) == run_from_record(failed)
+    assert run_from_record(failed).val_loss is None
     no_status = {k: v for k, v in record["summary"].items() if k not in ("status", "error")}
     assert run_from_wandb(FakeWandbRun(record, "killed", no_status)).status == "interrupted"
     assert run_from_wandb(FakeWandbRun(record, "crashed", no_status)).status == "failed"
