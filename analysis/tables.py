@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from analysis import stats
 from analysis.fairness import Audit
-from analysis.runs import RUNNING, Run, varying_settings
+from analysis.runs import RUNNING, Run, configuration, varying_settings
 
 FAMILY_LABELS = {"baseline": "Baseline", "lora": "LoRA", "enhanced": "Enhanced", "rope": "RoPE",
                  "bias": "Bias", "other": "Other"}
@@ -217,6 +217,8 @@ def memory_usage(runs: list[Run]) -> Section:
 
 
 def all_runs(runs: list[Run]) -> Section:
+    """Every run; its "variant" is its configuration where settings vary (e.g. `rope_small lr=0.01`)."""
+    varying = varying_settings(runs)
     columns = ["#", "run", "variant", "family", "seed", "status", "val loss", "val acc", "val ppl",
                "params", "time (min)", "memory (GB)", "peak memory (GB)", "note"]
     ok = by_loss(runs)
@@ -225,9 +227,10 @@ def all_runs(runs: list[Run]) -> Section:
     for rank, r in enumerate(ok + rest, 1):
         position = rank if r.succeeded else ""
         note = "" if r.succeeded else (r.error or "")
-        rows.append([position, r.name, r.variant, r.family, r.seed, r.status, r.val_loss, r.val_accuracy,
+        label = configuration(r, varying)
+        rows.append([position, r.name, label, r.family, r.seed, r.status, r.val_loss, r.val_accuracy,
                      r.val_perplexity, r.params_total, r.time_min, r.memory_gb, r.peak_memory_gb, note])
-        cells.append([position, r.name, r.variant, r.family, fmt(r.seed, "d"), r.status,
+        cells.append([position, r.name, label, r.family, fmt(r.seed, "d"), r.status,
                       fmt(r.val_loss, ".4f"), fmt(r.val_accuracy, ".4f"), fmt(r.val_perplexity, ".2f"),
                       fmt(r.params_total, ",d"), fmt(r.time_min, ".2f"), fmt(r.memory_gb, ".2f"),
                       fmt(r.peak_memory_gb, ".2f"), note.replace("|", "/")])

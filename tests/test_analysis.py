@@ -362,6 +362,9 @@ def test_a_sweep_over_a_setting_gives_one_row_per_configuration_paired_within_it
     assert "| configuration | family |" in lines[0]
     assert sum(line.startswith("| rope_small lr=") for line in lines) == 2
     assert any(line.startswith("Settings that vary within these runs: lr.") for line in lines)
+    every_run = section(runs, "all_runs").lines  # each run names its configuration
+    assert sum("| rope_small-s1-lr3 | rope_small lr=0.003 |" in line for line in every_run) == 1
+    assert sum("| rope_small-s1 | rope_small lr=0.001 |" in line for line in every_run) == 1
     result = audit(runs)  # a setting every variant ran at both values is swept, not an unfairness
     assert result.verdict == "fair", result.findings
     assert ("swept settings", "one configuration per value", "lr: 0.001, 0.003") in result.checks
