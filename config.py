@@ -25,6 +25,19 @@ LATENT_ONLY_KNOBS = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope
 FULL_RANK = "full"  # --q_lora_rank=full: a full-rank q_proj instead of the variant's low-rank query
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
+AUX_LOSS_REDUCTIONS = ("mean", "sum")
+
+# A recipe is a preset: it sets these fields unless the command line (or the sweep, which passes
+# its values on the command line) sets them too. "default" is ours (README: "Where this deliberately
+# differs from the seed's recipe"); "seed" is the seed's exact model and optimisation
+# (vukrosic/blueberry-llm-kimi-deepseek b61d942: embeddings x sqrt(d_model), 0.01 x the balance
+# loss summed over layers, dropout inside each expert and after the final norm, every Linear at
+# std 0.02, no gradient clipping). The resolved values are what the record and W&B config show.
+RECIPES = {
+    "default": {},
+    "seed": {"embed_scale": True, "aux_loss_reduction": "sum", "expert_dropout": 0.1, "final_dropout": 0.1,
+             "init_residual_scaling": False, "grad_clip": 0.0},
+}
 
 
 class ConfigError(ValueError):
@@ -49,6 +62,13 @@ class TrainConfig:
     router_noise_std: float = 0.1
     aux_loss_weight: float = 0.01
     rope_theta: float = 10000.0
+    # recipe knobs (--recipe=seed sets them to the seed's values; see RECIPES)
+    recipe: str = "default"
+    embed_scale: bool = False  # token embeddings x sqrt(d_model)
+    aux_loss_reduction: str = "mean"  # the per-layer balance losses: mean, or sum (the seed)
+    expert_dropout: float = 0.0  # inside each expert, after SiLU
+    final_dropout: float = 0.0  # after the final norm, before the LM head
+    init_residual_scaling: bool = True  # o_proj/down_proj start at 0.02/sqrt(2 n_layers) instead of 0.02
     # attention knobs, overriding the named variant's values when given
     q_lora_rank: int | str | None = None
     kv_lora_rank: int | None = None
@@ -140,7 +160,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"--{name}={value}: must be 0 or greater")
-        for name in ("dropout", "min_lr_ratio"):
+        for name in ("dropout", "expert_dropout", "final_dropout", "min_lr_ratio"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"--{name}={getattr(self, name)}: must be between 0 and 1")
         if not 0 < self.val_fraction < 1:
@@ -151,6 +171,10 @@ class TrainConfig:
             raise ConfigError(f"--top_k={self.top_k} exceeds --n_experts={self.n_experts}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"--mixed_precision={self.mixed_precision}: allowed: {', '.join(MIXED_PRECISION)}")
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"--recipe={self.recipe}: allowed: {', '.join(RECIPES)}")
+        if self.aux_loss_reduction not in AUX_LOSS_REDUCTIONS:
+            raise ConfigError(f"--aux_loss_reduction={self.aux_loss_reduction}: allowed: {', '.join(AUX_LOSS_REDUCTIONS)}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"--lr_schedule={self.lr_schedule}: allowed: {', '.join(LR_SCHEDULES)}")
         if self.rope_scaling is not None and self.rope_scaling not in ROPE_SCALINGS:
@@ -207,6 +231,12 @@ OPTION_HELP = {
         "rope_scaling_factor": "RoPE scaling factor (> 1 stretches positions); None: the variant's",
     },
     "recipe": {
+        "recipe": "a preset: default (ours) or seed (the seed's exact model and optimisation; see below)",
+        "embed_scale": "multiply token embeddings by sqrt(d_model) (the seed does)",
+        "aux_loss_reduction": "the per-layer balance losses: mean (ours) or sum over layers (the seed's)",
+        "expert_dropout": "dropout inside each expert, after SiLU (0 to 1; the seed: 0.1)",
+        "final_dropout": "dropout after the final norm, before the LM head (0 to 1; the seed: 0.1)",
+        "init_residual_scaling": "o_proj/down_proj start at std 0.02/sqrt(2 n_layers) instead of 0.02",
         "batch_size": "sequences per optimizer step, over all processes together",
         "steps": "optimizer steps",
         "lr": "AdamW peak learning rate",
@@ -268,6 +298,10 @@ def help_text() -> str:
         lines += ["", f"{group}:"]
         for _, name, default, text in (row for row in option_rows() if row[0] == group):
             lines.append(f"  --{name:<20} {text} [{default}]")
+    lines += ["", "recipes (presets; an option given explicitly wins over its recipe's value):"]
+    for name, preset in RECIPES.items():
+        lines.append(f"  --recipe={name}: " + (" ".join(f"--{k}={v}" for k, v in preset.items())
+                                              or "the defaults above"))
     lines += ["", f"attention variants: {', '.join(VARIANTS)}"]
     return "\n".join(lines)
 
@@ -368,7 +402,10 @@ def config_from_values(values: dict) -> TrainConfig:
         if name not in FIELD_TYPES:
             raise unknown_option(name)
     typed = {name: parse_value(name, value) for name, value in values.items()}
-    return TrainConfig(**typed).validate()
+    recipe = typed.get("recipe", TrainConfig.recipe)
+    if recipe not in RECIPES:
+        raise ConfigError(f"--recipe={recipe}: allowed: {', '.join(RECIPES)}")
+    return TrainConfig(**{**RECIPES[recipe], **typed}).validate()  # explicit values win over the preset
 
 
 

@@ -2,8 +2,13 @@
 attention layer. Everything except the attention is identical across variants, down to the
 initial values of the shared parameters (see `init_weights`).
 
-    ids -> embed_tokens -> dropout -> n_layers x Block -> norm -> tied LM head -> logits
+    ids -> embed_tokens (x sqrt(d_model) if embed_scale) -> dropout -> n_layers x Block -> norm
+        -> final_dropout -> tied LM head -> logits
     Block: x + dropout(self_attn(input_layernorm(x))), then x + dropout(mlp(post_attention_layernorm(x)))
+    Expert: Linear(d, d_ff) -> SiLU -> expert_dropout -> Linear(d_ff, d)
+
+The knobs embed_scale, aux_loss_reduction, expert_dropout, final_dropout and init_residual_scaling
+exist so the seed's exact model is one recipe away (config.RECIPES); our default leaves them off.
 """
 import hashlib
 import math
@@ -32,6 +37,11 @@ class ModelConfig:
     dropout: float = 0.1
     router_noise_std: float = 0.1
     rope_theta: float = 10000.0
+    embed_scale: bool = False  # multiply token embeddings by sqrt(d_model) (the seed)
+    aux_loss_reduction: str = "mean"  # the per-layer balance losses: "mean", or "sum" (the seed, Switch)
+    expert_dropout: float = 0.0  # inside each expert, after SiLU (the seed: 0.1)
+    final_dropout: float = 0.0  # after the final norm, before the LM head (the seed: 0.1)
+    init_residual_scaling: bool = True  # o_proj/down_proj start at 0.02/sqrt(2 n_layers); off: 0.02 (the seed)
 
 
 # How the experts' matmuls run. "grouped": one torch._grouped_mm over all expert-sorted tokens --
@@ -46,6 +56,9 @@ MOE_EXPERT_MATMUL = "auto"
 
 def _use_grouped_mm(tokens: torch.Tensor, *dims: int) -> bool:
     if MOE_EXPERT_MATMUL == "loop" or not hasattr(torch, "_grouped_mm"):
+        return False
+    # The op rejects every other dtype (float64: "Expected mat_a to be Float32, BFloat16 or Float16").
+    if tokens.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     # The grouped kernels want every row 16-byte aligned (TMA on CUDA; CPU checks it too).
     if any(dim * tokens.element_size() % 16 for dim in dims):
@@ -129,12 +142,15 @@ class MoE(nn.Module):
     matmul where torch has it (MOE_EXPERT_MATMUL). Expert weights are stacked, (n_experts, out, in).
     """
 
-    def __init__(self, d_model: int, d_ff: int, n_experts: int, top_k: int, noise_std: float):
+    def __init__(self, d_model: int, d_ff: int, n_experts: int, top_k: int, noise_std: float,
+                 expert_dropout: float = 0.0):
         super().__init__()
         self.n_experts, self.top_k, self.noise_std = n_experts, top_k, noise_std
         self.gate = nn.Linear(d_model, n_experts, bias=False)
         self.up_proj = nn.Parameter(torch.empty(n_experts, d_ff, d_model))
         self.down_proj = nn.Parameter(torch.empty(n_experts, d_model, d_ff))
+        # Elementwise, so one dropout over all experts' hidden rows is each expert's own dropout.
+        self.expert_dropout = nn.Dropout(expert_dropout)
 
     def route(self, tokens: torch.Tensor):
         """-> (expert index, gate weight) of shape (N, k) each, and the load-balancing loss."""
@@ -176,12 +192,13 @@ class MoE(nn.Module):
         routed, up, down = routed.to(dtype), self.up_proj.to(dtype), self.down_proj.to(dtype)
         if _use_grouped_mm(routed, d_model, up.shape[1]):
             offsets = counts.cumsum(0).to(torch.int32)  # where each expert's rows end
-            hidden = F.silu(expert_linear(routed, up, offsets))
+            hidden = self.expert_dropout(F.silu(expert_linear(routed, up, offsets)))
             expert_out = expert_linear(hidden, down, offsets)
         else:
             ups, downs = up.unbind(0), down.unbind(0)  # unbind: one gradient stack, not E zero-fills
             chunks = routed.split(counts.tolist())
-            expert_out = torch.cat([F.silu(chunk @ ups[e].T) @ downs[e].T for e, chunk in enumerate(chunks)])
+            expert_out = torch.cat([self.expert_dropout(F.silu(chunk @ ups[e].T)) @ downs[e].T
+                                    for e, chunk in enumerate(chunks)])
 
         # Back to slot order; each token's k outputs are then adjacent: weight them and sum over k.
         per_slot = _PermuteRows.apply(expert_out, inverse, order).view(n_tokens, self.top_k, d_model)
@@ -196,7 +213,7 @@ class Block(nn.Module):
         self.self_attn = build_attention(cfg.attention, cfg.d_model, cfg.n_heads, cfg.dropout, cfg.rope_theta,
                                          max_len=cfg.seq_len)
         self.post_attention_layernorm = RMSNorm(cfg.d_model)
-        self.mlp = MoE(cfg.d_model, cfg.d_ff, cfg.n_experts, cfg.top_k, cfg.router_noise_std)
+        self.mlp = MoE(cfg.d_model, cfg.d_ff, cfg.n_experts, cfg.top_k, cfg.router_noise_std, cfg.expert_dropout)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,19 +281,25 @@ class MoELM(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model)
+        self.final_dropout = nn.Dropout(cfg.final_dropout)
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None):
-        """ids (B, T) -> logits (B, T, vocab), and the balance loss averaged over layers.
+        """ids (B, T) -> logits (B, T, vocab), and the balance loss over layers (mean or sum).
 
         With targets (B, T): -> (mean cross-entropy, balance loss, accuracy) instead, without ever
         materialising the logits (see _LMHeadLoss) -- what training and evaluation need.
         """
-        x = self.dropout(self.embed_tokens(ids))
+        x = self.embed_tokens(ids)
+        if self.cfg.embed_scale:
+            x = x * math.sqrt(self.cfg.d_model)
+        x = self.dropout(x)
         aux_losses = []
         for layer in self.layers:
             x, aux_loss = layer(x)
             aux_losses.append(aux_loss)
-        hidden, aux_loss = self.norm(x), torch.stack(aux_losses).mean()
+        hidden = self.final_dropout(self.norm(x))
+        aux_losses = torch.stack(aux_losses)
+        aux_loss = aux_losses.sum() if self.cfg.aux_loss_reduction == "sum" else aux_losses.mean()
         if targets is None:
             return F.linear(hidden, self.embed_tokens.weight), aux_loss  # LM head tied to the embedding
         device = hidden.device.type
@@ -310,7 +333,7 @@ def init_weights(model: MoELM, seed: int) -> None:
     independent, so they run on a few threads (torch releases the GIL while drawing): the values do
     not depend on the threading, and a run starts sooner (~1 s of draws for the seed's model).
     """
-    residual_std = INIT_STD / math.sqrt(2 * model.cfg.n_layers)
+    residual_std = INIT_STD / math.sqrt(2 * model.cfg.n_layers) if model.cfg.init_residual_scaling else INIT_STD
 
     @torch.no_grad()
     def initialise(name: str, param: torch.Tensor) -> None:

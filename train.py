@@ -47,6 +47,8 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
         attention=cfg.attention_spec(), vocab_size=vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers,
         n_heads=cfg.n_heads, d_ff=cfg.d_ff, n_experts=cfg.n_experts, top_k=cfg.top_k, seq_len=cfg.seq_len,
         dropout=cfg.dropout, router_noise_std=cfg.router_noise_std, rope_theta=cfg.rope_theta,
+        embed_scale=cfg.embed_scale, aux_loss_reduction=cfg.aux_loss_reduction, expert_dropout=cfg.expert_dropout,
+        final_dropout=cfg.final_dropout, init_residual_scaling=cfg.init_residual_scaling,
     )
 
 
@@ -133,7 +135,8 @@ class Tracker:
         tags = list(dict.fromkeys([*tags, *(t for t in os.environ.get("WANDB_TAGS", "").split(",") if t)]))
         self.run = wandb.init(project=project, group=group, name=name, tags=tags, job_type="train",
                               config=config, id=run_id, resume="allow", dir=os.environ.get("WANDB_DIR", directory))
-        wandb.define_metric("val/loss", summary="min")
+        # val/loss in the summary is the final value, as in the record (W&B's default "last"; no
+        # define_metric(summary="min")); the minimum is val/loss_min in both.
 
     def sweep_values(self) -> dict:
         """What the sweep put in wandb.config (empty outside a sweep)."""
@@ -151,7 +154,7 @@ class Tracker:
 
     def finish(self, summary: dict, exit_code: int) -> None:
         if self.run is not None:
-            self.run.summary.update({k: v for k, v in summary.items() if k != "val/loss"})
+            self.run.summary.update(summary)
             self.run.finish(exit_code=exit_code)
 
 
@@ -163,6 +166,23 @@ def check_sweep_agrees(cfg: TrainConfig, sweep_values: dict) -> None:
         if parse_value(name, value) != getattr(cfg, name):
             raise ConfigError(f"sweep parameter {name}={value!r} disagrees with the command line "
                               f"(--{name}={getattr(cfg, name)}); pass the sweep's ${{args}} to train.py")
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+# Settings a resumed run may change: where things are written and how often it checkpoints.
+RESUME_MAY_CHANGE = ("resume", "checkpoint_every", "results_dir", "cache_dir", "dry_run")
+
+
+def checkpoint_dir(checkpoints: Path, run_name: str, run_id: str) -> Path:
+    return checkpoints / f"{run_name}-{run_id}"
+
+
+def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
+    """`name=saved there, current here` for every setting (but RESUME_MAY_CHANGE) that differs."""
+    current = cfg.to_dict()
+    return [f"{name}={saved.get(name, 'unset')!r} there, {current[name]!r} here" for name in current
+            if name not in RESUME_MAY_CHANGE and saved.get(name, "unset") != current[name]]
 
 
 # --- measuring ---------------------------------------------------------------------------------
@@ -231,34 +251,56 @@ class Run:
     """One training run: set up, train, evaluate, checkpoint, and always leave a record."""
 
     def __init__(self, cfg: TrainConfig):
-        from accelerate import Accelerator
+        from accelerate import Accelerator, DataLoaderConfiguration
 
         self.cfg = cfg
         self.started = time.perf_counter()
         mixed = cfg.mixed_precision
         if mixed == "auto":
             mixed = "bf16" if torch.cuda.is_available() else "no"
-        # cpu=True is what lets Accelerate see a torchrun launch on CPU as multi-process (gloo)
-        self.accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+        # cpu=True is what lets Accelerate see a torchrun launch on CPU as multi-process (gloo).
+        # split_batches=True says what we do: --batch_size is the global batch, split over the
+        # processes (Run._loop), so one optimizer step is one step of the schedule. Without it,
+        # Accelerate's prepared scheduler assumes per-process batches and steps num_processes
+        # times per step (accelerate/scheduler.py): with 2 processes train/lr at step 2 of a
+        # warmup read 0.00225 where one process read 0.0015. (step_scheduler_with_optimizer=False
+        # would also step once, but would keep stepping when fp16's scaler skips an optimizer step.)
+        self.accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(),
+                                       dataloader_config=DataLoaderConfiguration(split_batches=True))
         self.is_main = self.accelerator.is_main_process
         self.group = cfg.group or os.environ.get("WANDB_SWEEP_ID") or os.environ.get("WANDB_RUN_GROUP") or "local"
         self.results_dir = Path(cfg.results_dir)
-        self.checkpoint_dir = self.results_dir / self.group / "checkpoints" / cfg.run_name
-        self.progress = self._load_progress()
+        self.progress = self._load_progress(self.results_dir / self.group / "checkpoints")
         self.run_id = (os.environ.get("WANDB_RUN_ID") or self.progress.get("run_id")
                        or secrets.token_hex(4))
+        # Keyed by run id: two runs of one variant and seed that differ in another setting (a
+        # sweep over lr) never share a checkpoint, its .tmp, or its deletion.
+        self.checkpoint_dir = checkpoint_dir(self.results_dir / self.group / "checkpoints", cfg.run_name,
+                                             self.run_id)
         self.status, self.error = "running", None
         self.history, self.summary = [], {}
 
-    def _load_progress(self) -> dict:
-        """A checkpoint's progress, if this run should resume: --resume, or an agent handing out
-        the same run id again after the machine was lost."""
-        path = self.checkpoint_dir / "progress.json"
-        if not path.exists():
+    def _load_progress(self, checkpoints: Path) -> dict:
+        """A checkpoint's progress, if this run should resume: an agent handing out the same run id
+        again after the machine was lost, or --resume (the newest checkpoint of this variant and
+        seed). Its config must be this run's; another config is refused, never loaded."""
+        run_id = os.environ.get("WANDB_RUN_ID")
+        if run_id:
+            candidates = [checkpoint_dir(checkpoints, self.cfg.run_name, run_id)]
+        elif self.cfg.resume:
+            candidates = [path for path in checkpoints.glob(f"{self.cfg.run_name}-*") if "." not in path.name]
+        else:
             return {}
-        progress = json.loads(path.read_text())
-        if self.cfg.resume or progress.get("run_id") == os.environ.get("WANDB_RUN_ID"):
-            return progress
+        found = [path for path in candidates if (path / "progress.json").exists()]
+        saved = [json.loads((path / "progress.json").read_text()) | {"path": str(path)}
+                 for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
+        for progress in saved:
+            if not config_differences(progress.get("config") or {}, self.cfg):
+                return progress
+        if saved:
+            differences = config_differences(saved[0].get("config") or {}, self.cfg)
+            raise ConfigError(f"the checkpoint {saved[0]['path']} was saved by a run with another config "
+                              f"({'; '.join(differences[:3])}); resume with that run's settings")
         return {}
 
     # the whole life of a run; returns the exit code
@@ -432,6 +474,7 @@ class Run:
         final = self.history[-1]
         _, peak_gb = memory_gb(device)
         self.summary.update({k: final[k] for k in ("val/loss", "val/accuracy", "val/perplexity")})
+        self.summary["val/loss_min"] = min(row["val/loss"] for row in self.history if "val/loss" in row)
         self.summary.update({"memory/peak_gb": peak_gb, "data/fingerprint": fingerprint})
         if device.type == "cuda":  # what the allocator held from the driver, beside what tensors used
             self.summary["memory/peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / GB
@@ -461,7 +504,7 @@ class Run:
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp / "state"))
         if self.is_main:
-            progress = {"step": step, "fingerprint": fingerprint, "run_id": self.run_id,
+            progress = {"step": step, "fingerprint": fingerprint, "run_id": self.run_id, "config": self.cfg.to_dict(),
                         "elapsed": self.progress.get("elapsed", 0.0) + self.elapsed(), "history": self.history}
             write_json_atomic(tmp / "progress.json", progress)
             old = self.checkpoint_dir.with_name(self.checkpoint_dir.name + ".old")
@@ -503,9 +546,10 @@ def main(argv: list[str]) -> int:
                 raise ConfigError("--dry_run needs --vocab_size (it loads no tokenizer)")
             print(json.dumps(describe_model(cfg, cfg.vocab_size)))
             return 0
+        run = Run(cfg)  # finds the checkpoint to resume, and refuses one of another config
     except ConfigError as err:
         return refuse(err, argv)
-    return Run(cfg).execute()
+    return run.execute()
 
 
 if __name__ == "__main__":

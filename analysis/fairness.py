@@ -5,7 +5,9 @@ Two checks over the successful runs (the ones the tables compare):
    started their shared parameters from the same values: equal `data/fingerprint` and
    `init/shared_fingerprint` (DESIGN.md section 5).
 2. Runs may differ in what attention they use and in their seed, nothing else: any other
-   setting (steps, batch size, lr, model dims, data, tokenizer, ...) that differs is flagged.
+   setting (steps, batch size, lr, model dims, data, tokenizer, ...) that differs is flagged --
+   unless it was swept: every variant ran the same two or more values of it (a grid over lr). Each
+   value is then its own configuration, compared only with the baseline of the same value.
 3. The tables compare time and memory too, so the runs must have been measured alike: the same
    number of processes and the same device (GPU model, or cpu). Runs that do not record them
    (older records, the seed's JSON) are left out of this check.
@@ -15,17 +17,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from analysis import stats
-from analysis.runs import Run
+from analysis.runs import BOOKKEEPING, Run, configuration, varying_settings
 
-# Settings that may differ between compared runs: what is being compared, the seed, and
-# bookkeeping that does not change what a run computes.
-NOT_COMPARED = {
-    "attention", "family", "seed",
+# Settings that may differ between compared runs: what is being compared (the attention and its
+# knobs), the seed, and bookkeeping that does not change what a run computes.
+NOT_COMPARED = BOOKKEEPING | {
     "q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
     "attention_bias", "rope_scaling", "rope_scaling_factor",
-    "results_dir", "group", "project", "run_name", "cache_dir", "checkpoint_every", "resume",
-    "dry_run", "compile", "trust_remote_code",
-    "processes",  # how many GPUs shared each (global) batch: check 3, not a setting
 }
 HARDWARE = ("processes", "device")
 FINGERPRINTS = (("data/fingerprint", "data_fingerprint"), ("init/shared_fingerprint", "init_fingerprint"))
@@ -56,6 +54,19 @@ def _describe_split(what: str, values: dict, display=_short) -> str:
     return f"{what} differs: {display(common)} in {len(values) - len(odd)} runs; {others}"
 
 
+def _swept(runs: list[Run], keys: list[str]) -> dict:
+    """{setting: its values} for the keys every variant ran with the same two or more values."""
+    swept = {}
+    for key in keys:
+        per_variant: dict = {}
+        for run in runs:
+            per_variant.setdefault(run.variant, set()).add(json.dumps(run.config.get(key), sort_keys=True))
+        value_sets = list(per_variant.values())
+        if len(value_sets[0]) > 1 and all(v == value_sets[0] for v in value_sets):
+            swept[key] = sorted(value_sets[0])
+    return swept
+
+
 def audit(runs: list[Run]) -> Audit:
     compared = [r for r in runs if r.succeeded]
     result = Audit(verdict="fair")
@@ -68,12 +79,13 @@ def audit(runs: list[Run]) -> Audit:
     for run in compared:
         by_seed.setdefault(run.seed, []).append(run)
     counted = {id(r) for r in stats.counted_runs(compared)}
-    for group in sorted(stats.runs_by_variant_and_seed(compared).values(), key=lambda g: str(g[0].name)):
+    varying = varying_settings(compared)
+    for group in sorted(stats.runs_by_configuration_and_seed(compared).values(), key=lambda g: str(g[0].name)):
         if len(group) > 1:
             names = ", ".join(sorted(r.name for r in group))
             (chosen,) = (r.name for r in group if id(r) in counted)
-            result.notes.append(f"{group[0].variant} seed {group[0].seed} ran {len(group)} times ({names}): "
-                                f"the statistics count {chosen} (it ended last)")
+            result.notes.append(f"{configuration(group[0], varying)} seed {group[0].seed} ran {len(group)} times "
+                                f"({names}): the statistics count {chosen} (it ended last)")
     for key, attribute in FINGERPRINTS:
         present = [r for r in compared if getattr(r, attribute)]
         if not present:
@@ -96,7 +108,11 @@ def audit(runs: list[Run]) -> Audit:
         result.checks.append(("settings", "not checked", "no config recorded"))
     else:
         problems = []
-        keys = sorted({k for r in configured for k in r.config} - NOT_COMPARED)
+        swept = _swept(configured, [k for k in varying if k not in NOT_COMPARED])
+        if swept:
+            result.checks.append(("swept settings", "one configuration per value",
+                                  "; ".join(f"{k}: {', '.join(v)}" for k, v in swept.items())))
+        keys = sorted({k for r in configured for k in r.config} - NOT_COMPARED - set(swept))
         for key in keys:
             values = {r.name: json.dumps(r.config[key], sort_keys=True) for r in configured if key in r.config}
             if len(set(values.values())) > 1:

@@ -232,19 +232,19 @@ def differences_figure(runs: list[Run], path: Path, title: str) -> Path | None:
     comparisons = [c for c in stats.compare_to_baseline(runs, BASELINE) if np.isfinite(c.ci_low)]
     if not comparisons:
         return None
-    losses = stats.losses_by_variant(runs)
-    base = losses[BASELINE]
+    losses = stats.losses_by_variant(runs)  # by configuration
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(comparisons) + 2.2))
     for y, c in enumerate(reversed(comparisons)):
         color = VERDICT_COLORS.get(c.verdict, "#7f7f7f")
         ax.plot([c.ci_low, c.ci_high], [y, y], color=color, linewidth=2.5, solid_capstyle="round")
         ax.plot(c.mean_diff, y, "o", color=color, markersize=8, markeredgecolor="white", zorder=3)
-        per_seed = [loss - base[s] for s, loss in losses[c.variant].items() if s in base]
+        base = losses[stats.baseline_configuration(c.configuration, runs, BASELINE)]
+        per_seed = [loss - base[s] for s, loss in losses[c.configuration].items() if s in base]
         ax.scatter(per_seed, [y + 0.22] * len(per_seed), s=10, color=color, alpha=0.6, zorder=2)
         ax.annotate(f"p(Holm)={c.p_holm:.3g}", (1.0, y), xycoords=("axes fraction", "data"), xytext=(6, 0),
                     textcoords="offset points", va="center", fontsize=8.5, color=color)
     ax.axvline(0, color="black", linewidth=1)
-    ax.set_yticks(range(len(comparisons)), [c.variant for c in reversed(comparisons)])
+    ax.set_yticks(range(len(comparisons)), [c.configuration for c in reversed(comparisons)])
     ax.set_xlabel("Validation loss minus baseline, paired by seed (negative = better)")
     ax.set_title(title, pad=34)
     ax.legend(handles=[Line2D([], [], color=c, linewidth=2.5, label=v) for v, c in VERDICT_COLORS.items()]

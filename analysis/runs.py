@@ -20,8 +20,16 @@ RUNNING = "running"  # only from W&B: a run still in progress is neither a succe
 TRAIN_KEYS = ("train/loss", "train/accuracy", "train/lr", "train/grad_norm", "train/aux_loss",
               "perf/step_time_ms", "perf/tokens_per_sec", "memory/allocated_gb", "memory/peak_gb")
 EVAL_KEYS = ("val/loss", "val/accuracy", "val/perplexity")
+# val/loss in a summary is the final evaluation's (the headline, as the seed reports it); the
+# lowest evaluation is val/loss_min.
+VAL_LOSS_MIN = "val/loss_min"
 
 FAMILIES = ("baseline", "lora", "enhanced", "rope", "bias")
+# Config keys that are bookkeeping, not settings: they do not change what a run computes (or, for
+# attention and seed, are what every comparison is about), so they never tell configurations apart.
+BOOKKEEPING = {"attention", "family", "seed", "results_dir", "group", "project", "run_name", "cache_dir",
+               "checkpoint_every", "resume", "dry_run", "compile", "trust_remote_code",
+               "processes"}  # how many GPUs shared each (global) batch; train.py adds it to the W&B config
 # Records and W&B runs carry their family. Only the seed's JSON does not, so this map (DESIGN.md
 # section 3) is the fallback for it; an unknown name falls back to its prefix, else "other".
 VARIANT_FAMILIES = {
@@ -57,6 +65,7 @@ class Run:
     val_loss: float | None = None
     val_accuracy: float | None = None
     val_perplexity: float | None = None
+    val_loss_min: float | None = None  # the lowest evaluation's; val_loss is the final one
     params_total: int | None = None
     params_attention: int | None = None
     flops_per_token: float | None = None
@@ -89,6 +98,24 @@ class Run:
     @property
     def params_m(self) -> float | None:
         return None if self.params_total is None else self.params_total / 1e6
+
+
+def varying_settings(runs: list[Run]) -> list[str]:
+    """The settings (bookkeeping aside) that take two or more values among the successful runs of
+    one variant, e.g. lr in a sweep over lr: each value is its own configuration."""
+    by_variant: dict = {}
+    for run in (r for r in runs if r.succeeded):
+        for key, value in run.config.items():
+            if key not in BOOKKEEPING:
+                by_variant.setdefault((run.variant, key), set()).add(json.dumps(value, sort_keys=True))
+    return sorted({key for (_, key), values in by_variant.items() if len(values) > 1})
+
+
+def configuration(run: Run, varying: list[str]) -> str:
+    """What a run is an instance of: its variant plus its values of the varying settings (those it
+    has), e.g. `rope_small lr=0.003`; just the variant when nothing varies."""
+    return " ".join([run.variant, *(f"{key}={run.config[key]}" for key in varying
+                                    if run.config.get(key) is not None)])
 
 
 def family_of(variant: str) -> str:
@@ -131,19 +158,24 @@ def _run_from_parts(*, name, variant, family, seed, status, error, run_id, group
     last_eval = evals[-1] if evals else {}
 
     def final(key):
-        """The summary's value; else, for a finished run, its last evaluation's (W&B keeps only an
-        aggregate like {"min": ...} for val/loss). A run that stopped early has no final value."""
+        """A finished run's summary value, else its last evaluation's (W&B runs from before
+        val/loss_min kept only {"min": ...} for val/loss). A run that stopped early has no final
+        value, whatever W&B's summary kept of its last logged one."""
+        if status != "finished":
+            return None
         value = _number(summary.get(key))
-        if value is None and status == "finished":
-            value = _number(last_eval.get(key))
-        return value
+        return _number(last_eval.get(key)) if value is None else value
+
+    val_loss_min = _number(summary.get(VAL_LOSS_MIN)) if status == "finished" else None
+    if val_loss_min is None and status == "finished" and any("val/loss" in row for row in evals):
+        val_loss_min = min(row["val/loss"] for row in evals if "val/loss" in row)
 
     peak = _number(summary.get("memory/peak_gb"))
     return Run(
         name=name, variant=variant, family=family, seed=seed, status=status, error=error,
         run_id=run_id, group=group, config=config,
         val_loss=final("val/loss"), val_accuracy=final("val/accuracy"),
-        val_perplexity=final("val/perplexity"),
+        val_perplexity=final("val/perplexity"), val_loss_min=val_loss_min,
         params_total=_number(summary.get("params/total")),
         params_attention=_number(summary.get("params/attention")),
         flops_per_token=_number(summary.get("flops/per_token")),
@@ -249,7 +281,7 @@ def run_from_seed_entry(name: str, entry: dict, origin: str = "") -> Run:
         status=status, error=None if entry.get("error") is None else str(entry["error"]),
         run_id=entry.get("run_id"), group=entry.get("group"), config=entry.get("config") or {},
         val_loss=val_loss, val_accuracy=_number(entry.get("val_accuracy")),
-        val_perplexity=_number(entry.get("val_perplexity")),
+        val_perplexity=_number(entry.get("val_perplexity")), val_loss_min=_number(entry.get("val_loss_min")),
         params_total=params, params_attention=_number(entry.get("params_attention")),
         flops_per_token=_number(entry.get("flops_per_token")),
         time_s=None if minutes is None else minutes * 60,
@@ -304,6 +336,7 @@ def to_seed_schema(runs: list[Run]) -> dict:
     for key, run in zip(seed_schema_keys(runs), runs):
         entry = {
             "val_loss": run.val_loss, "val_accuracy": run.val_accuracy, "val_perplexity": run.val_perplexity,
+            "val_loss_min": run.val_loss_min,
             "training_time_minutes": run.time_min, "memory_used_gb": run.memory_gb,
             "peak_memory_gb": run.peak_memory_gb, "parameter_count": run.params_total,
             "parameters_millions": run.params_m, "params_attention": run.params_attention,

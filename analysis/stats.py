@@ -6,14 +6,19 @@ t-test on the per-seed differences (variant - baseline) of the final validation 
 is better. p-values are Holm-corrected across the variants compared; the verdict is "better" or
 "worse" (by the sign of the mean difference) when the corrected p is below alpha, else
 "indistinguishable".
+
+A configuration is a variant plus its values of the settings that vary within the runs (a sweep
+over lr gives `rope_small lr=0.001` and `rope_small lr=0.003`); statistics are per configuration,
+and each is paired with the baseline configuration of the same settings.
 """
+import json
 import math
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats as sps
 
-from analysis.runs import Run, SourceError
+from analysis.runs import Run, SourceError, configuration, varying_settings
 
 ALPHA = 0.05
 POWER = 0.80
@@ -43,6 +48,7 @@ class VariantSummary:
     std: float  # sample std (ddof=1) over seeds; nan with one seed
     ci_low: float  # 95% t interval of the mean; nan with one seed
     ci_high: float
+    configuration: str = ""  # the variant plus its values of the varying settings
 
 
 def t_interval(values, confidence: float = 0.95) -> tuple[float, float]:
@@ -53,22 +59,26 @@ def t_interval(values, confidence: float = 0.95) -> tuple[float, float]:
     return float(values.mean() - half), float(values.mean() + half)
 
 
-def runs_by_variant_and_seed(runs: list[Run]) -> dict:
-    """{(variant, seed): [successful runs]}; a run without a seed is a group of its own."""
+def runs_by_configuration_and_seed(runs: list[Run]) -> dict:
+    """{(configuration, seed): [successful runs]}; a run without a seed is a group of its own."""
     groups: dict = {}
+    varying = varying_settings(runs)
     for run in (r for r in runs if r.succeeded):
-        groups.setdefault((run.variant, run.seed) if run.seed is not None else id(run), []).append(run)
+        key = (configuration(run, varying), run.seed) if run.seed is not None else id(run)
+        groups.setdefault(key, []).append(run)
     return groups
 
 
 def counted_runs(runs: list[Run]) -> list[Run]:
     """The successful runs the statistics count: of two runs with the same variant and seed, the
-    one that ended later (the audit names them). Without an end time to decide by (a record from
+    one that ended later (the audit names them); runs of another configuration (a swept lr) are
+    not twins. Without an end time to decide by (a record from
     before time/ended_at, a W&B run) the pooling is refused rather than decided by file name."""
     out = []
-    for twins in runs_by_variant_and_seed(runs).values():
+    varying = varying_settings(runs)
+    for twins in runs_by_configuration_and_seed(runs).values():
         if len(twins) > 1 and any(r.ended_at is None for r in twins):
-            raise SourceError(f"{twins[0].variant} seed {twins[0].seed} ran {len(twins)} times "
+            raise SourceError(f"{configuration(twins[0], varying)} seed {twins[0].seed} ran {len(twins)} times "
                               f"({', '.join(sorted(r.name for r in twins))}) and not every run says when it "
                               f"ended (time/ended_at); keep one of them")
         out.append(max(twins, key=lambda r: r.ended_at or 0.0))
@@ -76,24 +86,47 @@ def counted_runs(runs: list[Run]) -> list[Run]:
 
 
 def losses_by_variant(runs: list[Run]) -> dict[str, dict]:
-    """{variant: {seed: val_loss}} over the counted runs; a run without a seed gets its own key."""
+    """{configuration: {seed: val_loss}} over successful runs (the configuration is the variant
+    when no setting varies); a run without a seed gets its own key. Of two runs with the same
+    configuration and seed the one that ended later counts (the audit names them)."""
+    varying = varying_settings(runs)
     table: dict[str, dict] = {}
     for i, run in enumerate(counted_runs(runs)):
         seed = run.seed if run.seed is not None else f"run{i}"
-        table.setdefault(run.variant, {})[seed] = run.val_loss
+        table.setdefault(configuration(run, varying), {})[seed] = run.val_loss
     return table
 
 
+def _configurations(runs: list[Run]) -> dict[str, Run]:
+    """{configuration: one of its successful runs}, for its variant, family and settings."""
+    varying = varying_settings(runs)
+    return {configuration(r, varying): r for r in runs if r.succeeded}
+
+
 def summarize_variants(runs: list[Run]) -> list[VariantSummary]:
-    """Per variant: seeds, mean, std and 95% CI of the final validation loss; best mean first."""
-    family = {r.variant: r.family for r in runs}
+    """Per configuration: seeds, mean, std and 95% CI of the final validation loss; best mean first."""
+    examples = _configurations(runs)
     out = []
-    for variant, by_seed in losses_by_variant(runs).items():
+    for label, by_seed in losses_by_variant(runs).items():
         values = np.array(list(by_seed.values()), dtype=float)
         std = float(values.std(ddof=1)) if len(values) > 1 else math.nan
-        out.append(VariantSummary(variant, family[variant], len(values), float(values.mean()), std,
-                                  *t_interval(values)))
+        out.append(VariantSummary(examples[label].variant, examples[label].family, len(values),
+                                  float(values.mean()), std, *t_interval(values), configuration=label))
     return sorted(out, key=lambda s: s.mean)
+
+
+def baseline_configuration(label: str, runs: list[Run], baseline: str = "baseline") -> str | None:
+    """The baseline configuration a configuration is paired with: the baseline run with the same
+    values of every varying setting the baseline has (attention knobs it lacks are ignored);
+    None if there is not exactly one."""
+    varying, examples = varying_settings(runs), _configurations(runs)
+
+    def settings(run):
+        return {k: json.dumps(run.config[k], sort_keys=True) for k in varying if run.config.get(k) is not None}
+
+    mine = settings(examples[label]).items()
+    matches = [b for b, run in examples.items() if run.variant == baseline and settings(run).items() <= mine]
+    return matches[0] if len(matches) == 1 else None
 
 
 def holm(pvalues: list[float]) -> list[float]:
@@ -143,28 +176,30 @@ class Comparison:
     p_holm: float
     verdict: str  # better | worse | indistinguishable | "n/a (...)"
     seeds_needed: int | None
+    configuration: str = ""  # the variant plus its values of the varying settings
 
 
 def compare_to_baseline(runs: list[Run], baseline: str = "baseline", alpha: float = ALPHA) -> list[Comparison]:
-    """Every other variant against the baseline, paired by seed (seeds both have finished).
-    Variants with fewer than 2 pairs are listed with verdict n/a and left out of the Holm family."""
-    table = losses_by_variant(runs)
-    if baseline not in table:
-        return []
-    family = {r.variant: r.family for r in runs}
-    base = table[baseline]
+    """Every other configuration against its baseline configuration, paired by seed (seeds both
+    have finished). Those with fewer than 2 pairs are listed with verdict n/a and left out of the
+    Holm family; those without a baseline configuration are left out."""
+    table, examples = losses_by_variant(runs), _configurations(runs)
     out = []
-    for variant, by_seed in table.items():
-        if variant == baseline:
+    for label, by_seed in table.items():
+        base_label = baseline_configuration(label, runs, baseline)
+        if examples[label].variant == baseline or base_label is None:
             continue
+        variant, base = examples[label].variant, table[base_label]
+        family = examples[label].family
         seeds = sorted((s for s in by_seed if s in base), key=str)
         ours = np.array([by_seed[s] for s in seeds], dtype=float)
         theirs = np.array([base[s] for s in seeds], dtype=float)
         diff = ours - theirs
         nan = math.nan
         if len(seeds) < 2:
-            out.append(Comparison(variant, family[variant], len(seeds), float(diff.mean()) if len(seeds) else nan,
-                                  nan, nan, nan, nan, nan, nan, nan, "n/a (needs 2+ seeds shared with baseline)", None))
+            out.append(Comparison(variant, family, len(seeds), float(diff.mean()) if len(seeds) else nan,
+                                  nan, nan, nan, nan, nan, nan, nan, "n/a (needs 2+ seeds shared with baseline)", None,
+                                  label))
             continue
         std = float(diff.std(ddof=1))
         if std > 0:
@@ -172,8 +207,8 @@ def compare_to_baseline(runs: list[Run], baseline: str = "baseline", alpha: floa
             d_z, t, p = float(diff.mean()) / std, float(test.statistic), float(test.pvalue)
         else:  # identical differences on every seed: nothing for a t-test to measure
             d_z = t = p = nan
-        out.append(Comparison(variant, family[variant], len(seeds), float(diff.mean()), std, *t_interval(diff),
-                              d_z, t, p, nan, "", None))
+        out.append(Comparison(variant, family, len(seeds), float(diff.mean()), std, *t_interval(diff),
+                              d_z, t, p, nan, "", None, label))
     tested = [c for c in out if math.isfinite(c.p)]
     for c, p_holm in zip(tested, holm([c.p for c in tested])):
         c.p_holm = p_holm

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from analysis import stats
 from analysis.fairness import Audit
-from analysis.runs import RUNNING, Run
+from analysis.runs import RUNNING, Run, configuration, varying_settings
 
 FAMILY_LABELS = {"baseline": "Baseline", "lora": "LoRA", "enhanced": "Enhanced", "rope": "RoPE",
                  "bias": "Bias", "other": "Other"}
@@ -217,6 +217,8 @@ def memory_usage(runs: list[Run]) -> Section:
 
 
 def all_runs(runs: list[Run]) -> Section:
+    """Every run; its "variant" is its configuration where settings vary (e.g. `rope_small lr=0.01`)."""
+    varying = varying_settings(runs)
     columns = ["#", "run", "variant", "family", "seed", "status", "val loss", "val acc", "val ppl",
                "params", "time (min)", "memory (GB)", "peak memory (GB)", "note"]
     ok = by_loss(runs)
@@ -225,9 +227,10 @@ def all_runs(runs: list[Run]) -> Section:
     for rank, r in enumerate(ok + rest, 1):
         position = rank if r.succeeded else ""
         note = "" if r.succeeded else (r.error or "")
-        rows.append([position, r.name, r.variant, r.family, r.seed, r.status, r.val_loss, r.val_accuracy,
+        label = configuration(r, varying)
+        rows.append([position, r.name, label, r.family, r.seed, r.status, r.val_loss, r.val_accuracy,
                      r.val_perplexity, r.params_total, r.time_min, r.memory_gb, r.peak_memory_gb, note])
-        cells.append([position, r.name, r.variant, r.family, fmt(r.seed, "d"), r.status,
+        cells.append([position, r.name, label, r.family, fmt(r.seed, "d"), r.status,
                       fmt(r.val_loss, ".4f"), fmt(r.val_accuracy, ".4f"), fmt(r.val_perplexity, ".2f"),
                       fmt(r.params_total, ",d"), fmt(r.time_min, ".2f"), fmt(r.memory_gb, ".2f"),
                       fmt(r.peak_memory_gb, ".2f"), note.replace("|", "/")])
@@ -267,14 +270,15 @@ def seed_statistics(runs: list[Run]) -> Section:
         return Section("seed_statistics", title, ["No successful run."])
     if max(s.n for s in summaries) < 2:
         return Section("seed_statistics", title, [ONE_SEED])
-    comparisons = {c.variant: c for c in stats.compare_to_baseline(runs, BASELINE)}
-    columns = ["variant", "family", "seeds", "val loss mean ± std", "95% CI", "Δ vs baseline", "95% CI of Δ",
+    comparisons = {c.configuration: c for c in stats.compare_to_baseline(runs, BASELINE)}
+    varying = varying_settings(runs)
+    columns = ["configuration" if varying else "variant", "family", "seeds", "val loss mean ± std", "95% CI", "Δ vs baseline", "95% CI of Δ",
                "d_z", "p", "p (Holm)", "verdict", "seeds to resolve"]
     rows, cells = [], []
     for s in summaries:
-        c = comparisons.get(s.variant)
-        row = [s.variant, s.family, s.n, s.mean, s.std, s.ci_low, s.ci_high]
-        cell = [s.variant, s.family, s.n, f"{s.mean:.4f} ± {fmt(s.std, '.4f')}",
+        c = comparisons.get(s.configuration)
+        row = [s.configuration, s.family, s.n, s.mean, s.std, s.ci_low, s.ci_high]
+        cell = [s.configuration, s.family, s.n, f"{s.mean:.4f} ± {fmt(s.std, '.4f')}",
                 f"[{fmt(s.ci_low, '.4f')}, {fmt(s.ci_high, '.4f')}]"]
         if s.variant == BASELINE or c is None:
             verdict = "reference" if s.variant == BASELINE else "n/a (no baseline run)"
@@ -288,6 +292,10 @@ def seed_statistics(runs: list[Run]) -> Section:
         rows.append(row)
         cells.append(cell)
     lines = markdown_table(columns, cells)
+    if varying:
+        lines += ["", f"Settings that vary within these runs: {', '.join(varying)}. One row per configuration "
+                      "(the variant plus its values of these); runs are paired by seed within a configuration, "
+                      "against the baseline with the same values."]
     noise = stats.seed_noise(runs, list(comparisons.values()))
     if noise is not None:
         text = (f"Seed-to-seed noise: the final validation loss of one variant moves by **{noise.pooled_std:.4f}** "
@@ -296,7 +304,7 @@ def seed_statistics(runs: list[Run]) -> Section:
             text += (f"; the per-seed difference to baseline moves by {noise.paired_std:.4f} "
                      "(pooled std of Δ: pairing by seed cancels the noise that runs of one seed share)")
         lines += ["", text + "."]
-    single = [s.variant for s in summaries if s.n < 2]
+    single = [s.configuration for s in summaries if s.n < 2]
     if single:
         lines += ["", f"One seed only, not tested: {', '.join(single)}."]
     if BASELINE not in {s.variant for s in summaries}:

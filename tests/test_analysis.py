@@ -18,7 +18,7 @@ from scipy import stats as sps
 from analysis import report, stats, tables
 from analysis.fairness import audit
 from analysis.runs import (TRAIN_KEYS, SourceError, family_of, load_path, load_wandb, run_from_record,
-                           run_from_wandb, to_seed_schema)
+                           run_from_wandb, to_seed_schema, varying_settings)
 
 SEED_FIXTURE = Path(__file__).parent / "fixtures" / "analysis_seed_fast.json"
 
@@ -243,9 +243,15 @@ def test_wandb_run_maps_to_the_same_run_as_the_local_record(status, state):
 
 def test_wandb_summary_min_aggregate_and_states():
     record = make_record("baseline", 0, 7.81)
-    # train.py leaves val/loss to define_metric(summary="min"): the summary holds {"min": ...}
+    # runs from before val/loss_min used define_metric(summary="min"): the summary holds {"min": ...};
+    # the final value then comes from the last evaluation
     summary = dict(record["summary"], **{"val/loss": {"min": 7.5}})
     assert run_from_wandb(FakeWandbRun(record, "finished", summary)).val_loss == 7.81
+    # a run that stopped early has no final value, even where W&B's summary kept its last logged one
+    failed = make_record("baseline", 0, 7.81, status="failed")
+    logged = dict(failed["summary"], **{"val/loss": 7.9, "val/loss_min": 7.9})
+    assert run_from_wandb(FakeWandbRun(failed, "failed", logged)) == run_from_record(failed)
+    assert run_from_record(failed).val_loss is None
     no_status = {k: v for k, v in record["summary"].items() if k not in ("status", "error")}
     assert run_from_wandb(FakeWandbRun(record, "killed", no_status)).status == "interrupted"
     assert run_from_wandb(FakeWandbRun(record, "crashed", no_status)).status == "failed"
@@ -331,6 +337,45 @@ def test_known_effects_give_the_right_verdicts_and_scipy_p_values(tmp_path):
     for each in tables.build_sections(runs, audit(runs)):  # every table fits its columns (wandb.Table)
         assert all(len(row) == len(each.columns) for row in each.rows), each.key
     assert not any("not statistically supported" in line for line in lines)
+
+
+def test_a_sweep_over_a_setting_gives_one_row_per_configuration_paired_within_it(tmp_path):
+    """The 12 runs again at lr 1e-3, and the same grid at lr 3e-3 where every loss is 0.05 higher
+    and rope_small's a further 0.10 higher: at lr 3e-3 rope_small is worse than the baseline of lr
+    3e-3. Collapsing lr would keep one run per (variant, seed) and report one of the two effects."""
+    low = three_seed_records()
+    high = []
+    for v, per_seed in EFFECTS.items():
+        for s, d in per_seed.items():
+            rec = make_record(v, s, 7.85 + SEED_OFFSET[s] + d + (0.10 if v == "rope_small" else 0.0),
+                              config={"lr": 3e-3})
+            rec.update(run_name=f"{v}-s{s}-lr3", run_id=f"id-{v}-{s}-lr3")
+            high.append(rec)
+    runs = load_path(write_records(tmp_path, low + high))
+    assert varying_settings(runs) == ["lr"]
+    summaries = {s.configuration: s for s in stats.summarize_variants(runs)}
+    assert set(summaries) == {f"{v} lr={lr}" for v in EFFECTS for lr in (0.001, 0.003)}
+    assert all(s.n == 3 for s in summaries.values())
+    comparisons = {c.configuration: c for c in stats.compare_to_baseline(runs)}
+    for v in EFFECTS:
+        if v == "baseline":
+            continue
+        by_hand = statistics.fmean(EFFECTS[v].values())
+        assert comparisons[f"{v} lr=0.001"].mean_diff == pytest.approx(by_hand)
+        assert comparisons[f"{v} lr=0.003"].mean_diff == pytest.approx(by_hand + (0.10 if v == "rope_small" else 0))
+    assert comparisons["rope_small lr=0.001"].verdict == "better"
+    assert comparisons["rope_small lr=0.003"].verdict == "worse"
+    lines = section(runs, "seed_statistics").lines
+    assert "| configuration | family |" in lines[0]
+    assert sum(line.startswith("| rope_small lr=") for line in lines) == 2
+    assert any(line.startswith("Settings that vary within these runs: lr.") for line in lines)
+    every_run = section(runs, "all_runs").lines  # each run names its configuration
+    assert sum("| rope_small-s1-lr3 | rope_small lr=0.003 |" in line for line in every_run) == 1
+    assert sum("| rope_small-s1 | rope_small lr=0.001 |" in line for line in every_run) == 1
+    result = audit(runs)  # a setting every variant ran at both values is swept, not an unfairness
+    assert result.verdict == "fair", result.findings
+    assert ("swept settings", "one configuration per value", "lr: 0.001, 0.003") in result.checks
+    assert not result.notes
 
 
 def test_holm_and_seeds_to_resolve_against_hand_and_textbook_values():

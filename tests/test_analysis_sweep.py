@@ -11,8 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
+from analysis import stats, tables
+from analysis.fairness import audit
+from analysis.runs import load_path, run_from_wandb
+from test_analysis import FakeWandbRun
 from train_helpers import offline_run_contents
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,3 +85,61 @@ def test_report_of_a_real_offline_sweep(tmp_path):
     assert "Success Rate: 4/4 (100%)" in again.stdout
     # same records, same tables (the report's own files in the sweep dir are not records)
     assert (tmp_path / "again" / "report.md").read_text().split("## Figures")[0] == text.split("## Figures")[0]
+
+    # The W&B path: each run as W&B holds it (config, summary, history from its offline .wandb
+    # file) gives the same runs, and so the same tables, as the records.
+    local = sorted(load_path(reports[0].parent.parent), key=lambda r: r.name)
+    from_wandb = sorted((run_from_wandb(wandb_view(d)) for d in (tmp_path / "results").glob("*/wandb/offline-run-*")),
+                        key=lambda r: r.name)
+    assert [r.name for r in from_wandb] == [r.name for r in local]
+    for w, r in zip(from_wandb, local):
+        assert w.val_loss == r.val_loss == r.eval_history[-1]["val/loss"]  # the final evaluation
+        assert w.val_loss_min == r.val_loss_min == min(row["val/loss"] for row in r.eval_history)
+        assert (w.status, w.seed, w.variant, w.data_fingerprint) == (r.status, r.seed, r.variant, r.data_fingerprint)
+    for run_dir in (tmp_path / "results").glob("*/wandb/offline-run-*"):  # W&B's own summary: final, and min
+        summary, history = offline_run_contents(run_dir)["summary"], offline_run_contents(run_dir)["history"]
+        evals = [row["val/loss"] for row in history if "val/loss" in row]
+        assert summary["val/loss"] == evals[-1] and summary["val/loss_min"] == min(evals), run_dir
+    for key in ("top5", "statistics", "seed_statistics"):
+        def lines(runs):
+            return {s.key: s for s in tables.build_sections(runs, audit(runs))}[key].lines
+        assert lines(from_wandb) == lines(local), key
+
+
+def wandb_view(run_dir: Path) -> FakeWandbRun:
+    """What wandb.Api() would return for an offline run once synced, from its own .wandb file."""
+    contents = offline_run_contents(run_dir)
+    record = {"run_id": run_dir.name.rsplit("-", 1)[1], "run_name": contents["config"]["attention"] + "-s"
+              + str(contents["config"]["seed"]), "group": contents["group"], "family": (contents["tags"] or [""])[0],
+              "config": contents["config"], "summary": contents["summary"],
+              "history": [{"step": row["_step"], **row} for row in contents["history"]]}
+    return FakeWandbRun(record, "finished")
+
+
+def test_a_real_sweep_over_lr_reports_one_row_per_configuration(tmp_path):
+    """Issue 9: a grid over a setting (lr, two values) is two configurations per variant, not one
+    run per (variant, seed) picked at random: the report has a row for each, paired by seed within
+    it, and says that lr varies."""
+    grid = SWEEP.replace("name: analysis-e2e", "name: analysis-lr").replace("steps: {value: 4}", "steps: {value: 2}")
+    (tmp_path / "sweep.yaml").write_text(grid + "  lr: {values: [0.001, 0.01]}\n")
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
+    done = subprocess.run([sys.executable, "local_sweep.py", str(tmp_path / "sweep.yaml"),
+                           "--results-dir", str(tmp_path / "results")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    runs = load_path(tmp_path / "results")
+    assert len(runs) == 8 and all(r.succeeded for r in runs)
+    (text,) = [p.read_text() for p in (tmp_path / "results").glob("*/report/report.md")]
+    assert "**Success Rate**: 8/8 (100%)" in text
+    assert "Settings that vary within these runs: lr." in text
+    for label in ("baseline lr=0.001", "baseline lr=0.01", "rope_small lr=0.001", "rope_small lr=0.01"):
+        assert f"| {label} | " in text, label
+    assert "| rope_small lr=0.001 | rope | 2 |" in text and "| rope_small lr=0.01 | rope | 2 |" in text
+    # each configuration's mean is the mean of its own two runs, by hand
+    mean = {}
+    for r in runs:
+        mean.setdefault((r.variant, r.config["lr"]), []).append(r.val_loss)
+    summaries = {s.configuration: s for s in stats.summarize_variants(runs)}
+    for (variant, lr), losses in mean.items():
+        assert summaries[f"{variant} lr={lr}"].mean == pytest.approx(sum(losses) / 2)
+    assert "**Fairness: fair**" in text

@@ -185,10 +185,12 @@ def clean_env() -> dict:
     return env
 
 
+@pytest.mark.parametrize("recipe", ["default", "seed"])
 @pytest.mark.parametrize("name", list(TABLE))
-def test_dry_run_reports_the_hand_counts(name, capsys, monkeypatch):
-    argv = [f"--attention={name}", "--vocab_size=49152", "--dry_run"]
-    if name == SUBPROCESS_NAME:
+def test_dry_run_reports_the_hand_counts(name, recipe, capsys, monkeypatch):
+    """The seed's recipe changes no parameter: its 13 counts are the same hand counts."""
+    argv = [f"--attention={name}", "--vocab_size=49152", "--dry_run", f"--recipe={recipe}"]
+    if name == SUBPROCESS_NAME and recipe == "seed":
         proc = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, env=clean_env(),
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr

@@ -243,11 +243,12 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, corpus):
     reference = read_record(tmp_path / "straight" / "results", "local", "baseline-s0")
 
     args = tiny_args(tmp_path / "killed", corpus, **KILL)
-    progress = tmp_path / "killed" / "results" / "local" / "checkpoints" / "baseline-s0" / "progress.json"
+    checkpoints = tmp_path / "killed" / "results" / "local" / "checkpoints"
     process = start_train(args)
-    assert wait_for(progress.exists), "no checkpoint appeared"
+    assert wait_for(lambda: any(checkpoints.glob("baseline-s0-*/progress.json"))), "no checkpoint appeared"
     process.send_signal(signal.SIGKILL)
     process.wait()
+    (progress,) = checkpoints.glob("baseline-s0-*/progress.json")
     killed_at = json.loads(progress.read_text())["step"]
     assert killed_at < KILL["steps"]
 
@@ -272,9 +273,10 @@ def test_sigterm_checkpoints_and_marks_interrupted(tmp_path, corpus):
     assert process.returncode == train.EXIT_CODES["interrupted"], stderr
     record = json.loads(record_file.read_text())
     assert record["status"] == "interrupted" and "--resume" in record["error"]
-    progress = json.loads((tmp_path / "results" / "local" / "checkpoints" / "baseline-s0" / "progress.json").read_text())
+    checkpoint = tmp_path / "results" / "local" / "checkpoints" / f"baseline-s0-{record['run_id']}"
+    progress = json.loads((checkpoint / "progress.json").read_text())
     assert progress["step"] == len(record["history"])
-    assert (tmp_path / "results" / "local" / "checkpoints" / "baseline-s0" / "state").is_dir()
+    assert (checkpoint / "state").is_dir()
     assert_wandb_run_says(tmp_path / "results", record, train.EXIT_CODES["interrupted"])
 
     resumed = run_train(args + ["--resume"])  # the checkpoint is usable
@@ -284,16 +286,63 @@ def test_sigterm_checkpoints_and_marks_interrupted(tmp_path, corpus):
     assert final["run_id"] == record["run_id"]  # the same W&B run continues
 
 
+def test_runs_differing_in_a_knob_keep_their_own_checkpoints_and_resume_checks_the_config(
+        tmp_path, corpus, monkeypatch, capsys):
+    """Two runs of baseline seed 0 with two lr values: each checkpoints under its run id; one
+    finishing leaves the other's checkpoint; --resume continues the run of the same config and
+    refuses (one error line, exit 2, checkpoint kept) where only another config's checkpoint is."""
+    checkpoints = tmp_path / "results" / "local" / "checkpoints"
+    base = {**LONG, "steps": 8, "eval_every": 4, "checkpoint_every": 2}
+    monkeypatch.setattr(model_module.MoELM, "forward", faulty_forward(7, lambda loss: loss * float("nan")))
+    assert in_process(monkeypatch, tiny_args(tmp_path, corpus, **base, lr=1e-3)) == train.EXIT_CODES["diverged"]
+    monkeypatch.undo()
+    (first,) = checkpoints.iterdir()
+    first_run_id = read_record(tmp_path / "results", "local", "baseline-s0")["run_id"]
+    assert first.name == f"baseline-s0-{first_run_id}"
+    assert json.loads((first / "progress.json").read_text())["step"] == 6
+
+    other = run_train(tiny_args(tmp_path, corpus, **base, lr=3e-3))  # same variant and seed, other lr
+    assert other.returncode == 0, other.stderr
+    assert [p.name for p in checkpoints.iterdir()] == [first.name]  # untouched by the other run
+    before = tree_snapshot(first)
+
+    refused = run_train(tiny_args(tmp_path, corpus, **base, lr=2e-3) + ["--resume"])
+    assert refused.returncode == 2, refused.stderr
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "another config" in errors[0] and "lr=0.001 there, 0.002 here" in errors[0]
+    assert "Traceback" not in refused.stderr
+    assert tree_snapshot(first) == before
+
+    resumed = run_train(tiny_args(tmp_path, corpus, **base, lr=1e-3) + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "from its checkpoint at step 6" in resumed.stderr
+    assert not first.exists()
+
+
 # --- several processes ---------------------------------------------------------------------------
+
+# lr_factor for warmup 2, cosine over the remaining 4 of 6 steps to a floor of 0.1, by hand:
+# warmup (step + 1) / 2; then 0.1 + 0.9 * (1 + cos(pi * (step - 2) / 4)) / 2.
+WARMUP_COSINE = {"lr_schedule": "cosine", "warmup_steps": 2, "min_lr_ratio": 0.1, "steps": 6}
+WARMUP_COSINE_FACTORS = [0.5, 1.0, 1.0, 0.868198, 0.55, 0.231802]
+
+
+def test_lr_factor_hand_values():
+    cfg = train.TrainConfig(**WARMUP_COSINE)
+    assert [train.lr_factor(cfg, step) for step in range(6)] == pytest.approx(WARMUP_COSINE_FACTORS, abs=1e-6)
+    assert train.lr_factor(cfg, 6) == pytest.approx(0.1)  # the floor, reached after the last step
+
 
 def test_two_processes_match_one(tmp_path, corpus):
     """torchrun starts two CPU processes (gloo) that Accelerate picks up: one record, one W&B
-    run, the same global batch, and the same losses as one process.
+    run, the same global batch, and the same learning rate and losses as one process, under
+    warmup + cosine (a constant lr would hide a schedule stepped once per process).
 
     Dropout and router noise draw from per-process generators, and the balance loss is a statistic
     of each process's own tokens (as in any data-parallel MoE), so those are off for the exact
     comparison; with them on, the processes train the same model up to those differences."""
-    deterministic = {"dropout": 0.0, "router_noise_std": 0.0, "aux_loss_weight": 0.0, "steps": 6, "batch_size": 4}
+    deterministic = {"dropout": 0.0, "router_noise_std": 0.0, "aux_loss_weight": 0.0, "batch_size": 4,
+                     **WARMUP_COSINE}
     one = run_train(tiny_args(tmp_path / "one", corpus, **deterministic))
     assert one.returncode == 0, one.stderr
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
@@ -307,7 +356,11 @@ def test_two_processes_match_one(tmp_path, corpus):
     assert len(list((tmp_path / "two" / "results").rglob("*.json"))) == 1  # one record, main process only
     assert len(list((tmp_path / "two" / "results" / "wandb").glob("offline-run-*"))) == 1
     assert double["summary"]["data/fingerprint"] == single["summary"]["data/fingerprint"]
+    lr = float(dict(arg[2:].split("=", 1) for arg in tiny_args(tmp_path, corpus))["lr"])
+    assert [row["train/lr"] for row in single["history"]] == pytest.approx(
+        [lr * f for f in WARMUP_COSINE_FACTORS], rel=1e-5)
     for a, b in zip(single["history"], double["history"], strict=True):
+        assert b["train/lr"] == a["train/lr"], f"step {a['step']}"
         assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
         if "val/loss" in a:
             assert b["val/loss"] == pytest.approx(a["val/loss"], rel=1e-5)

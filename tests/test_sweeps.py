@@ -111,6 +111,11 @@ def test_fast_is_the_seed_experiment_on_the_seed_data():
         "eval_batches": 10, "dropout": 0.1}
     assert values["dataset"] == "HuggingFaceTB/smollm-corpus" and values["dataset_config"] == "cosmopedia-v2"
     assert values["tokenizer"] == "HuggingFaceTB/SmolLM-135M" and values["max_documents"] > 0
+    # the seed's model, not ours: the seed recipe, every knob at the seed's value
+    cfg = config_from_values(values)
+    assert values["recipe"] == "seed"
+    assert (cfg.embed_scale, cfg.aux_loss_reduction, cfg.expert_dropout, cfg.final_dropout,
+            cfg.init_residual_scaling, cfg.grad_clip) == (True, "sum", 0.1, 0.1, False, 0.0)
 
 
 def test_smoke_and_seeds_are_small_and_on_the_embedded_corpus():
