@@ -7,7 +7,7 @@
 
 Every run ends with one results record, <results_dir>/<group>/<attention>-s<seed>.json (with
 -<run_id> before .json when another run's record holds that name), whose status is finished,
-failed, diverged or interrupted, and an exit code that says the same.
+failed, diverged, interrupted or stopped, and an exit code that says the same (record.py).
 """
 import hashlib
 import json
@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from config import FIELD_TYPES, ConfigError, TrainConfig, config_from_values, help_text, parse_args, parse_value
+import record
+from record import EXIT_CODES, one_line, write_json_atomic, write_record
 from model import (ModelConfig, MoELM, count_parameters, flops_per_token, init_weights,
                    shared_parameters_fingerprint)
 
-RECORD_SCHEMA = 1
-EXIT_CODES = {"finished": 0, "failed": 1, "config": 2, "diverged": 3, "interrupted": 130}
 GB = 1024 ** 3
 
 
@@ -61,44 +61,7 @@ def describe_model(cfg: TrainConfig, vocab_size: int) -> dict:
             "params_attention": params["attention"], "flops_per_token": flops_per_token(model)}
 
 
-# --- results records ---------------------------------------------------------------------------
-
-def write_json_atomic(path: Path, obj) -> None:
-    """temp file + rename in the same directory: readers see the old file or the new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
-
-
-def write_record(results_dir: Path, group: str, run_name: str, run_id: str, record: dict) -> Path:
-    """<group>/<run_name>.json, unless another run's record (finished or not: a failed run's reason
-    is a result too) holds that name: then the run id goes into the name, so two agents sharing a
-    results directory never clobber each other. The name is claimed with a hard link, which fails
-    if it exists, so two runs ending at the same moment cannot both take it."""
-    path = results_dir / group / f"{run_name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    try:
-        os.link(tmp, path)
-        tmp.unlink()
-        return path
-    except FileExistsError:
-        pass
-    except OSError:  # a filesystem without hard links: claim by rename, as before
-        if not path.exists():
-            os.replace(tmp, path)
-            return path
-    try:
-        owner = json.loads(path.read_text()).get("run_id")
-    except (OSError, ValueError, AttributeError):
-        owner = None
-    if owner not in (run_id, None):
-        path = path.with_name(f"{run_name}-{run_id}.json")
-    os.replace(tmp, path)
-    return path
-
+# --- results records (their contract: record.py) -------------------------------------------
 
 def check_writable(results_dir: Path) -> None:
     try:
@@ -329,7 +292,7 @@ class Run:
             self.error = (f"out of memory with --batch_size={cfg.batch_size} --seq_len={cfg.seq_len} "
                           f"({cfg.attention}); lower the batch size or sequence length")
         except Exception as err:  # any crash still ends as a failed run with its reason recorded
-            self.status, self.error = "failed", f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"
+            self.status, self.error = "failed", f"{type(err).__name__}: {one_line(err, 500)}"
             self._save_traceback()
         finally:
             self.signals.restore()
@@ -349,20 +312,20 @@ class Run:
 
     def _finish(self, tracker: "Tracker | None", exit_code: int) -> None:
         self.summary.update({"status": self.status, "error": self.error,
-                             "time/total_s": round(self.progress.get("elapsed", 0.0) + self.elapsed(), 3),
-                             "time/ended_at": round(time.time(), 3)})  # which of two reruns is the later
+                             record.TIME_TOTAL: round(self.progress.get("elapsed", 0.0) + self.elapsed(), 3),
+                             record.TIME_ENDED_AT: round(time.time(), 3)})  # which of two reruns is the later
         if self.error:
             print(f"error: {self.error}", file=sys.stderr)
         if not self.is_main:
             return
-        record = {
-            "schema": RECORD_SCHEMA, "run_id": self.run_id, "run_name": self.cfg.run_name, "group": self.group,
+        results = {
+            "schema": record.SCHEMA, "run_id": self.run_id, "run_name": self.cfg.run_name, "group": self.group,
             "attention": self.cfg.attention, "family": self.cfg.family, "seed": self.cfg.seed,
             "status": self.status, "error": self.error, "config": self.cfg.to_dict(), "summary": self.summary,
             "history": self.history,
         }
         try:
-            write_record(self.results_dir, self.group, self.cfg.run_name, self.run_id, record)
+            write_record(self.results_dir, self.group, self.cfg.run_name, self.run_id, results)
         except OSError as err:  # already reported as the error when the directory is unwritable
             print(f"warning: cannot write the results record ({err})", file=sys.stderr)
         if self.status == "finished":  # a checkpoint is only for finishing; it can be GBs
@@ -390,15 +353,15 @@ class Run:
             raise ConfigError(f"--batch_size={cfg.batch_size} does not split over {world} processes")
         tracker.update_config({"vocab_size": vocab_size, "processes": world, "group": self.group})
         # what time and memory are measured on; the report's audit flags compared runs where it differs
-        self.summary.update({"hardware/processes": world, "hardware/device": device_name(accelerator.device)})
+        self.summary.update({record.HARDWARE_PROCESSES: world, record.HARDWARE_DEVICE: device_name(accelerator.device)})
 
         model = MoELM(model_config(cfg, vocab_size))
         init_weights(model, cfg.seed)
         params = count_parameters(model)
         self.summary.update({
-            "params/total": params["total"], "params/attention": params["attention"],
-            "flops/per_token": flops_per_token(model),
-            "init/shared_fingerprint": shared_parameters_fingerprint(model),
+            record.PARAMS_TOTAL: params["total"], record.PARAMS_ATTENTION: params["attention"],
+            record.FLOPS_PER_TOKEN: flops_per_token(model),
+            record.INIT_FINGERPRINT: shared_parameters_fingerprint(model),
         })
         device = accelerator.device
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -429,7 +392,7 @@ class Run:
                    file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
         model.train()
         # the sweep's own overhead per run: imports, W&B init, cached data, model build
-        self.summary["time/startup_s"] = round(time.time() - process_start_time(), 3)
+        self.summary[record.TIME_STARTUP] = round(time.time() - process_start_time(), 3)
         for step in range(start_step, cfg.steps):
             begun = time.perf_counter()
             batch = batches.train_batch(step)
@@ -452,17 +415,17 @@ class Run:
 
             step_time = time.perf_counter() - begun
             now_gb, peak_gb = memory_gb(device)
-            row = {"step": step + 1, "train/loss": loss, "train/accuracy": accuracy, "train/lr": lr,
-                   "train/grad_norm": grad_norm, "train/aux_loss": aux, "perf/step_time_ms": step_time * 1000,
-                   "perf/tokens_per_sec": tokens_per_step / step_time, "memory/allocated_gb": now_gb,
-                   "memory/peak_gb": peak_gb}
+            # train/loss, train/accuracy, train/lr, train/grad_norm, train/aux_loss,
+            # perf/step_time_ms, perf/tokens_per_sec, memory/allocated_gb, memory/peak_gb
+            row = {"step": step + 1, **dict(zip(record.TRAIN_KEYS, (
+                loss, accuracy, lr, grad_norm, aux, step_time * 1000, tokens_per_step / step_time, now_gb, peak_gb)))}
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 row.update(self.evaluate(model, batches, world, rank, device))
                 model.train()
             self.history.append(row)
             tracker.log({k: v for k, v in row.items() if k != "step"}, step=step + 1)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['perf/tokens_per_sec']:,.0f}", refresh=False)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / step_time:,.0f}", refresh=False)
 
             last = step + 1 == cfg.steps
             if stop or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and not last):
@@ -473,11 +436,11 @@ class Run:
         bar.close()
         final = self.history[-1]
         _, peak_gb = memory_gb(device)
-        self.summary.update({k: final[k] for k in ("val/loss", "val/accuracy", "val/perplexity")})
-        self.summary["val/loss_min"] = min(row["val/loss"] for row in self.history if "val/loss" in row)
-        self.summary.update({"memory/peak_gb": peak_gb, "data/fingerprint": fingerprint})
+        self.summary.update({k: final[k] for k in record.EVAL_KEYS})
+        self.summary[record.VAL_LOSS_MIN] = min(row[record.VAL_LOSS] for row in self.history if record.VAL_LOSS in row)
+        self.summary.update({record.MEMORY_PEAK: peak_gb, record.DATA_FINGERPRINT: fingerprint})
         if device.type == "cuda":  # what the allocator held from the driver, beside what tensors used
-            self.summary["memory/peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / GB
+            self.summary[record.MEMORY_PEAK_RESERVED] = torch.cuda.max_memory_reserved(device) / GB
 
     @torch.no_grad()
     def evaluate(self, model, batches, world, rank, device) -> dict:
@@ -493,7 +456,7 @@ class Run:
             totals += torch.stack([ce.float(), accuracy.float(), torch.ones((), device=device)]) * targets.numel()
         loss_sum, correct, count = self.accelerator.reduce(totals, "sum").tolist()
         loss = loss_sum / count
-        return {"val/loss": loss, "val/accuracy": correct / count, "val/perplexity": math.exp(min(loss, 700))}
+        return dict(zip(record.EVAL_KEYS, (loss, correct / count, math.exp(min(loss, 700)))))  # val/loss, val/accuracy, val/perplexity
 
     def save_checkpoint(self, step: int, fingerprint: str) -> None:
         """Model, optimizer, scheduler and RNG states (Accelerate) plus our progress, written to a

@@ -17,8 +17,9 @@ from scipy import stats as sps
 
 from analysis import report, stats, tables
 from analysis.fairness import audit
-from analysis.runs import (TRAIN_KEYS, SourceError, family_of, load_path, load_wandb, run_from_record,
+from analysis.runs import (SourceError, family_of, load_path, load_wandb, run_from_record,
                            run_from_wandb, to_seed_schema, varying_settings)
+from record import TRAIN_KEYS
 
 SEED_FIXTURE = Path(__file__).parent / "fixtures" / "analysis_seed_fast.json"
 
