@@ -19,11 +19,16 @@ SCHEMA = 1  # the record's "schema"; analysis skips records of another one
 STATUSES = ("finished", "failed", "diverged", "interrupted", "stopped")
 EXIT_CODES = {"finished": 0, "failed": 1, "config": 2, "diverged": 3, "interrupted": 130, "stopped": 0}
 RUNNING = "running"  # only from W&B or a sweep's state: neither a success nor a failure yet
+# How a sweep tells a run that its SIGTERM is the sweep stopping it (a result: "stopped"), not a
+# preemption ("interrupted"): local_sweep.py names a file in this variable and creates it before
+# the SIGTERM. (Online, W&B's SDK calls the run's stop_fn when the server asks the run to stop.)
+STOP_FILE_ENV = "ATTNSWEEP_STOP_FILE"
 
 # The W&B run state each status ends in (what the dashboard shows once the run is synced):
 # W&B's state is the exit code's (0 finished, else failed); the record's status is also in the
 # W&B summary as "status", which analysis reads before the state.
-WANDB_STATE = {"finished": "finished", "failed": "failed", "diverged": "failed", "interrupted": "failed",
+WANDB_STATE = {"finished": "finished", "failed": "failed", "diverged": "failed",
+               "interrupted": "failed",  # under `wandb agent`: marked preempting first, so W&B requeues it
                "stopped": "finished"}
 
 # The metric names (DESIGN.md section 6). Logged every step:

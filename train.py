@@ -17,6 +17,7 @@ import secrets
 import shutil
 import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -30,6 +31,7 @@ from model import (ModelConfig, MoELM, count_parameters, flops_per_token, init_w
                    shared_parameters_fingerprint)
 
 GB = 1024 ** 3
+STOP_REQUEST_WAIT_S = 15.0  # W&B's SDK polls the server's stop request this often (run_stopping.py)
 
 
 class Diverged(Exception):
@@ -38,6 +40,10 @@ class Diverged(Exception):
 
 class Interrupted(Exception):
     pass
+
+
+class Stopped(Exception):
+    """The sweep stopped the run (early termination, or W&B's stop): a result, not a failure."""
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -86,7 +92,7 @@ class Tracker:
     WANDB_MODE=disabled, where wandb is not even imported -- a GPU image without it can train)."""
 
     def __init__(self, enabled: bool, project: str, group: str, name: str, tags: list, config: dict,
-                 run_id: str, directory: Path):
+                 run_id: str, directory: Path, on_stop=None):
         self.run = None
         if not enabled or os.environ.get("WANDB_MODE") == "disabled":
             return
@@ -96,8 +102,11 @@ class Tracker:
         directory.mkdir(parents=True, exist_ok=True)
         # init(tags=) replaces WANDB_TAGS: keep a launcher's (local_sweep.py tags its sweep's runs)
         tags = list(dict.fromkeys([*tags, *(t for t in os.environ.get("WANDB_TAGS", "").split(",") if t)]))
+        # stop_fn: what W&B's SDK calls when the server asks the run to stop (the UI's stop button, a
+        # sweep's early termination); its default raises KeyboardInterrupt in the main thread
         self.run = wandb.init(project=project, group=group, name=name, tags=tags, job_type="train",
-                              config=config, id=run_id, resume="allow", dir=os.environ.get("WANDB_DIR", directory))
+                              config=config, id=run_id, resume="allow", dir=os.environ.get("WANDB_DIR", directory),
+                              settings=wandb.Settings(stop_fn=on_stop) if on_stop else None)
         # val/loss in the summary is the final value, as in the record (W&B's default "last"; no
         # define_metric(summary="min")); the minimum is val/loss_min in both.
 
@@ -115,10 +124,42 @@ class Tracker:
         if self.run is not None:
             self.run.log(metrics, step=step)
 
-    def finish(self, summary: dict, exit_code: int) -> None:
+    @property
+    def online(self) -> bool:
+        return self.run is not None and not self.run.offline
+
+    def log_checkpoint(self, path: Path, run_id: str, step: int) -> None:
+        """The checkpoint as a W&B Artifact, so the run can resume on another machine."""
+        if self.run is not None:
+            artifact = self.wandb.Artifact(checkpoint_artifact_name(run_id), type="checkpoint", metadata={"step": step})
+            artifact.add_dir(str(path))
+            self.run.log_artifact(artifact)
+
+    def restore_checkpoint(self, run_id: str, path: Path) -> bool:
+        """Download this run's latest checkpoint artifact into `path`; False when there is none (or
+        offline: W&B cannot fetch artifacts there)."""
+        if not self.online:
+            return False
+        try:
+            artifact = self.run.use_artifact(f"{checkpoint_artifact_name(run_id)}:latest", type="checkpoint")
+        except Exception:  # CommError: no such artifact; this run never saved one
+            return False
+        tmp = path.with_name(path.name + ".download")
+        shutil.rmtree(tmp, ignore_errors=True)
+        artifact.download(root=str(tmp))
+        os.replace(tmp, path)
+        return True
+
+    def finish(self, summary: dict, exit_code: int, preempting: bool = False) -> None:
         if self.run is not None:
             self.run.summary.update(summary)
+            if preempting:  # W&B requeues a sweep's run only if it was marked preempting
+                self.run.mark_preempting()
             self.run.finish(exit_code=exit_code)
+
+
+def checkpoint_artifact_name(run_id: str) -> str:
+    return f"checkpoint-{run_id}"
 
 
 def check_sweep_agrees(cfg: TrainConfig, sweep_values: dict) -> None:
@@ -134,7 +175,7 @@ def check_sweep_agrees(cfg: TrainConfig, sweep_values: dict) -> None:
 # --- checkpoints --------------------------------------------------------------------------------
 
 # Settings a resumed run may change: where things are written and how often it checkpoints.
-RESUME_MAY_CHANGE = ("resume", "checkpoint_every", "results_dir", "cache_dir", "dry_run")
+RESUME_MAY_CHANGE = ("resume", "checkpoint_every", "checkpoint_artifact", "results_dir", "cache_dir", "dry_run")
 
 
 def checkpoint_dir(checkpoints: Path, run_name: str, run_id: str) -> Path:
@@ -190,10 +231,13 @@ def chain_fingerprint(previous: str, batch: torch.Tensor) -> str:
 
 class StopSignals:
     """SIGTERM / SIGINT ask the loop to checkpoint and stop at the next step boundary; a second
-    SIGINT stops at once."""
+    SIGINT stops at once. The stop is the sweep's (the run ends `stopped`) when W&B asked the run to
+    stop (request_stop, W&B's stop_fn) or local_sweep.py created the file named in
+    $ATTNSWEEP_STOP_FILE; otherwise (Ctrl-C, a preempted machine) the run ends `interrupted`."""
 
     def __init__(self):
         self.requested = False
+        self.sweep_request = threading.Event()
         self.previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.previous[sig] = signal.signal(sig, self._handle)
@@ -203,9 +247,39 @@ class StopSignals:
             raise KeyboardInterrupt
         self.requested = True
 
+    def request_stop(self):  # W&B's SDK calls it from its own thread
+        self.sweep_request.set()
+        self.requested = True
+
+    def by_sweep(self, wait_s: float = 0.0) -> bool:
+        stop_file = os.environ.get(record.STOP_FILE_ENV)
+        if stop_file and Path(stop_file).exists():
+            return True
+        return self.sweep_request.wait(wait_s) if wait_s > 0 else self.sweep_request.is_set()
+
     def restore(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+# `accelerate launch --mixed_precision=...` and `accelerate config` hand their choice to the
+# processes in this variable (accelerate/utils/launch.py); accelerate launch sets it to "no" when
+# neither says anything
+LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
+
+
+def mixed_precision(option: str, cuda: bool) -> str:
+    """--mixed_precision when given; with auto, the launcher's choice when there is one, else bf16
+    on CUDA and fp32 ("no") on CPU."""
+    launcher = os.environ.get(LAUNCHER_PRECISION_ENV)
+    if option != "auto":
+        return option
+    if launcher:
+        if launcher not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"the launcher's mixed precision {launcher!r} ({LAUNCHER_PRECISION_ENV}) is not "
+                              f"supported here; allowed: no, bf16, fp16")
+        return launcher
+    return "bf16" if cuda else "no"
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -218,9 +292,7 @@ class Run:
 
         self.cfg = cfg
         self.started = time.perf_counter()
-        mixed = cfg.mixed_precision
-        if mixed == "auto":
-            mixed = "bf16" if torch.cuda.is_available() else "no"
+        mixed = mixed_precision(cfg.mixed_precision, torch.cuda.is_available())
         # cpu=True is what lets Accelerate see a torchrun launch on CPU as multi-process (gloo).
         # split_batches=True says what we do: --batch_size is the global batch, split over the
         # processes (Run._loop), so one optimizer step is one step of the schedule. Without it,
@@ -231,6 +303,10 @@ class Run:
         self.accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(),
                                        dataloader_config=DataLoaderConfiguration(split_batches=True))
         self.is_main = self.accelerator.is_main_process
+        launcher = os.environ.get(LAUNCHER_PRECISION_ENV)
+        if self.is_main and launcher and cfg.mixed_precision not in ("auto", launcher):
+            print(f"warning: --mixed_precision={cfg.mixed_precision} overrides the launcher's {launcher}", file=sys.stderr)
+        self.tracker = None
         self.group = cfg.group or os.environ.get("WANDB_SWEEP_ID") or os.environ.get("WANDB_RUN_GROUP") or "local"
         self.results_dir = Path(cfg.results_dir)
         self.progress = self._load_progress(self.results_dir / self.group / "checkpoints")
@@ -275,14 +351,26 @@ class Run:
             if self.is_main:
                 check_writable(self.results_dir)
             tracker = Tracker(self.is_main, cfg.project, self.group, cfg.run_name, [cfg.family],
-                              cfg.to_dict(), self.run_id, self.results_dir)
+                              cfg.to_dict(), self.run_id, self.results_dir, on_stop=self.signals.request_stop)
+            self.tracker = tracker
             check_sweep_agrees(cfg, tracker.sweep_values())
+            self._restore_checkpoint_artifact(tracker)
             self.train(tracker)
             self.status = "finished"
         except ConfigError as err:
             self.status, self.error, bad_input = "failed", str(err), True
         except Diverged as err:
             self.status, self.error = "diverged", str(err)
+            if self.is_main and os.environ.get("WANDB_SWEEP_ID"):
+                # `wandb agent` counts every exit code > 0 as a failure and gives up after 3 in its
+                # first 60 s, or once failures reach 5 and the finished runs (wandb_agent.py); it
+                # says so only in its debug log. A grid with a diverging lr must not end that way.
+                print(f"warning: wandb agent counts this diverged run (exit {EXIT_CODES['diverged']}) as a failure and "
+                      f"stops after 3 in its first minute or 5 with no successes; for sweeps where runs may "
+                      f"diverge start it with WANDB_AGENT_DISABLE_FLAPPING=true "
+                      f"WANDB_AGENT_MAX_INITIAL_FAILURES=1000", file=sys.stderr)
+        except Stopped as err:
+            self.status, self.error = "stopped", str(err)
         except Interrupted as err:
             self.status, self.error = "interrupted", str(err)
         except KeyboardInterrupt:
@@ -300,6 +388,16 @@ class Run:
         self._finish(tracker, exit_code)
         return exit_code
 
+    def _restore_checkpoint_artifact(self, tracker: Tracker) -> None:
+        """--checkpoint_artifact: a run id W&B hands out again, on a machine without its checkpoint
+        (a preempted run requeued elsewhere), continues from the checkpoint artifact it logged."""
+        if not (self.cfg.checkpoint_artifact and os.environ.get("WANDB_RUN_ID")) or self.progress:
+            return
+        if self.is_main and tracker.restore_checkpoint(self.run_id, self.checkpoint_dir):
+            print(f"restored the checkpoint of run {self.run_id} from its W&B artifact", file=sys.stderr)
+        self.accelerator.wait_for_everyone()  # the other processes read what the main one downloaded
+        self.progress = self._load_progress(self.checkpoint_dir.parent)
+
     def _save_traceback(self) -> None:
         if self.is_main:
             path = self.results_dir / self.group / f"{self.cfg.run_name}.traceback.txt"
@@ -314,10 +412,10 @@ class Run:
         self.summary.update({"status": self.status, "error": self.error,
                              record.TIME_TOTAL: round(self.progress.get("elapsed", 0.0) + self.elapsed(), 3),
                              record.TIME_ENDED_AT: round(time.time(), 3)})  # which of two reruns is the later
-        if self.error:
-            print(f"error: {self.error}", file=sys.stderr)
-        if not self.is_main:
+        if not self.is_main:  # one error line, not one per process
             return
+        if self.error and self.status != "stopped":
+            print(f"error: {self.error}", file=sys.stderr)
         results = {
             "schema": record.SCHEMA, "run_id": self.run_id, "run_name": self.cfg.run_name, "group": self.group,
             "attention": self.cfg.attention, "family": self.cfg.family, "seed": self.cfg.seed,
@@ -328,10 +426,11 @@ class Run:
             write_record(self.results_dir, self.group, self.cfg.run_name, self.run_id, results)
         except OSError as err:  # already reported as the error when the directory is unwritable
             print(f"warning: cannot write the results record ({err})", file=sys.stderr)
-        if self.status == "finished":  # a checkpoint is only for finishing; it can be GBs
+        if self.status in ("finished", "stopped"):  # a checkpoint is only for finishing; it can be GBs
             shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
-        if tracker is not None:
-            tracker.finish(self.summary, exit_code)
+        if tracker is not None:  # a real agent's interrupted run is a preempted one: W&B requeues it
+            tracker.finish(self.summary, exit_code,
+                           preempting=self.status == "interrupted" and bool(os.environ.get("WANDB_SWEEP_ID")))
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -428,6 +527,8 @@ class Run:
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / step_time:,.0f}", refresh=False)
 
             last = step + 1 == cfg.steps
+            if stop and self.stopped_by_sweep(device):
+                raise Stopped(f"stopped by the sweep after step {step + 1}")
             if stop or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and not last):
                 self.save_checkpoint(step + 1, fingerprint)
             if stop:
@@ -458,6 +559,15 @@ class Run:
         loss = loss_sum / count
         return dict(zip(record.EVAL_KEYS, (loss, correct / count, math.exp(min(loss, 700)))))  # val/loss, val/accuracy, val/perplexity
 
+    def stopped_by_sweep(self, device) -> bool:
+        """Whether this stop is the sweep's, agreed by all processes (the main one decides). Under
+        `wandb agent` online, the agent's SIGTERM for the sweep's stop can come before the SDK has
+        polled the stop request (every 15 s, run_stopping.py): wait that long for it before taking
+        the SIGTERM for a preemption (the agent sends SIGKILL only 30 s after its SIGTERM)."""
+        wait_s = STOP_REQUEST_WAIT_S if (self.is_main and self.tracker.online and os.environ.get("WANDB_SWEEP_ID")) else 0
+        mine = float(self.is_main and self.signals.by_sweep(wait_s))
+        return self.accelerator.reduce(torch.full((), mine, device=device), "sum").item() > 0
+
     def save_checkpoint(self, step: int, fingerprint: str) -> None:
         """Model, optimizer, scheduler and RNG states (Accelerate) plus our progress, written to a
         temp directory and renamed into place, so a kill mid-save leaves the previous checkpoint."""
@@ -475,6 +585,8 @@ class Run:
                 os.replace(self.checkpoint_dir, old)
             os.replace(tmp, self.checkpoint_dir)
             shutil.rmtree(old, ignore_errors=True)
+            if self.cfg.checkpoint_artifact:
+                self.tracker.log_checkpoint(self.checkpoint_dir, self.run_id, step)
         self.accelerator.wait_for_everyone()
 
 
@@ -482,7 +594,11 @@ class Run:
 
 def refuse(err: ConfigError, argv: list[str]) -> int:
     """Bad input: one `error:` line and exit 2. Under a W&B agent the run is also opened and marked
-    failed with the reason, so the dashboard shows it instead of the agent handing it out again."""
+    failed with the reason, so the dashboard shows it instead of the agent handing it out again.
+    Only the main process (RANK 0, or no launcher) says so: every process of a launch sees the
+    same bad input."""
+    if os.environ.get("RANK", "0") != "0":
+        return EXIT_CODES["config"]
     print(f"error: {err}", file=sys.stderr)
     if under_agent():
         raw = dict(arg[2:].partition("=")[::2] for arg in argv if arg.startswith("--"))

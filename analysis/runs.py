@@ -19,7 +19,7 @@ FAMILIES = ("baseline", "lora", "enhanced", "rope", "bias")
 # Config keys that are bookkeeping, not settings: they do not change what a run computes (or, for
 # attention and seed, are what every comparison is about), so they never tell configurations apart.
 BOOKKEEPING = {"attention", "family", "seed", "results_dir", "group", "project", "run_name", "cache_dir",
-               "checkpoint_every", "resume", "dry_run", "compile", "trust_remote_code",
+               "checkpoint_every", "checkpoint_artifact", "resume", "dry_run", "compile", "trust_remote_code",
                "processes"}  # how many GPUs shared each (global) batch; train.py adds it to the W&B config
 # Records and W&B runs carry their family. Only the seed's JSON does not, so this map (DESIGN.md
 # section 3) is the fallback for it; an unknown name falls back to its prefix, else "other".

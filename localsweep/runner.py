@@ -80,11 +80,13 @@ def signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def wait_for(proc: subprocess.Popen, run_name: str, should_stop=None) -> tuple[int, int | None, bool]:
+def wait_for(proc: subprocess.Popen, run_name: str, should_stop=None, stop_file: Path | None = None
+             ) -> tuple[int, int | None, bool]:
     """Wait for the run; a Ctrl-C (or SIGTERM/SIGHUP) is passed on to it -- it saves a checkpoint
     and stops at the next step -- a second one stops it at once, a third kills it. With
     `should_stop` (early termination), it is asked every POLL_S seconds, and when it says so the
-    run gets SIGTERM, as wandb's agent stops a run. Returns (exit code, the signal that stopped
+    run gets SIGTERM, as wandb's agent stops a run, after `stop_file` is created: it tells train.py
+    that this SIGTERM is the sweep's stop (the run ends `stopped`, exit 0), not a preemption. Returns (exit code, the signal that stopped
     the sweep or None, whether should_stop stopped the run)."""
     stopped_by, asked, early = None, 0, False
     while True:
@@ -96,6 +98,8 @@ def wait_for(proc: subprocess.Popen, run_name: str, should_stop=None) -> tuple[i
             except subprocess.TimeoutExpired:
                 if stopped_by is None and should_stop():
                     early = True
+                    if stop_file is not None:
+                        stop_file.touch()
                     signal_group(proc, signal.SIGTERM)
         except (KeyboardInterrupt, Stop) as err:
             sig = err.signum if isinstance(err, Stop) else signal.SIGINT
@@ -130,7 +134,7 @@ class Runner:
         params = entry["args"]
         return Path(params.get("results_dir", self.results_dir)) / str(params.get("group") or self.sweep.id)
 
-    def env(self, run_id: str, param_path: Path, group: str) -> dict:
+    def env(self, run_id: str, param_path: Path, group: str, stop_file: Path | None = None) -> dict:
         """The run's environment. No WANDB_SWEEP_ID: the server has never seen this local sweep's
         id, and `wandb sync` of runs carrying it fails (wandb#8115); wandb loads and locks the
         sweep's values from WANDB_SWEEP_PARAM_PATH alone. The sweep id is the run's W&B group and
@@ -146,6 +150,8 @@ class Runner:
         })
         if self.config.get("early_terminate"):
             env.setdefault(FLUSH_INTERVAL_ENV, "1")
+        if stop_file is not None:
+            env[record.STOP_FILE_ENV] = str(stop_file)
         if self.config.get("entity"):
             env["WANDB_ENTITY"] = str(self.config["entity"])
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -159,7 +165,9 @@ class Runner:
         sweep, run_id, name = self.sweep, entry["id"], entry["name"]
         base = sweep.dir / "wandb" / f"sweep-{sweep.id}"
         param_path, json_path = base / f"config-{run_id}.yaml", base / f"config-{run_id}.json"
+        stop_file = base / f"stop-{run_id}"  # created when early termination stops the run
         base.mkdir(parents=True, exist_ok=True)
+        stop_file.unlink(missing_ok=True)
         param_path.write_text(params_file_text(entry["args"]))
         command = self.config.get("command") or DEFAULT_COMMAND
         if "${args_json_file}" in [str(c) for c in command]:
@@ -180,7 +188,7 @@ class Runner:
                            f"{' '.join(argv)}\n".encode())
             log_file.flush()
             try:
-                run_env = self.env(run_id, param_path, str(entry["args"].get("group") or sweep.id))
+                run_env = self.env(run_id, param_path, str(entry["args"].get("group") or sweep.id), stop_file)
                 proc = subprocess.Popen(argv, env=run_env, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, process_group=0)
             except OSError as err:
@@ -190,7 +198,7 @@ class Runner:
                 pump = OutputPump(proc.stdout, log_file, prefix, self.live)
                 pump.start()
                 try:
-                    rc, stopped_by, early = wait_for(proc, name, should_stop)
+                    rc, stopped_by, early = wait_for(proc, name, should_stop, stop_file)
                 finally:
                     pump.join()
                     proc.stdout.close()
