@@ -6,6 +6,7 @@ line per launch. Offline paths through real offline W&B runs; online ones throug
 import json
 import os
 import shutil
+import subprocess
 import signal
 import sys
 import threading
@@ -289,3 +290,36 @@ def test_only_the_main_process_prints_the_error_line(monkeypatch, capsys, rank, 
     assert train.main(["--attention=no_such_variant"]) == record.EXIT_CODES["config"]
     err = capsys.readouterr().err
     assert err.startswith("error: unknown attention variant") if says else err == ""
+
+
+# --- local_sweep's hyperband stop, with the real train.py -------------------------------------------
+
+def test_a_run_local_sweeps_hyperband_stops_ends_stopped_with_exit_0(tmp_path, corpus):
+    """Two runs from one init (seed 0), val/loss every step: lr=0.01 learns, lr=0 keeps its initial
+    loss. Hyperband (min_iter 2, eta 3) at band 2: threshold = the first run's loss at step 2,
+    below the second's constant loss: the second is stopped, through the stop file + SIGTERM."""
+    constants = {"attention": "baseline", "seed": 0, "d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64,
+                 "n_experts": 4, "top_k": 2, "seq_len": 32, "batch_size": 4, "steps": 60, "eval_every": 1,
+                 "eval_batches": 1, "warmup_steps": 0, "dataset": str(corpus), "cache_dir": str(tmp_path / "cache")}
+    sweep = tmp_path / "hb.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "program": str(ROOT / "train.py"), "method": "grid", "metric": {"name": "val/loss", "goal": "minimize"},
+        "early_terminate": {"type": "hyperband", "min_iter": 2, "eta": 3},
+        "parameters": {"lr": {"values": [0.01, 0.0]}, **{k: {"value": v} for k, v in constants.items()}}}))
+    results = tmp_path / "results"
+    result = subprocess.run([sys.executable, str(ROOT / "local_sweep.py"), str(sweep), "--results-dir",
+                                           str(results), "--no-report"], cwd=ROOT, env=offline_env(),
+                                          capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (sweep_dir,) = [p for p in results.iterdir() if (p / "sweep_state.json").exists()]
+    learns, flat = json.loads((sweep_dir / "sweep_state.json").read_text())["runs"]
+    assert learns["status"] == "finished"
+    assert (flat["status"], flat["exit_code"]) == ("stopped", 0), flat
+    assert "hyperband" in flat["error"]
+    saved = json.loads(Path(flat["record"]).read_text())
+    assert saved["status"] == "stopped" and len(saved["history"]) < constants["steps"]
+    assert (sweep_dir / "wandb" / f"sweep-{sweep_dir.name}" / f"stop-{flat['id']}").exists()
+    assert not any((results / sweep_dir.name / "checkpoints").glob("*"))
+    (run_dir,) = (sweep_dir / "wandb").glob(f"offline-run-*-{flat['id']}")
+    logged = offline_run_contents(run_dir)
+    assert logged["exit_code"] == 0 and logged["summary"]["status"] == "stopped"  # synced: finished, not failed
