@@ -363,8 +363,8 @@ class Run:
             self.status, self.error = "diverged", str(err)
             if self.is_main and os.environ.get("WANDB_SWEEP_ID"):
                 # `wandb agent` counts every exit code > 0 as a failure and gives up after 3 in its
-                # first 60 s, or once failures reach 5 and the finished runs (wandb_agent.py); it
-                # says so only in its debug log. A grid with a diverging lr must not end that way.
+                # first 60 s, or once failures reach 5 and the ended runs (wandb_agent.py), and says
+                # why only as it stops. A grid with a diverging lr must not end that way unannounced.
                 print(f"warning: wandb agent counts this diverged run (exit {EXIT_CODES['diverged']}) as a failure and "
                       f"stops after 3 in its first minute or 5 with no successes; for sweeps where runs may "
                       f"diverge start it with WANDB_AGENT_DISABLE_FLAPPING=true "
