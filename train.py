@@ -527,10 +527,12 @@ class Run:
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / step_time:,.0f}", refresh=False)
 
             last = step + 1 == cfg.steps
-            if stop and self.stopped_by_sweep(device):
+            if stop and self.stopped_by_sweep(device):  # no checkpoint: it would only be deleted
                 raise Stopped(f"stopped by the sweep after step {step + 1}")
             if stop or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and not last):
                 self.save_checkpoint(step + 1, fingerprint)
+            if stop and self.stopped_by_sweep(device, wait=True):  # the checkpoint is safe; a late request?
+                raise Stopped(f"stopped by the sweep after step {step + 1}")
             if stop:
                 raise Interrupted(f"stopped by a signal after step {step + 1}; checkpoint saved, "
                                   f"continue with --resume")
@@ -559,12 +561,14 @@ class Run:
         loss = loss_sum / count
         return dict(zip(record.EVAL_KEYS, (loss, correct / count, math.exp(min(loss, 700)))))  # val/loss, val/accuracy, val/perplexity
 
-    def stopped_by_sweep(self, device) -> bool:
+    def stopped_by_sweep(self, device, wait: bool = False) -> bool:
         """Whether this stop is the sweep's, agreed by all processes (the main one decides). Under
         `wandb agent` online, the agent's SIGTERM for the sweep's stop can come before the SDK has
-        polled the stop request (every 15 s, run_stopping.py): wait that long for it before taking
-        the SIGTERM for a preemption (the agent sends SIGKILL only 30 s after its SIGTERM)."""
-        wait_s = STOP_REQUEST_WAIT_S if (self.is_main and self.tracker.online and os.environ.get("WANDB_SWEEP_ID")) else 0
+        polled the stop request (every 15 s, run_stopping.py): with `wait` (once the checkpoint is
+        saved) wait that long for it before taking the SIGTERM for a preemption (the agent sends
+        SIGKILL only 30 s after its SIGTERM)."""
+        online_agent = self.tracker is not None and self.tracker.online and os.environ.get("WANDB_SWEEP_ID")
+        wait_s = STOP_REQUEST_WAIT_S if (wait and self.is_main and online_agent) else 0
         mine = float(self.is_main and self.signals.by_sweep(wait_s))
         return self.accelerator.reduce(torch.full((), mine, device=device), "sum").item() > 0
 
