@@ -232,7 +232,8 @@ class FakeWandbRun:
 
 
 @pytest.mark.parametrize("status,state", [("finished", "finished"), ("failed", "failed"),
-                                          ("failed", "crashed")])
+                                          ("failed", "crashed"), ("diverged", "failed"),
+                                          ("stopped", "finished")])  # record.WANDB_STATE: exit 0
 def test_wandb_run_maps_to_the_same_run_as_the_local_record(status, state):
     record = make_record("rope_small", 1, 7.77, status=status)
     fake = FakeWandbRun(record, state)
