@@ -142,7 +142,7 @@ class Tracker:
             return False
         try:
             artifact = self.run.use_artifact(f"{checkpoint_artifact_name(run_id)}:latest", type="checkpoint")
-        except Exception:  # CommError: no such artifact; this run never saved one
+        except (ValueError, self.wandb.errors.CommError):  # no such artifact: this run never saved one
             return False
         tmp = path.with_name(path.name + ".download")
         shutil.rmtree(tmp, ignore_errors=True)

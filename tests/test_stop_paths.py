@@ -180,7 +180,7 @@ def test_preempted_under_an_agent_marks_preempting_and_resumes_elsewhere_from_th
         tmp_path, corpus, monkeypatch, capsys):
     import wandb
 
-    offline(monkeypatch, WANDB_SWEEP_ID="sweep123")
+    offline(monkeypatch, WANDB_SWEEP_ID="sweep123", WANDB_RUN_ID="preempt1")  # the agent sets both
     plain_forward = model_module.MoELM.forward
     args = tiny_args(tmp_path, corpus, steps=6, checkpoint_every=2, checkpoint_artifact=True)
     monkeypatch.setattr(model_module.MoELM, "forward", at_train_step(3, sigterm))
@@ -204,7 +204,6 @@ def test_preempted_under_an_agent_marks_preempting_and_resumes_elsewhere_from_th
     asked = []
     monkeypatch.setattr(wandb, "init", lambda real=wandb.init, **kw: OnlineRun(real(**kw), store, asked))
     monkeypatch.setattr(model_module.MoELM, "forward", plain_forward)
-    monkeypatch.setenv("WANDB_RUN_ID", first["run_id"])
     assert train.main(args) == 0
     err = capsys.readouterr().err
     assert asked == [(f"checkpoint-{first['run_id']}:latest", "checkpoint")]
@@ -323,3 +322,30 @@ def test_a_run_local_sweeps_hyperband_stops_ends_stopped_with_exit_0(tmp_path, c
     (run_dir,) = (sweep_dir / "wandb").glob(f"offline-run-*-{flat['id']}")
     logged = offline_run_contents(run_dir)
     assert logged["exit_code"] == 0 and logged["summary"]["status"] == "stopped"  # synced: finished, not failed
+
+
+def test_no_checkpoint_artifact_means_a_fresh_start_and_a_failed_download_is_an_error(tmp_path):
+    import wandb
+
+    class Missing:
+        offline = False
+
+        def use_artifact(self, name, type=None):
+            raise ValueError(f"artifact membership {name!r} not found")  # what wandb 0.31 raises
+
+    class Broken(Missing):
+        def use_artifact(self, name, type=None):
+            class Artifact:
+                def download(self, root):
+                    raise OSError("connection reset")
+            return Artifact()
+
+    tracker = train.Tracker.__new__(train.Tracker)
+    tracker.wandb = wandb
+    tracker.run = Missing()
+    assert tracker.restore_checkpoint("abcd", tmp_path / "ckpt") is False
+    tracker.run = Broken()
+    with pytest.raises(OSError, match="connection reset"):  # the run fails with the reason, not silently
+        tracker.restore_checkpoint("abcd", tmp_path / "ckpt")
+    tracker.run = type("OfflineRun", (), {"offline": True})()
+    assert tracker.restore_checkpoint("abcd", tmp_path / "ckpt") is False  # W&B cannot fetch offline
