@@ -155,7 +155,7 @@ def test_a_streamed_hub_dataset_gives_the_file_paths_tokens_cut_at_max_documents
     hub = TrainConfig(dataset="someone/corpus", dataset_config="plain", dataset_split="train", text_column="content",
                       cache_dir=str(tmp_path / "cache"))
     tokens, vocab = load_tokens(hub)
-    assert calls == [{"path": "someone/corpus", "name": "plain", "split": "train"}]
+    assert calls == [{"path": "someone/corpus", "name": "plain", "split": "train", "revision": None}]  # unpinned
     file_tokens, file_vocab = load_tokens(TrainConfig(dataset=str(corpus), cache_dir=str(tmp_path / "cache")))
     assert vocab == file_vocab == 8192 and len(tokens) > 10_000
     assert np.array_equal(tokens, file_tokens)
