@@ -101,12 +101,13 @@ class TrainConfig:
     val_fraction: float = 0.05
     cache_dir: str = str(ROOT / ".cache")
     # runtime
-    mixed_precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    mixed_precision: str = "auto"  # auto: accelerate launch's choice, else bf16 on CUDA, fp32 on CPU
     compile: bool = False
     results_dir: str = "results"
     group: str | None = None  # None: the sweep id under an agent, else "local"
     project: str = "attnsweep"
     checkpoint_every: int = 0
+    checkpoint_artifact: bool = False  # W&B: log each checkpoint as an Artifact, restore it on another machine
     resume: bool = False
     dry_run: bool = False
 
@@ -263,10 +264,11 @@ OPTION_HELP = {
     },
     "run": {
         "seed": "initial weights, data order, dropout; all variants of a seed see the same data and init",
-        "mixed_precision": "auto (bf16 on CUDA, fp32 on CPU), no, bf16 or fp16",
+        "mixed_precision": "auto (the launcher's choice, else bf16 on CUDA, fp32 on CPU), no, bf16 or fp16",
         "compile": "torch.compile the model",
         "results_dir": "where the run's JSON record, checkpoints and offline W&B runs go",
         "checkpoint_every": "save a resumable checkpoint every N steps; 0: only when stopped by a signal",
+        "checkpoint_artifact": "also log each checkpoint as a W&B Artifact; a requeued run restores it on another machine",
         "resume": "continue from this run's checkpoint",
         "dry_run": "print the model's sizes and FLOPs as JSON and exit (needs --vocab_size; no data)",
     },

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from config import ConfigError, TrainConfig
+from record import one_line
 
 VALIDATION_SPLIT_SEED = 20260101  # fixed: the validation set must not depend on the run's seed
 CACHE_FORMAT = 1  # bump when the tokenization code changes what it produces
@@ -36,11 +37,7 @@ def load_tokenizer(cfg: TrainConfig):
     try:
         return AutoTokenizer.from_pretrained(cfg.tokenizer, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"--tokenizer={cfg.tokenizer}: cannot load it ({one_line(err)})") from None
-
-
-def one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())[:300]
+        raise ConfigError(f"--tokenizer={cfg.tokenizer}: cannot load it ({one_line(err, 300)})") from None
 
 
 # --- the token stream, cached ------------------------------------------------------------------
@@ -93,7 +90,7 @@ def load_texts(cfg: TrainConfig):
             return load_dataset(str(path), cfg.dataset_config, split=cfg.dataset_split,
                                 cache_dir=str(Path(cfg.cache_dir) / "hf"))
         except FileNotFoundError as err:  # datasets' "no (supported) data files" errors
-            raise ConfigError(f"--dataset={cfg.dataset}: a directory without a dataset in it ({one_line(err)})") from None
+            raise ConfigError(f"--dataset={cfg.dataset}: a directory without a dataset in it ({one_line(err, 300)})") from None
     if looks_like_path(cfg.dataset):
         raise ConfigError(f"--dataset={cfg.dataset}: no such file or directory")
     # No trust_remote_code: datasets 5 runs no loading scripts (it logs an error and drops the
@@ -102,7 +99,7 @@ def load_texts(cfg: TrainConfig):
         stream = load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.dataset_split, streaming=True,
                               revision=cfg.dataset_revision)
     except Exception as err:  # offline, unknown name, bad config name: all end the same way
-        raise ConfigError(f"--dataset={cfg.dataset}: cannot load it from the hub ({one_line(err)})") from None
+        raise ConfigError(f"--dataset={cfg.dataset}: cannot load it from the hub ({one_line(err, 300)})") from None
     return stream.take(cfg.max_documents) if cfg.max_documents else stream
 
 
@@ -129,7 +126,7 @@ def check_text_file(path: Path) -> None:
     except UnicodeDecodeError as err:
         raise ConfigError(f"--dataset={path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except (OSError, EOFError) as err:
-        raise ConfigError(f"--dataset={path}: cannot read it ({one_line(err)})") from None
+        raise ConfigError(f"--dataset={path}: cannot read it ({one_line(err, 300)})") from None
 
 
 def tokenize(cfg: TrainConfig) -> np.ndarray:

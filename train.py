@@ -7,7 +7,7 @@
 
 Every run ends with one results record, <results_dir>/<group>/<attention>-s<seed>.json (with
 -<run_id> before .json when another run's record holds that name), whose status is finished,
-failed, diverged or interrupted, and an exit code that says the same.
+failed, diverged, interrupted or stopped, and an exit code that says the same (record.py).
 """
 import hashlib
 import json
@@ -17,6 +17,7 @@ import secrets
 import shutil
 import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -24,12 +25,13 @@ from pathlib import Path
 import torch
 
 from config import FIELD_TYPES, ConfigError, TrainConfig, config_from_values, help_text, parse_args, parse_value
+import record
+from record import EXIT_CODES, one_line, write_json_atomic, write_record
 from model import (ModelConfig, MoELM, count_parameters, flops_per_token, init_weights,
                    shared_parameters_fingerprint)
 
-RECORD_SCHEMA = 1
-EXIT_CODES = {"finished": 0, "failed": 1, "config": 2, "diverged": 3, "interrupted": 130}
 GB = 1024 ** 3
+STOP_REQUEST_WAIT_S = 15.0  # W&B's SDK polls the server's stop request this often (run_stopping.py)
 
 
 class Diverged(Exception):
@@ -38,6 +40,10 @@ class Diverged(Exception):
 
 class Interrupted(Exception):
     pass
+
+
+class Stopped(Exception):
+    """The sweep stopped the run (early termination, or W&B's stop): a result, not a failure."""
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -61,44 +67,7 @@ def describe_model(cfg: TrainConfig, vocab_size: int) -> dict:
             "params_attention": params["attention"], "flops_per_token": flops_per_token(model)}
 
 
-# --- results records ---------------------------------------------------------------------------
-
-def write_json_atomic(path: Path, obj) -> None:
-    """temp file + rename in the same directory: readers see the old file or the new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
-
-
-def write_record(results_dir: Path, group: str, run_name: str, run_id: str, record: dict) -> Path:
-    """<group>/<run_name>.json, unless another run's record (finished or not: a failed run's reason
-    is a result too) holds that name: then the run id goes into the name, so two agents sharing a
-    results directory never clobber each other. The name is claimed with a hard link, which fails
-    if it exists, so two runs ending at the same moment cannot both take it."""
-    path = results_dir / group / f"{run_name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    try:
-        os.link(tmp, path)
-        tmp.unlink()
-        return path
-    except FileExistsError:
-        pass
-    except OSError:  # a filesystem without hard links: claim by rename, as before
-        if not path.exists():
-            os.replace(tmp, path)
-            return path
-    try:
-        owner = json.loads(path.read_text()).get("run_id")
-    except (OSError, ValueError, AttributeError):
-        owner = None
-    if owner not in (run_id, None):
-        path = path.with_name(f"{run_name}-{run_id}.json")
-    os.replace(tmp, path)
-    return path
-
+# --- results records (their contract: record.py) -------------------------------------------
 
 def check_writable(results_dir: Path) -> None:
     try:
@@ -123,7 +92,7 @@ class Tracker:
     WANDB_MODE=disabled, where wandb is not even imported -- a GPU image without it can train)."""
 
     def __init__(self, enabled: bool, project: str, group: str, name: str, tags: list, config: dict,
-                 run_id: str, directory: Path):
+                 run_id: str, directory: Path, on_stop=None):
         self.run = None
         if not enabled or os.environ.get("WANDB_MODE") == "disabled":
             return
@@ -133,8 +102,11 @@ class Tracker:
         directory.mkdir(parents=True, exist_ok=True)
         # init(tags=) replaces WANDB_TAGS: keep a launcher's (local_sweep.py tags its sweep's runs)
         tags = list(dict.fromkeys([*tags, *(t for t in os.environ.get("WANDB_TAGS", "").split(",") if t)]))
+        # stop_fn: what W&B's SDK calls when the server asks the run to stop (the UI's stop button, a
+        # sweep's early termination); its default raises KeyboardInterrupt in the main thread
         self.run = wandb.init(project=project, group=group, name=name, tags=tags, job_type="train",
-                              config=config, id=run_id, resume="allow", dir=os.environ.get("WANDB_DIR", directory))
+                              config=config, id=run_id, resume="allow", dir=os.environ.get("WANDB_DIR", directory),
+                              settings=wandb.Settings(stop_fn=on_stop) if on_stop else None)
         # val/loss in the summary is the final value, as in the record (W&B's default "last"; no
         # define_metric(summary="min")); the minimum is val/loss_min in both.
 
@@ -152,10 +124,42 @@ class Tracker:
         if self.run is not None:
             self.run.log(metrics, step=step)
 
-    def finish(self, summary: dict, exit_code: int) -> None:
+    @property
+    def online(self) -> bool:
+        return self.run is not None and not self.run.offline
+
+    def log_checkpoint(self, path: Path, run_id: str, step: int) -> None:
+        """The checkpoint as a W&B Artifact, so the run can resume on another machine."""
+        if self.run is not None:
+            artifact = self.wandb.Artifact(checkpoint_artifact_name(run_id), type="checkpoint", metadata={"step": step})
+            artifact.add_dir(str(path))
+            self.run.log_artifact(artifact)
+
+    def restore_checkpoint(self, run_id: str, path: Path) -> bool:
+        """Download this run's latest checkpoint artifact into `path`; False when there is none (or
+        offline: W&B cannot fetch artifacts there)."""
+        if not self.online:
+            return False
+        try:
+            artifact = self.run.use_artifact(f"{checkpoint_artifact_name(run_id)}:latest", type="checkpoint")
+        except (ValueError, self.wandb.errors.CommError):  # no such artifact: this run never saved one
+            return False
+        tmp = path.with_name(path.name + ".download")
+        shutil.rmtree(tmp, ignore_errors=True)
+        artifact.download(root=str(tmp))
+        os.replace(tmp, path)
+        return True
+
+    def finish(self, summary: dict, exit_code: int, preempting: bool = False) -> None:
         if self.run is not None:
             self.run.summary.update(summary)
+            if preempting:  # W&B requeues a sweep's run only if it was marked preempting
+                self.run.mark_preempting()
             self.run.finish(exit_code=exit_code)
+
+
+def checkpoint_artifact_name(run_id: str) -> str:
+    return f"checkpoint-{run_id}"
 
 
 def check_sweep_agrees(cfg: TrainConfig, sweep_values: dict) -> None:
@@ -171,7 +175,7 @@ def check_sweep_agrees(cfg: TrainConfig, sweep_values: dict) -> None:
 # --- checkpoints --------------------------------------------------------------------------------
 
 # Settings a resumed run may change: where things are written and how often it checkpoints.
-RESUME_MAY_CHANGE = ("resume", "checkpoint_every", "results_dir", "cache_dir", "dry_run")
+RESUME_MAY_CHANGE = ("resume", "checkpoint_every", "checkpoint_artifact", "results_dir", "cache_dir", "dry_run")
 
 
 def checkpoint_dir(checkpoints: Path, run_name: str, run_id: str) -> Path:
@@ -227,10 +231,13 @@ def chain_fingerprint(previous: str, batch: torch.Tensor) -> str:
 
 class StopSignals:
     """SIGTERM / SIGINT ask the loop to checkpoint and stop at the next step boundary; a second
-    SIGINT stops at once."""
+    SIGINT stops at once. The stop is the sweep's (the run ends `stopped`) when W&B asked the run to
+    stop (request_stop, W&B's stop_fn) or local_sweep.py created the file named in
+    $ATTNSWEEP_STOP_FILE; otherwise (Ctrl-C, a preempted machine) the run ends `interrupted`."""
 
     def __init__(self):
         self.requested = False
+        self.sweep_request = threading.Event()
         self.previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.previous[sig] = signal.signal(sig, self._handle)
@@ -240,9 +247,39 @@ class StopSignals:
             raise KeyboardInterrupt
         self.requested = True
 
+    def request_stop(self):  # W&B's SDK calls it from its own thread
+        self.sweep_request.set()
+        self.requested = True
+
+    def by_sweep(self, wait_s: float = 0.0) -> bool:
+        stop_file = os.environ.get(record.STOP_FILE_ENV)
+        if stop_file and Path(stop_file).exists():
+            return True
+        return self.sweep_request.wait(wait_s) if wait_s > 0 else self.sweep_request.is_set()
+
     def restore(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+# `accelerate launch --mixed_precision=...` and `accelerate config` hand their choice to the
+# processes in this variable (accelerate/utils/launch.py); accelerate launch sets it to "no" when
+# neither says anything
+LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
+
+
+def mixed_precision(option: str, cuda: bool) -> str:
+    """--mixed_precision when given; with auto, the launcher's choice when there is one, else bf16
+    on CUDA and fp32 ("no") on CPU."""
+    launcher = os.environ.get(LAUNCHER_PRECISION_ENV)
+    if option != "auto":
+        return option
+    if launcher:
+        if launcher not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"the launcher's mixed precision {launcher!r} ({LAUNCHER_PRECISION_ENV}) is not "
+                              f"supported here; allowed: no, bf16, fp16")
+        return launcher
+    return "bf16" if cuda else "no"
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -255,9 +292,7 @@ class Run:
 
         self.cfg = cfg
         self.started = time.perf_counter()
-        mixed = cfg.mixed_precision
-        if mixed == "auto":
-            mixed = "bf16" if torch.cuda.is_available() else "no"
+        mixed = mixed_precision(cfg.mixed_precision, torch.cuda.is_available())
         # cpu=True is what lets Accelerate see a torchrun launch on CPU as multi-process (gloo).
         # split_batches=True says what we do: --batch_size is the global batch, split over the
         # processes (Run._loop), so one optimizer step is one step of the schedule. Without it,
@@ -268,6 +303,10 @@ class Run:
         self.accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(),
                                        dataloader_config=DataLoaderConfiguration(split_batches=True))
         self.is_main = self.accelerator.is_main_process
+        launcher = os.environ.get(LAUNCHER_PRECISION_ENV)
+        if self.is_main and launcher and cfg.mixed_precision not in ("auto", launcher):
+            print(f"warning: --mixed_precision={cfg.mixed_precision} overrides the launcher's {launcher}", file=sys.stderr)
+        self.tracker = None
         self.group = cfg.group or os.environ.get("WANDB_SWEEP_ID") or os.environ.get("WANDB_RUN_GROUP") or "local"
         self.results_dir = Path(cfg.results_dir)
         self.progress = self._load_progress(self.results_dir / self.group / "checkpoints")
@@ -312,14 +351,26 @@ class Run:
             if self.is_main:
                 check_writable(self.results_dir)
             tracker = Tracker(self.is_main, cfg.project, self.group, cfg.run_name, [cfg.family],
-                              cfg.to_dict(), self.run_id, self.results_dir)
+                              cfg.to_dict(), self.run_id, self.results_dir, on_stop=self.signals.request_stop)
+            self.tracker = tracker
             check_sweep_agrees(cfg, tracker.sweep_values())
+            self._restore_checkpoint_artifact(tracker)
             self.train(tracker)
             self.status = "finished"
         except ConfigError as err:
             self.status, self.error, bad_input = "failed", str(err), True
         except Diverged as err:
             self.status, self.error = "diverged", str(err)
+            if self.is_main and os.environ.get("WANDB_SWEEP_ID"):
+                # `wandb agent` counts every exit code > 0 as a failure and gives up after 3 in its
+                # first 60 s, or once failures reach 5 and the ended runs (wandb_agent.py), and says
+                # why only as it stops. A grid with a diverging lr must not end that way unannounced.
+                print(f"warning: wandb agent counts this diverged run (exit {EXIT_CODES['diverged']}) as a failure and "
+                      f"stops after 3 in its first minute or 5 with no successes; for sweeps where runs may "
+                      f"diverge start it with WANDB_AGENT_DISABLE_FLAPPING=true "
+                      f"WANDB_AGENT_MAX_INITIAL_FAILURES=1000", file=sys.stderr)
+        except Stopped as err:
+            self.status, self.error = "stopped", str(err)
         except Interrupted as err:
             self.status, self.error = "interrupted", str(err)
         except KeyboardInterrupt:
@@ -329,13 +380,23 @@ class Run:
             self.error = (f"out of memory with --batch_size={cfg.batch_size} --seq_len={cfg.seq_len} "
                           f"({cfg.attention}); lower the batch size or sequence length")
         except Exception as err:  # any crash still ends as a failed run with its reason recorded
-            self.status, self.error = "failed", f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"
+            self.status, self.error = "failed", f"{type(err).__name__}: {one_line(err, 500)}"
             self._save_traceback()
         finally:
             self.signals.restore()
         exit_code = EXIT_CODES["config"] if bad_input else EXIT_CODES[self.status]
         self._finish(tracker, exit_code)
         return exit_code
+
+    def _restore_checkpoint_artifact(self, tracker: Tracker) -> None:
+        """--checkpoint_artifact: a run id W&B hands out again, on a machine without its checkpoint
+        (a preempted run requeued elsewhere), continues from the checkpoint artifact it logged."""
+        if not (self.cfg.checkpoint_artifact and os.environ.get("WANDB_RUN_ID")) or self.progress:
+            return
+        if self.is_main and tracker.restore_checkpoint(self.run_id, self.checkpoint_dir):
+            print(f"restored the checkpoint of run {self.run_id} from its W&B artifact", file=sys.stderr)
+        self.accelerator.wait_for_everyone()  # the other processes read what the main one downloaded
+        self.progress = self._load_progress(self.checkpoint_dir.parent)
 
     def _save_traceback(self) -> None:
         if self.is_main:
@@ -349,26 +410,27 @@ class Run:
 
     def _finish(self, tracker: "Tracker | None", exit_code: int) -> None:
         self.summary.update({"status": self.status, "error": self.error,
-                             "time/total_s": round(self.progress.get("elapsed", 0.0) + self.elapsed(), 3),
-                             "time/ended_at": round(time.time(), 3)})  # which of two reruns is the later
-        if self.error:
-            print(f"error: {self.error}", file=sys.stderr)
-        if not self.is_main:
+                             record.TIME_TOTAL: round(self.progress.get("elapsed", 0.0) + self.elapsed(), 3),
+                             record.TIME_ENDED_AT: round(time.time(), 3)})  # which of two reruns is the later
+        if not self.is_main:  # one error line, not one per process
             return
-        record = {
-            "schema": RECORD_SCHEMA, "run_id": self.run_id, "run_name": self.cfg.run_name, "group": self.group,
+        if self.error and self.status != "stopped":
+            print(f"error: {self.error}", file=sys.stderr)
+        results = {
+            "schema": record.SCHEMA, "run_id": self.run_id, "run_name": self.cfg.run_name, "group": self.group,
             "attention": self.cfg.attention, "family": self.cfg.family, "seed": self.cfg.seed,
             "status": self.status, "error": self.error, "config": self.cfg.to_dict(), "summary": self.summary,
             "history": self.history,
         }
         try:
-            write_record(self.results_dir, self.group, self.cfg.run_name, self.run_id, record)
+            write_record(self.results_dir, self.group, self.cfg.run_name, self.run_id, results)
         except OSError as err:  # already reported as the error when the directory is unwritable
             print(f"warning: cannot write the results record ({err})", file=sys.stderr)
-        if self.status == "finished":  # a checkpoint is only for finishing; it can be GBs
+        if self.status in ("finished", "stopped"):  # a checkpoint is only for finishing; it can be GBs
             shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
-        if tracker is not None:
-            tracker.finish(self.summary, exit_code)
+        if tracker is not None:  # a real agent's interrupted run is a preempted one: W&B requeues it
+            tracker.finish(self.summary, exit_code,
+                           preempting=self.status == "interrupted" and bool(os.environ.get("WANDB_SWEEP_ID")))
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -390,15 +452,15 @@ class Run:
             raise ConfigError(f"--batch_size={cfg.batch_size} does not split over {world} processes")
         tracker.update_config({"vocab_size": vocab_size, "processes": world, "group": self.group})
         # what time and memory are measured on; the report's audit flags compared runs where it differs
-        self.summary.update({"hardware/processes": world, "hardware/device": device_name(accelerator.device)})
+        self.summary.update({record.HARDWARE_PROCESSES: world, record.HARDWARE_DEVICE: device_name(accelerator.device)})
 
         model = MoELM(model_config(cfg, vocab_size))
         init_weights(model, cfg.seed)
         params = count_parameters(model)
         self.summary.update({
-            "params/total": params["total"], "params/attention": params["attention"],
-            "flops/per_token": flops_per_token(model),
-            "init/shared_fingerprint": shared_parameters_fingerprint(model),
+            record.PARAMS_TOTAL: params["total"], record.PARAMS_ATTENTION: params["attention"],
+            record.FLOPS_PER_TOKEN: flops_per_token(model),
+            record.INIT_FINGERPRINT: shared_parameters_fingerprint(model),
         })
         device = accelerator.device
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -429,7 +491,7 @@ class Run:
                    file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
         model.train()
         # the sweep's own overhead per run: imports, W&B init, cached data, model build
-        self.summary["time/startup_s"] = round(time.time() - process_start_time(), 3)
+        self.summary[record.TIME_STARTUP] = round(time.time() - process_start_time(), 3)
         for step in range(start_step, cfg.steps):
             begun = time.perf_counter()
             batch = batches.train_batch(step)
@@ -452,32 +514,36 @@ class Run:
 
             step_time = time.perf_counter() - begun
             now_gb, peak_gb = memory_gb(device)
-            row = {"step": step + 1, "train/loss": loss, "train/accuracy": accuracy, "train/lr": lr,
-                   "train/grad_norm": grad_norm, "train/aux_loss": aux, "perf/step_time_ms": step_time * 1000,
-                   "perf/tokens_per_sec": tokens_per_step / step_time, "memory/allocated_gb": now_gb,
-                   "memory/peak_gb": peak_gb}
+            # train/loss, train/accuracy, train/lr, train/grad_norm, train/aux_loss,
+            # perf/step_time_ms, perf/tokens_per_sec, memory/allocated_gb, memory/peak_gb
+            row = {"step": step + 1, **dict(zip(record.TRAIN_KEYS, (
+                loss, accuracy, lr, grad_norm, aux, step_time * 1000, tokens_per_step / step_time, now_gb, peak_gb)))}
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 row.update(self.evaluate(model, batches, world, rank, device))
                 model.train()
             self.history.append(row)
             tracker.log({k: v for k, v in row.items() if k != "step"}, step=step + 1)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['perf/tokens_per_sec']:,.0f}", refresh=False)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / step_time:,.0f}", refresh=False)
 
             last = step + 1 == cfg.steps
+            if stop and self.stopped_by_sweep(device):  # no checkpoint: it would only be deleted
+                raise Stopped(f"stopped by the sweep after step {step + 1}")
             if stop or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and not last):
                 self.save_checkpoint(step + 1, fingerprint)
+            if stop and self.stopped_by_sweep(device, wait=True):  # the checkpoint is safe; a late request?
+                raise Stopped(f"stopped by the sweep after step {step + 1}")
             if stop:
                 raise Interrupted(f"stopped by a signal after step {step + 1}; checkpoint saved, "
                                   f"continue with --resume")
         bar.close()
         final = self.history[-1]
         _, peak_gb = memory_gb(device)
-        self.summary.update({k: final[k] for k in ("val/loss", "val/accuracy", "val/perplexity")})
-        self.summary["val/loss_min"] = min(row["val/loss"] for row in self.history if "val/loss" in row)
-        self.summary.update({"memory/peak_gb": peak_gb, "data/fingerprint": fingerprint})
+        self.summary.update({k: final[k] for k in record.EVAL_KEYS})
+        self.summary[record.VAL_LOSS_MIN] = min(row[record.VAL_LOSS] for row in self.history if record.VAL_LOSS in row)
+        self.summary.update({record.MEMORY_PEAK: peak_gb, record.DATA_FINGERPRINT: fingerprint})
         if device.type == "cuda":  # what the allocator held from the driver, beside what tensors used
-            self.summary["memory/peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / GB
+            self.summary[record.MEMORY_PEAK_RESERVED] = torch.cuda.max_memory_reserved(device) / GB
 
     @torch.no_grad()
     def evaluate(self, model, batches, world, rank, device) -> dict:
@@ -493,7 +559,18 @@ class Run:
             totals += torch.stack([ce.float(), accuracy.float(), torch.ones((), device=device)]) * targets.numel()
         loss_sum, correct, count = self.accelerator.reduce(totals, "sum").tolist()
         loss = loss_sum / count
-        return {"val/loss": loss, "val/accuracy": correct / count, "val/perplexity": math.exp(min(loss, 700))}
+        return dict(zip(record.EVAL_KEYS, (loss, correct / count, math.exp(min(loss, 700)))))  # val/loss, val/accuracy, val/perplexity
+
+    def stopped_by_sweep(self, device, wait: bool = False) -> bool:
+        """Whether this stop is the sweep's, agreed by all processes (the main one decides). Under
+        `wandb agent` online, the agent's SIGTERM for the sweep's stop can come before the SDK has
+        polled the stop request (every 15 s, run_stopping.py): with `wait` (once the checkpoint is
+        saved) wait that long for it before taking the SIGTERM for a preemption (the agent sends
+        SIGKILL only 30 s after its SIGTERM)."""
+        online_agent = self.tracker is not None and self.tracker.online and os.environ.get("WANDB_SWEEP_ID")
+        wait_s = STOP_REQUEST_WAIT_S if (wait and self.is_main and online_agent) else 0
+        mine = float(self.is_main and self.signals.by_sweep(wait_s))
+        return self.accelerator.reduce(torch.full((), mine, device=device), "sum").item() > 0
 
     def save_checkpoint(self, step: int, fingerprint: str) -> None:
         """Model, optimizer, scheduler and RNG states (Accelerate) plus our progress, written to a
@@ -512,6 +589,8 @@ class Run:
                 os.replace(self.checkpoint_dir, old)
             os.replace(tmp, self.checkpoint_dir)
             shutil.rmtree(old, ignore_errors=True)
+            if self.cfg.checkpoint_artifact:
+                self.tracker.log_checkpoint(self.checkpoint_dir, self.run_id, step)
         self.accelerator.wait_for_everyone()
 
 
@@ -519,7 +598,11 @@ class Run:
 
 def refuse(err: ConfigError, argv: list[str]) -> int:
     """Bad input: one `error:` line and exit 2. Under a W&B agent the run is also opened and marked
-    failed with the reason, so the dashboard shows it instead of the agent handing it out again."""
+    failed with the reason, so the dashboard shows it instead of the agent handing it out again.
+    Only the main process (RANK 0, or no launcher) says so: every process of a launch sees the
+    same bad input."""
+    if os.environ.get("RANK", "0") != "0":
+        return EXIT_CODES["config"]
     print(f"error: {err}", file=sys.stderr)
     if under_agent():
         raw = dict(arg[2:].partition("=")[::2] for arg in argv if arg.startswith("--"))

@@ -6,29 +6,20 @@ directory (the records train.py writes, DESIGN.md section 6) and the seed's own 
 mapping from a W&B run is a pure function of the run's attributes, so tests drive it with fakes.
 """
 import json
-import math
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-RECORD_SCHEMA = 1
-STATUSES = ("finished", "failed", "diverged", "interrupted")
-RUNNING = "running"  # only from W&B: a run still in progress is neither a success nor a failure
-
-# What a run logs per step and per evaluation (DESIGN.md section 6).
-TRAIN_KEYS = ("train/loss", "train/accuracy", "train/lr", "train/grad_norm", "train/aux_loss",
-              "perf/step_time_ms", "perf/tokens_per_sec", "memory/allocated_gb", "memory/peak_gb")
-EVAL_KEYS = ("val/loss", "val/accuracy", "val/perplexity")
-# val/loss in a summary is the final evaluation's (the headline, as the seed reports it); the
-# lowest evaluation is val/loss_min.
-VAL_LOSS_MIN = "val/loss_min"
+import record
+from record import EVAL_KEYS, RUNNING, STATUSES, TRAIN_KEYS, VAL_LOSS_MIN, number
+# The schema, the statuses and the metric names are the run's contract: record.py.
 
 FAMILIES = ("baseline", "lora", "enhanced", "rope", "bias")
 # Config keys that are bookkeeping, not settings: they do not change what a run computes (or, for
 # attention and seed, are what every comparison is about), so they never tell configurations apart.
 BOOKKEEPING = {"attention", "family", "seed", "results_dir", "group", "project", "run_name", "cache_dir",
-               "checkpoint_every", "resume", "dry_run", "compile", "trust_remote_code",
+               "checkpoint_every", "checkpoint_artifact", "resume", "dry_run", "compile", "trust_remote_code",
                "processes"}  # how many GPUs shared each (global) batch; train.py adds it to the W&B config
 # Records and W&B runs carry their family. Only the seed's JSON does not, so this map (DESIGN.md
 # section 3) is the fallback for it; an unknown name falls back to its prefix, else "other".
@@ -89,7 +80,7 @@ class Run:
     @property
     def succeeded(self) -> bool:
         """Finished with a usable validation loss: the runs the seed's tables are computed on."""
-        return self.status == "finished" and _finite(self.val_loss)
+        return self.status == "finished" and number(self.val_loss) is not None
 
     @property
     def time_min(self) -> float | None:
@@ -129,17 +120,6 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _number(value):
-    """A metric value, or None for anything that is not a number (missing, a string, a dict)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return value
-
-
 def _rows(history: list, keys: tuple) -> list:
     """The rows of a history that carry keys[0], each reduced to its step and those keys."""
     rows = []
@@ -163,29 +143,29 @@ def _run_from_parts(*, name, variant, family, seed, status, error, run_id, group
         value, whatever W&B's summary kept of its last logged one."""
         if status != "finished":
             return None
-        value = _number(summary.get(key))
-        return _number(last_eval.get(key)) if value is None else value
+        value = number(summary.get(key))
+        return number(last_eval.get(key)) if value is None else value
 
-    val_loss_min = _number(summary.get(VAL_LOSS_MIN)) if status == "finished" else None
-    if val_loss_min is None and status == "finished" and any("val/loss" in row for row in evals):
-        val_loss_min = min(row["val/loss"] for row in evals if "val/loss" in row)
+    val_loss_min = number(summary.get(VAL_LOSS_MIN)) if status == "finished" else None
+    if val_loss_min is None and status == "finished" and any(record.VAL_LOSS in row for row in evals):
+        val_loss_min = min(row[record.VAL_LOSS] for row in evals if record.VAL_LOSS in row)
 
-    peak = _number(summary.get("memory/peak_gb"))
+    peak = number(summary.get(record.MEMORY_PEAK))
     return Run(
         name=name, variant=variant, family=family, seed=seed, status=status, error=error,
         run_id=run_id, group=group, config=config,
-        val_loss=final("val/loss"), val_accuracy=final("val/accuracy"),
-        val_perplexity=final("val/perplexity"), val_loss_min=val_loss_min,
-        params_total=_number(summary.get("params/total")),
-        params_attention=_number(summary.get("params/attention")),
-        flops_per_token=_number(summary.get("flops/per_token")),
-        time_s=_number(summary.get("time/total_s")),
-        ended_at=_number(summary.get("time/ended_at")),
+        val_loss=final(record.VAL_LOSS), val_accuracy=final(record.VAL_ACCURACY),
+        val_perplexity=final(record.VAL_PERPLEXITY), val_loss_min=val_loss_min,
+        params_total=number(summary.get(record.PARAMS_TOTAL)),
+        params_attention=number(summary.get(record.PARAMS_ATTENTION)),
+        flops_per_token=number(summary.get(record.FLOPS_PER_TOKEN)),
+        time_s=number(summary.get(record.TIME_TOTAL)),
+        ended_at=number(summary.get(record.TIME_ENDED_AT)),
         memory_gb=peak, peak_memory_gb=peak,
-        data_fingerprint=summary.get("data/fingerprint"),
-        init_fingerprint=summary.get("init/shared_fingerprint"),
-        processes=_number(summary.get("hardware/processes", config.get("processes"))),  # config: W&B's
-        device=summary.get("hardware/device"),
+        data_fingerprint=summary.get(record.DATA_FINGERPRINT),
+        init_fingerprint=summary.get(record.INIT_FINGERPRINT),
+        processes=number(summary.get(record.HARDWARE_PROCESSES, config.get("processes"))),  # config: W&B's
+        device=summary.get(record.HARDWARE_DEVICE),
         train_history=train, eval_history=evals, origin=origin,
     )
 
@@ -221,8 +201,8 @@ def load_records(results_dir: Path) -> list[Run]:
             continue
         if not is_record(obj):
             continue
-        if obj["schema"] != RECORD_SCHEMA:
-            warn(f"{path}: record schema {obj['schema']!r}, this analysis reads schema {RECORD_SCHEMA}; skipped")
+        if obj["schema"] != record.SCHEMA:
+            warn(f"{path}: record schema {obj['schema']!r}, this analysis reads schema {record.SCHEMA}; skipped")
             continue
         runs.append(run_from_record(obj, origin=str(path)))
     return runs
@@ -251,17 +231,17 @@ def run_from_seed_entry(name: str, entry: dict, origin: str = "") -> Run:
     # nothing; the seed's JSON has none of them, and they are read off the name.
     parsed_variant, parsed_seed = parse_seed_name(name)
     variant = entry.get("attention") or parsed_variant
-    val_loss = _number(entry.get("val_loss"))
+    val_loss = number(entry.get("val_loss"))
     if entry.get("status") in STATUSES:
         status = entry["status"]
     elif "error" in entry:
         status = "failed"
     else:
-        status = "finished" if _finite(val_loss) else "diverged"
-    params = _number(entry.get("parameter_count"))
-    if params is None and _number(entry.get("parameters_millions")) is not None:
+        status = "finished" if number(val_loss) is not None else "diverged"
+    params = number(entry.get("parameter_count"))
+    if params is None and number(entry.get("parameters_millions")) is not None:
         params = round(entry["parameters_millions"] * 1e6)
-    minutes = _number(entry.get("training_time_minutes"))
+    minutes = number(entry.get("training_time_minutes"))
     losses = entry.get("loss_curve") or []
     train_steps = entry.get("loss_curve_steps") or range(1, len(losses) + 1)
     val_losses = entry.get("val_losses") or []
@@ -280,15 +260,15 @@ def run_from_seed_entry(name: str, entry: dict, origin: str = "") -> Run:
         family=entry.get("family") or family_of(variant), seed=entry.get("seed", parsed_seed),
         status=status, error=None if entry.get("error") is None else str(entry["error"]),
         run_id=entry.get("run_id"), group=entry.get("group"), config=entry.get("config") or {},
-        val_loss=val_loss, val_accuracy=_number(entry.get("val_accuracy")),
-        val_perplexity=_number(entry.get("val_perplexity")), val_loss_min=_number(entry.get("val_loss_min")),
-        params_total=params, params_attention=_number(entry.get("params_attention")),
-        flops_per_token=_number(entry.get("flops_per_token")),
+        val_loss=val_loss, val_accuracy=number(entry.get("val_accuracy")),
+        val_perplexity=number(entry.get("val_perplexity")), val_loss_min=number(entry.get("val_loss_min")),
+        params_total=params, params_attention=number(entry.get("params_attention")),
+        flops_per_token=number(entry.get("flops_per_token")),
         time_s=None if minutes is None else minutes * 60,
-        memory_gb=_number(entry.get("memory_used_gb")),
-        peak_memory_gb=_number(entry.get("peak_memory_gb")),
+        memory_gb=number(entry.get("memory_used_gb")),
+        peak_memory_gb=number(entry.get("peak_memory_gb")),
         data_fingerprint=entry.get("data_fingerprint"), init_fingerprint=entry.get("init_fingerprint"),
-        processes=_number(entry.get("processes")), device=entry.get("device"),
+        processes=number(entry.get("processes")), device=entry.get("device"),
         train_history=[{"step": s, "train/loss": v} for s, v in zip(train_steps, losses)],
         eval_history=eval_history, origin=origin,
     )
@@ -436,16 +416,16 @@ def load_path(path) -> list[Run]:
         runs = load_records(path)
         if not runs:
             raise SourceError(f"--results {path}: no run records (JSON files with \"schema\": "
-                              f"{RECORD_SCHEMA}) found in this directory or below{_seed_hint(path)}")
+                              f"{record.SCHEMA}) found in this directory or below{_seed_hint(path)}")
         return runs
     try:
         obj = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SourceError(f"--results {path}: not a readable JSON file ({exc})") from None
     if is_record(obj):
-        if obj["schema"] != RECORD_SCHEMA:
+        if obj["schema"] != record.SCHEMA:
             raise SourceError(f"--results {path}: record schema {obj['schema']!r}; "
-                              f"this analysis reads schema {RECORD_SCHEMA}")
+                              f"this analysis reads schema {record.SCHEMA}")
         return [run_from_record(obj, origin=str(path))]
     if is_seed_results(obj):
         return load_seed_results(obj, origin=str(path))

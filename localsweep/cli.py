@@ -6,7 +6,9 @@ import sys
 import time
 from pathlib import Path
 
-from .common import ROOT, Stop, SweepError, new_id, one_line
+from record import one_line
+
+from .common import ROOT, Stop, SweepError, new_id
 from .engine import run_sweep
 from .macros import DEFAULT_COMMAND
 from .runner import Runner

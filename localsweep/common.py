@@ -1,8 +1,6 @@
 """What every part of the local agent shares: the two ways it stops early (bad input, a signal),
-ids, and the small helpers for text, numbers and files."""
+ids, and small helpers. (Text, number and file helpers live in record.py, the run's contract.)"""
 import json
-import math
-import os
 import secrets
 import string
 import warnings
@@ -29,29 +27,12 @@ def new_id(n: int = 8) -> str:
     return "".join(secrets.choice(ID_ALPHABET) for _ in range(n))
 
 
-def one_line(text) -> str:
-    return " ".join(str(text).split())
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
-
-
 def import_engine():
     """W&B's sweep engine, without the pydantic deprecation warning it prints on import."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import sweeps
     return sweeps
-
-
-def number(value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return value if math.isfinite(value) else None
 
 
 def plain(values: dict) -> dict:

@@ -3,7 +3,9 @@ stopping (`early_terminate`) decides, while a run runs, whether to stop it; a ru
 `metric.target` ends the hand-out of new runs."""
 import sys
 
-from .common import import_engine, new_id, number, one_line, plain
+from record import number, one_line
+
+from .common import import_engine, new_id, plain
 from .runner import Runner
 from .state import Sweep
 from .wandb_file import run_history

@@ -1,6 +1,5 @@
 """Running one run: its params file, environment and command line, its output into a log, the
 signals passed on to it, and its status from its record or exit code."""
-import json
 import os
 import re
 import shutil
@@ -11,7 +10,10 @@ import threading
 import time
 from pathlib import Path
 
-from .common import Stop, number, one_line
+import record
+from record import find_record, number, one_line
+
+from .common import Stop
 from .macros import DEFAULT_COMMAND, expand_command, params_file_text, sweep_command_args
 from .state import Sweep
 from .table import swept_names, swept_text
@@ -21,24 +23,6 @@ POLL_S = 1.0  # how often a running run's W&B history is read when the sweep has
 # W&B flushes an offline run's .wandb file every 15 s by default (x_transaction_log_flush_interval);
 # hyperband reads a running run's history from there, so its runs flush every second
 FLUSH_INTERVAL_ENV = "WANDB_X_TRANSACTION_LOG_FLUSH_INTERVAL"
-
-
-def find_record(records_dir: Path, run_name: str, run_id: str, since: float) -> tuple[dict | None, Path | None]:
-    """This attempt's results record: train.py writes <run_name>.json, or <run_name>-<run_id>.json
-    when another run's finished record already holds that name."""
-    candidates = [records_dir / f"{run_name}-{run_id}.json", records_dir / f"{run_name}.json"]
-    if records_dir.is_dir():
-        candidates += sorted(records_dir.glob("*.json"))
-    for path in dict.fromkeys(candidates):
-        try:
-            if path.stat().st_mtime < since - 1:
-                continue
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(record, dict) and record.get("run_id") == run_id:
-            return record, path
-    return None, None
 
 
 def last_error_line(log: Path) -> str | None:
@@ -96,11 +80,13 @@ def signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def wait_for(proc: subprocess.Popen, run_name: str, should_stop=None) -> tuple[int, int | None, bool]:
+def wait_for(proc: subprocess.Popen, run_name: str, should_stop=None, stop_file: Path | None = None
+             ) -> tuple[int, int | None, bool]:
     """Wait for the run; a Ctrl-C (or SIGTERM/SIGHUP) is passed on to it -- it saves a checkpoint
     and stops at the next step -- a second one stops it at once, a third kills it. With
     `should_stop` (early termination), it is asked every POLL_S seconds, and when it says so the
-    run gets SIGTERM, as wandb's agent stops a run. Returns (exit code, the signal that stopped
+    run gets SIGTERM, as wandb's agent stops a run, after `stop_file` is created: it tells train.py
+    that this SIGTERM is the sweep's stop (the run ends `stopped`, exit 0), not a preemption. Returns (exit code, the signal that stopped
     the sweep or None, whether should_stop stopped the run)."""
     stopped_by, asked, early = None, 0, False
     while True:
@@ -112,6 +98,8 @@ def wait_for(proc: subprocess.Popen, run_name: str, should_stop=None) -> tuple[i
             except subprocess.TimeoutExpired:
                 if stopped_by is None and should_stop():
                     early = True
+                    if stop_file is not None:
+                        stop_file.touch()
                     signal_group(proc, signal.SIGTERM)
         except (KeyboardInterrupt, Stop) as err:
             sig = err.signum if isinstance(err, Stop) else signal.SIGINT
@@ -146,7 +134,7 @@ class Runner:
         params = entry["args"]
         return Path(params.get("results_dir", self.results_dir)) / str(params.get("group") or self.sweep.id)
 
-    def env(self, run_id: str, param_path: Path, group: str) -> dict:
+    def env(self, run_id: str, param_path: Path, group: str, stop_file: Path | None = None) -> dict:
         """The run's environment. No WANDB_SWEEP_ID: the server has never seen this local sweep's
         id, and `wandb sync` of runs carrying it fails (wandb#8115); wandb loads and locks the
         sweep's values from WANDB_SWEEP_PARAM_PATH alone. The sweep id is the run's W&B group and
@@ -162,6 +150,8 @@ class Runner:
         })
         if self.config.get("early_terminate"):
             env.setdefault(FLUSH_INTERVAL_ENV, "1")
+        if stop_file is not None:
+            env[record.STOP_FILE_ENV] = str(stop_file)
         if self.config.get("entity"):
             env["WANDB_ENTITY"] = str(self.config["entity"])
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -175,7 +165,9 @@ class Runner:
         sweep, run_id, name = self.sweep, entry["id"], entry["name"]
         base = sweep.dir / "wandb" / f"sweep-{sweep.id}"
         param_path, json_path = base / f"config-{run_id}.yaml", base / f"config-{run_id}.json"
+        stop_file = base / f"stop-{run_id}"  # created when early termination stops the run
         base.mkdir(parents=True, exist_ok=True)
+        stop_file.unlink(missing_ok=True)
         param_path.write_text(params_file_text(entry["args"]))
         command = self.config.get("command") or DEFAULT_COMMAND
         if "${args_json_file}" in [str(c) for c in command]:
@@ -196,7 +188,7 @@ class Runner:
                            f"{' '.join(argv)}\n".encode())
             log_file.flush()
             try:
-                run_env = self.env(run_id, param_path, str(entry["args"].get("group") or sweep.id))
+                run_env = self.env(run_id, param_path, str(entry["args"].get("group") or sweep.id), stop_file)
                 proc = subprocess.Popen(argv, env=run_env, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, process_group=0)
             except OSError as err:
@@ -206,7 +198,7 @@ class Runner:
                 pump = OutputPump(proc.stdout, log_file, prefix, self.live)
                 pump.start()
                 try:
-                    rc, stopped_by, early = wait_for(proc, name, should_stop)
+                    rc, stopped_by, early = wait_for(proc, name, should_stop, stop_file)
                 finally:
                     pump.join()
                     proc.stdout.close()
@@ -220,9 +212,9 @@ class Runner:
     def settle(self, entry, rc, reason, stopped_by, started_wall, elapsed, log, early=False) -> None:
         """The run's status: its record's, when this attempt wrote one, else the exit code's; a run
         that early termination stopped is `stopped` (W&B: killed), not interrupted or failed."""
-        record, path = find_record(self.records_dir(entry), entry["name"], entry["id"], started_wall)
-        status = record.get("status") if record else None
-        if status not in ("finished", "failed", "diverged", "interrupted"):
+        found, path = find_record(self.records_dir(entry), entry["name"], entry["id"], started_wall)
+        status = found.get("status") if found else None
+        if status not in record.STATUSES:
             if rc == 0:
                 status = "finished"
             elif stopped_by is not None:
@@ -237,30 +229,30 @@ class Runner:
         if status == "stopped":
             error = reason
         elif status != "finished":
-            error = (record or {}).get("error") or reason or last_error_line(log)
+            error = (found or {}).get("error") or reason or last_error_line(log)
             if rc is not None and rc < 0:
                 error = f"killed by {signal.Signals(-rc).name}" + (f": {error}" if error else "")
             elif not error:
                 error = f"exit code {rc}"
-        summary = (record or {}).get("summary") or {}
+        summary = (found or {}).get("summary") or {}
         metric = self.metric_name()
-        history = [{"step": row.get("step"), metric: row[metric]} for row in (record or {}).get("history") or []
+        history = [{"step": row.get("step"), metric: row[metric]} for row in (found or {}).get("history") or []
                    if isinstance(row, dict) and metric in row]
         entry.update({
             "status": status, "exit_code": rc, "error": one_line(error)[:500] if error else None,
             "record": str(path) if path else None, "elapsed_s": round(elapsed, 2),
-            "metrics": {k: summary.get(k) for k in ("val/loss", "val/accuracy", "params/total", "time/total_s",
-                                                    "memory/peak_gb", metric) if k in summary},
+            "metrics": {k: summary.get(k) for k in (record.VAL_LOSS, record.VAL_ACCURACY, record.PARAMS_TOTAL,
+                                                    record.TIME_TOTAL, record.MEMORY_PEAK, metric) if k in summary},
             # the record's history; without one, what early termination read from W&B's history
             "metric_history": history or (entry.get("metric_history") if early else None) or [],
         })
 
     def metric_name(self) -> str:
-        return (self.config.get("metric") or {}).get("name", "val/loss")
+        return (self.config.get("metric") or {}).get("name", record.VAL_LOSS)
 
     def progress_line(self, entry: dict, prefix: str) -> str:
         line = f"{prefix}  {entry['status']}"
-        loss = number(entry["metrics"].get("val/loss"))
+        loss = number(entry["metrics"].get(record.VAL_LOSS))
         if loss is not None:
             line += f"  val_loss={loss:.3f}"
         line += f"  {entry['elapsed_s']:.1f}s"

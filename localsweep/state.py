@@ -5,7 +5,9 @@ import os
 import time
 from pathlib import Path
 
-from .common import SweepError, one_line, write_json_atomic
+from record import one_line, write_json_atomic
+
+from .common import SweepError
 
 STATE_FILE = "sweep_state.json"
 STATE_SCHEMA = 1

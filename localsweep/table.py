@@ -6,7 +6,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .common import number, one_line
+import record
+from record import number, one_line
+
 from .state import Sweep
 
 if TYPE_CHECKING:
@@ -44,12 +46,12 @@ def results_table(sweep: Sweep, swept: list[str] = ()) -> str:
     rows = []
     for entry in sweep.runs:
         m = entry.get("metrics", {})
-        loss = number(m.get("val/loss"))
+        loss = number(m.get(record.VAL_LOSS))
         order = (entry["status"] != "finished" or loss is None, loss if loss is not None else math.inf, entry["index"])
-        seconds = m.get("time/total_s") if number(m.get("time/total_s")) is not None else entry.get("elapsed_s")
-        rows.append((order, [entry["name"]] + ([swept_text(entry, swept)] if swept else []) + [entry["status"], fmt(loss, ".4f"), fmt(m.get("val/accuracy"), ".4f"),
-                             fmt(m.get("params/total"), ".3f", 1e-6), fmt(seconds, ".1f"),
-                             fmt(m.get("memory/peak_gb"), ".3f")]))
+        seconds = m.get(record.TIME_TOTAL) if number(m.get(record.TIME_TOTAL)) is not None else entry.get("elapsed_s")
+        rows.append((order, [entry["name"]] + ([swept_text(entry, swept)] if swept else []) + [entry["status"], fmt(loss, ".4f"), fmt(m.get(record.VAL_ACCURACY), ".4f"),
+                             fmt(m.get(record.PARAMS_TOTAL), ".3f", 1e-6), fmt(seconds, ".1f"),
+                             fmt(m.get(record.MEMORY_PEAK), ".3f")]))
     header = ["run"] + (["values"] if swept else []) + ["status", "val loss", "accuracy", "params (M)", "time (s)",
                                                           "peak mem (GB)"]
     left = 3 if swept else 2

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import yaml
 
-from .common import ROOT, SweepError, import_engine, one_line, plain
+from record import one_line
+
+from .common import ROOT, SweepError, import_engine, plain
 from .macros import DEFAULT_COMMAND
 
 METHODS = ("grid", "random", "bayes")

@@ -17,8 +17,9 @@ from scipy import stats as sps
 
 from analysis import report, stats, tables
 from analysis.fairness import audit
-from analysis.runs import (TRAIN_KEYS, SourceError, family_of, load_path, load_wandb, run_from_record,
+from analysis.runs import (SourceError, family_of, load_path, load_wandb, run_from_record,
                            run_from_wandb, to_seed_schema, varying_settings)
+from record import TRAIN_KEYS
 
 SEED_FIXTURE = Path(__file__).parent / "fixtures" / "analysis_seed_fast.json"
 
@@ -231,7 +232,8 @@ class FakeWandbRun:
 
 
 @pytest.mark.parametrize("status,state", [("finished", "finished"), ("failed", "failed"),
-                                          ("failed", "crashed")])
+                                          ("failed", "crashed"), ("diverged", "failed"),
+                                          ("stopped", "finished")])  # record.WANDB_STATE: exit 0
 def test_wandb_run_maps_to_the_same_run_as_the_local_record(status, state):
     record = make_record("rope_small", 1, 7.77, status=status)
     fake = FakeWandbRun(record, state)

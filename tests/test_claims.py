@@ -15,6 +15,7 @@ import pytest
 
 import train
 from config import TrainConfig
+from record import EXIT_CODES, write_record
 from train_helpers import ROOT, offline_env, offline_run_contents, read_record, run_train, small_corpus, tiny_args
 
 
@@ -71,20 +72,20 @@ def record_of(run_id: str, status: str) -> dict:
 @pytest.mark.parametrize("first,second", [("finished", "failed"), ("failed", "finished"),
                                           ("diverged", "interrupted"), ("interrupted", "finished")])
 def test_a_record_never_replaces_another_runs_record(tmp_path, first, second):
-    path_a = train.write_record(tmp_path, "g", "baseline-s0", "aaaa", record_of("aaaa", first))
-    path_b = train.write_record(tmp_path, "g", "baseline-s0", "bbbb", record_of("bbbb", second))
+    path_a = write_record(tmp_path, "g", "baseline-s0", "aaaa", record_of("aaaa", first))
+    path_b = write_record(tmp_path, "g", "baseline-s0", "bbbb", record_of("bbbb", second))
     assert path_a == tmp_path / "g" / "baseline-s0.json" and path_b == tmp_path / "g" / "baseline-s0-bbbb.json"
     assert json.loads(path_a.read_text()) == record_of("aaaa", first)
     assert json.loads(path_b.read_text()) == record_of("bbbb", second)
     # the same run writing again (a resumed run) updates its own record, wherever it is
-    assert train.write_record(tmp_path, "g", "baseline-s0", "bbbb", record_of("bbbb", "finished")) == path_b
-    assert train.write_record(tmp_path, "g", "baseline-s0", "aaaa", record_of("aaaa", "finished")) == path_a
+    assert write_record(tmp_path, "g", "baseline-s0", "bbbb", record_of("bbbb", "finished")) == path_b
+    assert write_record(tmp_path, "g", "baseline-s0", "aaaa", record_of("aaaa", "finished")) == path_a
     assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["baseline-s0-bbbb.json", "baseline-s0.json"]
 
 
 def _write_at_once(directory, run_id, barrier):
     barrier.wait()
-    train.write_record(directory, "g", "baseline-s0", run_id, record_of(run_id, "failed"))
+    write_record(directory, "g", "baseline-s0", run_id, record_of(run_id, "failed"))
 
 
 def test_two_writers_at_once_keep_both_records(tmp_path):
@@ -154,7 +155,7 @@ def test_a_streamed_hub_dataset_gives_the_file_paths_tokens_cut_at_max_documents
     hub = TrainConfig(dataset="someone/corpus", dataset_config="plain", dataset_split="train", text_column="content",
                       cache_dir=str(tmp_path / "cache"))
     tokens, vocab = load_tokens(hub)
-    assert calls == [{"path": "someone/corpus", "name": "plain", "split": "train", "revision": None}]
+    assert calls == [{"path": "someone/corpus", "name": "plain", "split": "train", "revision": None}]  # unpinned
     file_tokens, file_vocab = load_tokens(TrainConfig(dataset=str(corpus), cache_dir=str(tmp_path / "cache")))
     assert vocab == file_vocab == 8192 and len(tokens) > 10_000
     assert np.array_equal(tokens, file_tokens)
@@ -308,7 +309,7 @@ def test_compile_and_bf16_through_the_cli_resume_exactly_and_stay_close_to_fp32(
     args = tiny_args(tmp_path / "resumed", corpus, **fast)
     interrupted = subprocess.run([sys.executable, "-c", INTERRUPT_AT, "3", str(ROOT), *args], cwd=ROOT,
                                  env=offline_env(), capture_output=True, text=True, timeout=300)
-    assert interrupted.returncode == train.EXIT_CODES["interrupted"], interrupted.stderr
+    assert interrupted.returncode == EXIT_CODES["interrupted"], interrupted.stderr
     assert read_record(tmp_path / "resumed" / "results", "local", "baseline-s0")["status"] == "interrupted"
     resumed = run_train(args + ["--resume"])
     assert resumed.returncode == 0, resumed.stderr

@@ -15,6 +15,7 @@ import torch
 
 import model as model_module
 import train
+from record import EXIT_CODES
 from train_helpers import ROOT, offline_env, offline_run_contents, read_record, run_train, small_corpus, tiny_args
 
 TIMING_KEYS = ("perf/step_time_ms", "perf/tokens_per_sec", "memory/allocated_gb", "memory/peak_gb")
@@ -159,11 +160,11 @@ def test_injected_nan_diverges_at_that_step(tmp_path, corpus, monkeypatch, capsy
     monkeypatch.setattr(model_module.MoELM, "forward", faulty_forward(4, lambda loss: loss * float("nan")))
     code = in_process(monkeypatch, tiny_args(tmp_path, corpus, steps=6))
     record = read_record(tmp_path / "results", "local", "baseline-s0")
-    assert code == train.EXIT_CODES["diverged"] != 0
+    assert code == EXIT_CODES["diverged"] != 0
     assert record["status"] == "diverged" and "step 4" in record["error"]
     assert [row["step"] for row in record["history"]] == [1, 2, 3]
     assert "error: non-finite loss at step 4" in capsys.readouterr().err
-    assert_wandb_run_says(tmp_path / "results", record, train.EXIT_CODES["diverged"])
+    assert_wandb_run_says(tmp_path / "results", record, EXIT_CODES["diverged"])
 
 
 def test_cuda_out_of_memory_gets_its_own_message(tmp_path, corpus, monkeypatch, capsys):
@@ -270,14 +271,14 @@ def test_sigterm_checkpoints_and_marks_interrupted(tmp_path, corpus):
     time.sleep(1.0)  # into the training loop
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == train.EXIT_CODES["interrupted"], stderr
+    assert process.returncode == EXIT_CODES["interrupted"], stderr
     record = json.loads(record_file.read_text())
     assert record["status"] == "interrupted" and "--resume" in record["error"]
     checkpoint = tmp_path / "results" / "local" / "checkpoints" / f"baseline-s0-{record['run_id']}"
     progress = json.loads((checkpoint / "progress.json").read_text())
     assert progress["step"] == len(record["history"])
     assert (checkpoint / "state").is_dir()
-    assert_wandb_run_says(tmp_path / "results", record, train.EXIT_CODES["interrupted"])
+    assert_wandb_run_says(tmp_path / "results", record, EXIT_CODES["interrupted"])
 
     resumed = run_train(args + ["--resume"])  # the checkpoint is usable
     assert resumed.returncode == 0, resumed.stderr
@@ -294,7 +295,7 @@ def test_runs_differing_in_a_knob_keep_their_own_checkpoints_and_resume_checks_t
     checkpoints = tmp_path / "results" / "local" / "checkpoints"
     base = {**LONG, "steps": 8, "eval_every": 4, "checkpoint_every": 2}
     monkeypatch.setattr(model_module.MoELM, "forward", faulty_forward(7, lambda loss: loss * float("nan")))
-    assert in_process(monkeypatch, tiny_args(tmp_path, corpus, **base, lr=1e-3)) == train.EXIT_CODES["diverged"]
+    assert in_process(monkeypatch, tiny_args(tmp_path, corpus, **base, lr=1e-3)) == EXIT_CODES["diverged"]
     monkeypatch.undo()
     (first,) = checkpoints.iterdir()
     first_run_id = read_record(tmp_path / "results", "local", "baseline-s0")["run_id"]

@@ -1,0 +1,126 @@
+"""The run's contract, in one place: what train.py writes when a run ends, and what local_sweep.py
+and analysis/ read back. Plain Python (no torch), so every reader can import it.
+
+A run ends with one results record, <results_dir>/<group>/<run_name>.json (or
+<run_name>-<run_id>.json when another run's record holds that name), whose status is one of
+STATUSES, and an exit code that says the same (EXIT_CODES).
+"""
+import json
+import math
+import os
+from pathlib import Path
+
+SCHEMA = 1  # the record's "schema"; analysis skips records of another one
+
+# How a run ended, and the exit code train.py returns for it. "stopped": the sweep stopped it
+# (hyperband early termination, or W&B asked the run to stop) -- a result, not a failure, so it
+# exits 0 like a finished run and does not count toward `wandb agent`'s give-up rule.
+# "interrupted": a signal without a stop request (Ctrl-C, preemption); its checkpoint is kept.
+STATUSES = ("finished", "failed", "diverged", "interrupted", "stopped")
+EXIT_CODES = {"finished": 0, "failed": 1, "config": 2, "diverged": 3, "interrupted": 130, "stopped": 0}
+RUNNING = "running"  # only from W&B or a sweep's state: neither a success nor a failure yet
+# How a sweep tells a run that its SIGTERM is the sweep stopping it (a result: "stopped"), not a
+# preemption ("interrupted"): local_sweep.py names a file in this variable and creates it before
+# the SIGTERM. (Online, W&B's SDK calls the run's stop_fn when the server asks the run to stop.)
+STOP_FILE_ENV = "ATTNSWEEP_STOP_FILE"
+
+# The W&B run state each status ends in (what the dashboard shows once the run is synced):
+# W&B's state is the exit code's (0 finished, else failed); the record's status is also in the
+# W&B summary as "status", which analysis reads before the state.
+WANDB_STATE = {"finished": "finished", "failed": "failed", "diverged": "failed",
+               "interrupted": "failed",  # under `wandb agent`: marked preempting first, so W&B requeues it
+               "stopped": "finished"}
+
+# The metric names (DESIGN.md section 6). Logged every step:
+TRAIN_KEYS = ("train/loss", "train/accuracy", "train/lr", "train/grad_norm", "train/aux_loss",
+              "perf/step_time_ms", "perf/tokens_per_sec", "memory/allocated_gb", "memory/peak_gb")
+# logged at each evaluation:
+EVAL_KEYS = ("val/loss", "val/accuracy", "val/perplexity")
+# and in the summary (the record's and W&B's). val/loss there is the final evaluation's (the
+# headline, as the seed reports it); the lowest evaluation is val/loss_min.
+VAL_LOSS, VAL_ACCURACY, VAL_PERPLEXITY = EVAL_KEYS
+VAL_LOSS_MIN = "val/loss_min"
+PARAMS_TOTAL, PARAMS_ATTENTION, FLOPS_PER_TOKEN = "params/total", "params/attention", "flops/per_token"
+INIT_FINGERPRINT, DATA_FINGERPRINT = "init/shared_fingerprint", "data/fingerprint"
+TIME_TOTAL, TIME_STARTUP, TIME_ENDED_AT = "time/total_s", "time/startup_s", "time/ended_at"
+MEMORY_PEAK, MEMORY_PEAK_RESERVED = "memory/peak_gb", "memory/peak_reserved_gb"
+HARDWARE_PROCESSES, HARDWARE_DEVICE = "hardware/processes", "hardware/device"
+
+
+# --- small helpers every reader and writer shares ------------------------------------------------
+
+def one_line(text, limit: int | None = None) -> str:
+    """Text (an exception's, a message) on one line, cut at `limit` characters."""
+    line = " ".join(str(text).split())
+    return line if limit is None else line[:limit]
+
+
+def number(value):
+    """A finite int or float, else None (missing, a string, a bool, NaN, inf)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """temp file + rename in the same directory: readers see the old file or the new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+# --- the record's file ----------------------------------------------------------------------------
+
+def record_names(run_name: str, run_id: str) -> tuple[str, str]:
+    """The two names a run's record may have: its own, and with its run id when that is taken."""
+    return f"{run_name}.json", f"{run_name}-{run_id}.json"
+
+
+def write_record(results_dir: Path, group: str, run_name: str, run_id: str, record: dict) -> Path:
+    """<group>/<run_name>.json, unless another run's record (finished or not: a failed run's reason
+    is a result too) holds that name: then the run id goes into the name, so two agents sharing a
+    results directory never clobber each other. The name is claimed with a hard link, which fails
+    if it exists, so two runs ending at the same moment cannot both take it."""
+    own, with_id = record_names(run_name, run_id)
+    path = results_dir / group / own
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    try:
+        os.link(tmp, path)
+        tmp.unlink()
+        return path
+    except FileExistsError:
+        pass
+    except OSError:  # a filesystem without hard links: claim by rename, as before
+        if not path.exists():
+            os.replace(tmp, path)
+            return path
+    try:
+        owner = json.loads(path.read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        owner = None
+    if owner not in (run_id, None):
+        path = path.with_name(with_id)
+    os.replace(tmp, path)
+    return path
+
+
+def find_record(records_dir: Path, run_name: str, run_id: str, since: float) -> tuple[dict | None, Path | None]:
+    """The record run `run_id` wrote at `since` or later, wherever write_record put it (its two
+    names first, then any record in the directory), with its path; (None, None) if none."""
+    own, with_id = record_names(run_name, run_id)
+    candidates = [records_dir / with_id, records_dir / own]
+    if records_dir.is_dir():
+        candidates += sorted(records_dir.glob("*.json"))
+    for path in dict.fromkeys(candidates):
+        try:
+            if path.stat().st_mtime < since - 1:
+                continue
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and record.get("run_id") == run_id:
+            return record, path
+    return None, None
