@@ -231,21 +231,17 @@ def dense_moe(x: torch.Tensor, moe: MoE) -> torch.Tensor:
     return torch.einsum("ne,ned->nd", gates, every_expert).view(x.shape)
 
 
-# The expert matmuls may run through more than one code path (a loop over experts, one grouped
-# matmul): each must equal the dense reference, values and gradients. None: the only/default one.
-DISPATCH = ["loop", "grouped"] if hasattr(model_module, "MOE_EXPERT_MATMUL") else [None]
-
-
-@pytest.fixture(params=DISPATCH, ids=lambda mode: mode or "default")
-def dispatch(request, monkeypatch):
-    if request.param is not None:
-        monkeypatch.setattr(model_module, "MOE_EXPERT_MATMUL", request.param)
+# The expert matmuls run through more than one code path (a loop over experts, one grouped
+# matmul; ModelConfig.moe_matmul): each must equal the dense reference, values and gradients.
+@pytest.fixture(params=model_module.MOE_EXPERT_MATMUL_MODES)
+def dispatch(request):
     return request.param
 
 
 @pytest.mark.parametrize("n_experts,top_k", [(4, 2), (8, 2), (4, 1), (4, 4)])
 def test_moe_matches_dense_reference(n_experts, top_k, dispatch):
     moe = make_moe(n_experts=n_experts, top_k=top_k, seed=n_experts * 10 + top_k).eval()
+    moe.matmul = dispatch
     gen = torch.Generator().manual_seed(1)
     for shape in [(1, 1, 32), (2, 7, 32), (3, 50, 32)]:
         x = torch.randn(shape, generator=gen)
@@ -260,6 +256,7 @@ def test_moe_gradients_match_dense_reference(dispatch):
     """Gradients to the input, the router and every expert equal those of the dense reference
     (the top-k choice itself is not differentiable; the gate weights are)."""
     moe = make_moe(n_experts=4, top_k=2, seed=7).eval()
+    moe.matmul = dispatch
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(3, 20, 32, generator=gen)
     cotangent = torch.randn(3, 20, 32, generator=gen)
@@ -356,13 +353,13 @@ def test_model_is_causal(name):
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(0, SMALL["vocab_size"], (2, SMALL["seq_len"]), generator=gen)
     with torch.no_grad():
-        logits, _ = model(ids)
+        logits = model(ids).logits
         for t in (0, 7, SMALL["seq_len"] - 2):
             changed = ids.clone()
             changed[:, t + 1:] = (ids[:, t + 1:] + 1 + torch.randint(0, 90, changed[:, t + 1:].shape,
                                                                      generator=gen)) % SMALL["vocab_size"]
             assert (changed[:, t + 1:] != ids[:, t + 1:]).all()
-            changed_logits, _ = model(changed)
+            changed_logits = model(changed).logits
             torch.testing.assert_close(changed_logits[:, :t + 1], logits[:, :t + 1], rtol=1e-5, atol=1e-6)
             assert not torch.allclose(changed_logits[:, t + 1:], logits[:, t + 1:], atol=1e-4)
 
@@ -373,7 +370,8 @@ def test_every_parameter_gets_a_gradient(name):
     ids = torch.randint(0, SMALL["vocab_size"], (4, SMALL["seq_len"] + 1), generator=torch.Generator().manual_seed(6))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    logits, aux_loss = model(ids[:, :-1])
+    out = model(ids[:, :-1])
+    logits, aux_loss = out.logits, out.aux_loss
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)) + 0.01 * aux_loss
     loss.backward()
     dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
