@@ -1,5 +1,6 @@
-"""The sweep YAMLs in sweeps/: W&B's own schema accepts them, they enumerate the 13 variants, every
-value they can hand out passes train.py's config validation, and their commands follow the W&B
+"""The sweep YAMLs in sweeps/: W&B's own schema accepts them, the seed's enumerate its 13 variants and
+zoo_smoke the rest, every value they can hand out passes train.py's config validation, and their
+commands follow the W&B
 agent's rules (macros, `accelerate launch` items)."""
 import math
 from pathlib import Path
@@ -25,7 +26,7 @@ def fixed(config: dict) -> dict:
 
 
 def test_the_four_sweeps_are_there_and_nothing_else():
-    assert set(NAMES) == {"fast.yaml", "smoke.yaml", "seeds.yaml", "fast_multigpu.yaml"}
+    assert set(NAMES) == {"fast.yaml", "smoke.yaml", "seeds.yaml", "fast_multigpu.yaml", "zoo_smoke.yaml"}
     assert sorted(p.name for p in (ROOT / "sweeps").iterdir()) == sorted(NAMES)  # no other file either
     # sweeps/ holds YAML only: a package named `sweeps` here would shadow W&B's engine
     assert not (ROOT / "sweeps" / "__init__.py").exists()
@@ -68,6 +69,12 @@ SEED_VARIANTS = ["baseline", "lora_small", "lora_medium", "lora_large", "lora_xl
 @pytest.mark.parametrize("name", ["fast.yaml", "smoke.yaml", "seeds.yaml", "fast_multigpu.yaml"])
 def test_the_seed_sweeps_enumerate_exactly_the_seed_variants_in_order(name):
     assert load(name)["parameters"]["attention"]["values"] == SEED_VARIANTS
+
+
+def test_zoo_smoke_is_smoke_with_the_baseline_and_every_zoo_variant():
+    assert load("zoo_smoke.yaml")["parameters"]["attention"]["values"] == \
+        ["baseline"] + [name for name in VARIANTS if name not in SEED_VARIANTS]
+    assert fixed(load("zoo_smoke.yaml")) == fixed(load("smoke.yaml"))
 
 
 @pytest.mark.parametrize("name", NAMES)
