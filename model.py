@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attention import KINDS, AttentionSpec, RMSNorm, build_attention
+from attention.modules import SDPA_PAD_MODES
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,11 @@ class ModelConfig:
     # fast paths: how the same arithmetic runs (bench/ measures each; see their comments below)
     sdpa_pad: str = "auto"  # attention.modules: pad q/k/v head dims to one size for the flash kernel
     moe_matmul: str = "auto"  # MoE experts: "grouped", "loop" or "auto" (MOE_EXPERT_MATMUL_MODES)
+
+    def __post_init__(self):
+        for name, allowed in (("sdpa_pad", SDPA_PAD_MODES), ("moe_matmul", MOE_EXPERT_MATMUL_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}: allowed: {', '.join(allowed)}")
 
     @classmethod
     def from_train_config(cls, cfg, vocab_size: int, **fast_paths) -> "ModelConfig":

@@ -472,6 +472,8 @@ def test_model_config_takes_every_model_setting_from_the_train_config():
     cfg = ModelConfig.from_train_config(TrainConfig(attention="gqa", **changed), 321, moe_matmul="loop")
     assert {k: getattr(cfg, k) for k in changed} == changed
     assert cfg.vocab_size == 321 and cfg.moe_matmul == "loop" and cfg.attention.n_kv_heads == 2
+    with pytest.raises(ValueError, match="sdpa_pad='alwyas': allowed: auto, always, never"):
+        ModelConfig.from_train_config(TrainConfig(), 321, sdpa_pad="alwyas")  # a typo is not "never"
 
 
 def test_shared_init_is_equal_across_every_kind():
