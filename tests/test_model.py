@@ -449,6 +449,7 @@ def test_every_parameter_gets_a_gradient(name):
 
 def test_forward_returns_one_type_whatever_it_is_asked():
     model = MoELM(model_config("baseline", **SMALL)).eval()
+    init_weights(model, 0)  # the experts start as torch.empty
     ids = torch.randint(0, SMALL["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(0))
     plain, with_targets = model(ids[:, :-1]), model(ids[:, :-1], ids[:, 1:])
     assert type(plain) is type(with_targets) is LMOutput
