@@ -177,14 +177,14 @@ class TrainConfig:
             value = getattr(self, name)
             if value is None:
                 continue
+            problem = KNOBS[name].rule and KNOBS[name].rule(value)  # a bad value alone first
+            if problem:
+                raise ConfigError(f"--{name}={value}: {problem}")
             if name not in kind.knobs:
                 having = " or ".join(KINDS[k].label for k in kinds_with(name))
                 raise ConfigError(f"--{name}={value}: only {having} variants have it, not --attention={self.attention}")
-            problem = KNOBS[name].rule and KNOBS[name].rule(value)
-            if problem:
-                raise ConfigError(f"--{name}={value}: {problem}")
         spec = self.attention_spec()
-        for name in kind.knobs:  # the variant's own values too (a variant sized for more heads)
+        for name in kind.knobs:  # resolved values too: a head dim filled in from d_model/n_heads must be even
             value = getattr(spec, name)
             problem = value is not None and KNOBS[name].rule and KNOBS[name].rule(value)
             if problem:
