@@ -11,18 +11,15 @@ import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from attention import ROPE_SCALINGS, VARIANTS, AttentionSpec
+from attention.registry import FULL_RANK, KINDS, KNOBS, VARIANTS, AttentionSpec, kinds_with, knob_help
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CORPUS = str(ROOT / "corpus" / "corpus.txt.gz")
 DEFAULT_TOKENIZER = str(ROOT / "corpus" / "tokenizer.json")
 
-# The knobs a sweep may set to explore between the named variants; None keeps the variant's value.
-ATTENTION_KNOBS = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
-                   "attention_bias", "rope_scaling", "rope_scaling_factor")
-# Knobs that only exist in latent attention; the baseline refuses them rather than ignoring them.
-LATENT_ONLY_KNOBS = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
-FULL_RANK = "full"  # --q_lora_rank=full: a full-rank q_proj instead of the variant's low-rank query
+# The knobs a sweep may set to explore between the named variants (attention/registry.py's KNOBS,
+# one TrainConfig field each); None keeps the variant's value.
+ATTENTION_KNOBS = tuple(KNOBS)
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
 AUX_LOSS_REDUCTIONS = ("mean", "sum")
@@ -69,15 +66,12 @@ class TrainConfig:
     expert_dropout: float = 0.0  # inside each expert, after SiLU
     final_dropout: float = 0.0  # after the final norm, before the LM head
     init_residual_scaling: bool = True  # o_proj/down_proj start at 0.02/sqrt(2 n_layers) instead of 0.02
-    # attention knobs, overriding the named variant's values when given
-    q_lora_rank: int | str | None = None
-    kv_lora_rank: int | None = None
-    qk_rope_head_dim: int | None = None
-    qk_nope_head_dim: int | None = None
-    v_head_dim: int | None = None
-    attention_bias: bool | None = None
-    rope_scaling: str | None = None
-    rope_scaling_factor: float | None = None
+    # attention knobs, overriding the named variant's values when given: one field per entry of
+    # attention/registry.py's KNOBS, typed `cli_type | None` (None: the variant's value)
+    for _knob in KNOBS.values():
+        __annotations__[_knob.name] = (_knob.cli_type or _knob.type) | None
+        vars()[_knob.name] = None
+    del _knob
     # the recipe (the seed's: AdamW 1e-4, wd 0.01, 50 steps of batch 16, eval every 10 on 10 batches)
     batch_size: int = 16
     steps: int = 50
@@ -115,16 +109,12 @@ class TrainConfig:
 
     def attention_spec(self) -> AttentionSpec:
         """The named variant with any knob overrides applied, and head dims resolved."""
-        spec = VARIANTS[self.attention]
-        changes = {k: getattr(self, k) for k in ATTENTION_KNOBS if getattr(self, k) is not None}
-        if changes.get("q_lora_rank") == FULL_RANK:
-            changes["q_lora_rank"] = None
-        spec = spec.with_overrides(**changes)
-        head_dim = self.d_model // self.n_heads
-        if spec.is_latent and (spec.qk_rope_head_dim is None or spec.v_head_dim is None):
-            spec = spec.with_overrides(qk_rope_head_dim=spec.qk_rope_head_dim or head_dim,
-                                       v_head_dim=spec.v_head_dim or head_dim)
-        return spec
+        changes = {}
+        for name in ATTENTION_KNOBS:
+            value = getattr(self, name)
+            if value is not None:
+                changes[name] = KNOBS[name].aliases.get(value, value) if isinstance(value, str) else value
+        return VARIANTS[self.attention].with_overrides(**changes).resolved(self.d_model, self.n_heads)
 
     @property
     def family(self) -> str:
@@ -149,14 +139,13 @@ class TrainConfig:
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"--{f.name}={value}: must be a finite number")
         positive = ["d_model", "n_layers", "n_heads", "d_ff", "n_experts", "top_k", "seq_len", "batch_size",
-                    "steps", "eval_every", "eval_batches", "vocab_size", "kv_lora_rank", "v_head_dim",
-                    "qk_rope_head_dim", "max_documents", "rope_theta", "rope_scaling_factor"]
+                    "steps", "eval_every", "eval_batches", "vocab_size", "max_documents", "rope_theta"]
         for name in positive:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"--{name}={value}: must be greater than 0")
         non_negative = ["lr", "weight_decay", "warmup_steps", "grad_clip", "checkpoint_every",
-                        "qk_nope_head_dim", "router_noise_std", "aux_loss_weight"]
+                        "router_noise_std", "aux_loss_weight"]
         for name in non_negative:
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -178,27 +167,32 @@ class TrainConfig:
             raise ConfigError(f"--aux_loss_reduction={self.aux_loss_reduction}: allowed: {', '.join(AUX_LOSS_REDUCTIONS)}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"--lr_schedule={self.lr_schedule}: allowed: {', '.join(LR_SCHEDULES)}")
-        if self.rope_scaling is not None and self.rope_scaling not in ROPE_SCALINGS:
-            raise ConfigError(f"--rope_scaling={self.rope_scaling}: allowed: {', '.join(ROPE_SCALINGS)}")
-        if isinstance(self.q_lora_rank, str) and self.q_lora_rank != FULL_RANK:
-            raise ConfigError(f"--q_lora_rank={self.q_lora_rank}: must be a positive integer or '{FULL_RANK}'")
-        if isinstance(self.q_lora_rank, int) and self.q_lora_rank <= 0:
-            raise ConfigError(f"--q_lora_rank={self.q_lora_rank}: must be a positive integer or '{FULL_RANK}'")
-        self._validate_attention_dims()
+        self._validate_attention()
         return self
 
-    def _validate_attention_dims(self) -> None:
-        if not VARIANTS[self.attention].is_latent:
-            for knob in LATENT_ONLY_KNOBS:
-                if getattr(self, knob) is not None:
-                    raise ConfigError(f"--{knob}={getattr(self, knob)}: only latent (MLA) variants have it, "
-                                      f"not --attention={self.attention}")
-            if (self.d_model // self.n_heads) % 2:
-                raise ConfigError(f"head dim {self.d_model // self.n_heads} (d_model/n_heads) must be even for RoPE")
-            return
+    def _validate_attention(self) -> None:
+        """Each knob given: its rule, and that the variant's kind has it (refused, not ignored);
+        then what the kind refuses of the resolved combination (attention/registry.py)."""
+        kind = KINDS[VARIANTS[self.attention].kind]
+        for name in ATTENTION_KNOBS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            problem = KNOBS[name].rule and KNOBS[name].rule(value)  # a bad value alone first
+            if problem:
+                raise ConfigError(f"--{name}={value}: {problem}")
+            if name not in kind.knobs:
+                having = " or ".join(KINDS[k].label for k in kinds_with(name))
+                raise ConfigError(f"--{name}={value}: only {having} variants have it, not --attention={self.attention}")
         spec = self.attention_spec()
-        if spec.qk_rope_head_dim % 2:
-            raise ConfigError(f"--qk_rope_head_dim={spec.qk_rope_head_dim}: must be even (RoPE rotates pairs)")
+        for name in kind.knobs:  # resolved values too: a head dim filled in from d_model/n_heads must be even
+            value = getattr(spec, name)
+            problem = value is not None and KNOBS[name].rule and KNOBS[name].rule(value)
+            if problem:
+                raise ConfigError(f"--{name}={value}: {problem}")
+        problem = kind.refuse(spec, self.d_model // self.n_heads, self.n_heads)
+        if problem:
+            raise ConfigError(problem)
 
 
 # --- what each option means -------------------------------------------------------------------
@@ -222,14 +216,7 @@ OPTION_HELP = {
     },
     "attention": {
         "attention": "the attention variant compared (see the list below)",
-        "q_lora_rank": "MLA only: query rank, or 'full' for a full-rank q_proj; None: the variant's",
-        "kv_lora_rank": "MLA only: rank of the key/value latent; None: the variant's",
-        "qk_rope_head_dim": "MLA only: rotary dims per query/key head (even); None: the variant's",
-        "qk_nope_head_dim": "MLA only: non-rotary dims per query/key head; None: the variant's",
-        "v_head_dim": "MLA only: value dims per head; None: the variant's",
-        "attention_bias": "bias on the attention projections (True/False); None: the variant's",
-        "rope_scaling": "RoPE position scaling type (linear); None: the variant's",
-        "rope_scaling_factor": "RoPE scaling factor (> 1 stretches positions); None: the variant's",
+        **{name: knob_help(name) for name in KNOBS},  # the knobs' lines live in attention/registry.py
     },
     "recipe": {
         "recipe": "a preset: default (ours) or seed (the seed's exact model and optimisation; see below)",

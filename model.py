@@ -14,13 +14,15 @@ import hashlib
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attention import AttentionSpec, RMSNorm, build_attention
+from attention import KINDS, AttentionSpec, RMSNorm, build_attention
+from attention.modules import SDPA_PAD_MODES
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,33 @@ class ModelConfig:
     expert_dropout: float = 0.0  # inside each expert, after SiLU (the seed: 0.1)
     final_dropout: float = 0.0  # after the final norm, before the LM head (the seed: 0.1)
     init_residual_scaling: bool = True  # o_proj/down_proj start at 0.02/sqrt(2 n_layers); off: 0.02 (the seed)
+    # fast paths: how the same arithmetic runs (bench/ measures each; see their comments below)
+    sdpa_pad: str = "auto"  # attention.modules: pad q/k/v head dims to one size for the flash kernel
+    moe_matmul: str = "auto"  # MoE experts: "grouped", "loop" or "auto" (MOE_EXPERT_MATMUL_MODES)
+
+    def __post_init__(self):
+        for name, allowed in (("sdpa_pad", SDPA_PAD_MODES), ("moe_matmul", MOE_EXPERT_MATMUL_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}: allowed: {', '.join(allowed)}")
+
+    @classmethod
+    def from_train_config(cls, cfg, vocab_size: int, **fast_paths) -> "ModelConfig":
+        """The model's settings from a config.TrainConfig: every field of the same name, the resolved
+        attention spec, the vocabulary size (the tokenizer's, or --vocab_size). The one place the
+        model is configured from (train.py, bench/)."""
+        shared = {f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)}
+        shared["attention"] = cfg.attention_spec()
+        return cls(**{**shared, "vocab_size": vocab_size, **fast_paths})
+
+
+class LMOutput(NamedTuple):
+    """What MoELM returns, whatever it is asked: the balance loss always; the logits when no
+    targets are given; the mean cross-entropy and accuracy (and no logits) when they are. (A named
+    tuple: DDP, Accelerate and torch.compile walk it like any tuple.)"""
+    aux_loss: torch.Tensor
+    logits: torch.Tensor | None = None
+    loss: torch.Tensor | None = None  # mean cross-entropy over the targets
+    accuracy: torch.Tensor | None = None
 
 
 # How the experts' matmuls run. "grouped": one torch._grouped_mm over all expert-sorted tokens --
@@ -50,12 +79,13 @@ class ModelConfig:
 # "loop": one matmul per expert, after reading the per-expert token counts to the host (a sync per
 # layer on CUDA). "auto": grouped on CUDA in bf16 (its fast kernel) and on the CPU (as fast as the
 # loop there, docs/PERF.md, and compile-friendly); the loop otherwise (CUDA in fp32, where the
-# grouped op would fall back to a loop with a sync anyway). `bench.step --moe_matmul` measures it.
-MOE_EXPERT_MATMUL = "auto"
+# grouped op would fall back to a loop with a sync anyway). ModelConfig.moe_matmul picks the mode;
+# `bench.step --moe_matmul` measures it.
+MOE_EXPERT_MATMUL_MODES = ("auto", "grouped", "loop")
 
 
-def _use_grouped_mm(tokens: torch.Tensor, *dims: int) -> bool:
-    if MOE_EXPERT_MATMUL == "loop" or not hasattr(torch, "_grouped_mm"):
+def _use_grouped_mm(mode: str, tokens: torch.Tensor, *dims: int) -> bool:
+    if mode == "loop" or not hasattr(torch, "_grouped_mm"):
         return False
     # The op rejects every other dtype (float64: "Expected mat_a to be Float32, BFloat16 or Float16").
     if tokens.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -63,7 +93,7 @@ def _use_grouped_mm(tokens: torch.Tensor, *dims: int) -> bool:
     # The grouped kernels want every row 16-byte aligned (TMA on CUDA; CPU checks it too).
     if any(dim * tokens.element_size() % 16 for dim in dims):
         return False
-    if MOE_EXPERT_MATMUL == "grouped":
+    if mode == "grouped":
         return True
     return tokens.device.type == "cpu" or tokens.dtype == torch.bfloat16
 
@@ -139,13 +169,14 @@ class MoE(nn.Module):
     The router picks k experts per token from (noisy, while training) logits and weights them by a
     softmax over those k logits. Each token's k copies ("slots") are sorted by expert, so each
     expert runs one matmul over exactly the tokens routed to it -- all experts in one grouped
-    matmul where torch has it (MOE_EXPERT_MATMUL). Expert weights are stacked, (n_experts, out, in).
+    matmul where torch has it (matmul: MOE_EXPERT_MATMUL_MODES). Expert weights are stacked,
+    (n_experts, out, in).
     """
 
     def __init__(self, d_model: int, d_ff: int, n_experts: int, top_k: int, noise_std: float,
-                 expert_dropout: float = 0.0):
+                 expert_dropout: float = 0.0, matmul: str = "auto"):
         super().__init__()
-        self.n_experts, self.top_k, self.noise_std = n_experts, top_k, noise_std
+        self.n_experts, self.top_k, self.noise_std, self.matmul = n_experts, top_k, noise_std, matmul
         self.gate = nn.Linear(d_model, n_experts, bias=False)
         self.up_proj = nn.Parameter(torch.empty(n_experts, d_ff, d_model))
         self.down_proj = nn.Parameter(torch.empty(n_experts, d_model, d_ff))
@@ -190,7 +221,7 @@ class MoE(nn.Module):
         # the grouped matmul, and the stacked weights are plain parameters).
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else tokens.dtype
         routed, up, down = routed.to(dtype), self.up_proj.to(dtype), self.down_proj.to(dtype)
-        if _use_grouped_mm(routed, d_model, up.shape[1]):
+        if _use_grouped_mm(self.matmul, routed, d_model, up.shape[1]):
             offsets = counts.cumsum(0).to(torch.int32)  # where each expert's rows end
             hidden = self.expert_dropout(F.silu(expert_linear(routed, up, offsets)))
             expert_out = expert_linear(hidden, down, offsets)
@@ -211,9 +242,10 @@ class Block(nn.Module):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.d_model)
         self.self_attn = build_attention(cfg.attention, cfg.d_model, cfg.n_heads, cfg.dropout, cfg.rope_theta,
-                                         max_len=cfg.seq_len)
+                                         max_len=cfg.seq_len, sdpa_pad=cfg.sdpa_pad)
         self.post_attention_layernorm = RMSNorm(cfg.d_model)
-        self.mlp = MoE(cfg.d_model, cfg.d_ff, cfg.n_experts, cfg.top_k, cfg.router_noise_std, cfg.expert_dropout)
+        self.mlp = MoE(cfg.d_model, cfg.d_ff, cfg.n_experts, cfg.top_k, cfg.router_noise_std, cfg.expert_dropout,
+                       cfg.moe_matmul)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,11 +315,11 @@ class MoELM(nn.Module):
         self.norm = RMSNorm(cfg.d_model)
         self.final_dropout = nn.Dropout(cfg.final_dropout)
 
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None):
-        """ids (B, T) -> logits (B, T, vocab), and the balance loss over layers (mean or sum).
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> LMOutput:
+        """ids (B, T) -> LMOutput: the balance loss over layers (mean or sum) and the logits (B, T, vocab).
 
-        With targets (B, T): -> (mean cross-entropy, balance loss, accuracy) instead, without ever
-        materialising the logits (see _LMHeadLoss) -- what training and evaluation need.
+        With targets (B, T): the mean cross-entropy and accuracy instead of the logits, without ever
+        materialising them (see _LMHeadLoss) -- what training and evaluation need.
         """
         x = self.embed_tokens(ids)
         if self.cfg.embed_scale:
@@ -301,7 +333,7 @@ class MoELM(nn.Module):
         aux_losses = torch.stack(aux_losses)
         aux_loss = aux_losses.sum() if self.cfg.aux_loss_reduction == "sum" else aux_losses.mean()
         if targets is None:
-            return F.linear(hidden, self.embed_tokens.weight), aux_loss  # LM head tied to the embedding
+            return LMOutput(aux_loss, logits=F.linear(hidden, self.embed_tokens.weight))  # head tied to the embedding
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         chunk = max(1, LM_HEAD_CHUNK_ELEMENTS // self.cfg.vocab_size)
@@ -310,7 +342,7 @@ class MoELM(nn.Module):
         grads_needed = torch.is_grad_enabled() and (hidden.requires_grad or self.embed_tokens.weight.requires_grad)
         ce, accuracy = _LMHeadLoss.apply(hidden.flatten(0, 1), self.embed_tokens.weight, targets.flatten(),
                                          dtype, chunk, grads_needed)
-        return ce, aux_loss, accuracy
+        return LMOutput(aux_loss, loss=ce, accuracy=accuracy)
 
 
 # --- initialisation: fair by construction ------------------------------------------------------
@@ -391,6 +423,20 @@ def flops_per_token(model: MoELM) -> int:
             active += param.numel() // cfg.n_experts * cfg.top_k
         elif param.dim() == 2:  # every Linear weight, and the embedding as the LM head
             active += param.numel()
-    attn = model.layers[0].self_attn
-    scores_and_values = cfg.n_layers * cfg.seq_len * cfg.n_heads * (attn.qk_head_dim + attn.v_head_dim)
+    spec = cfg.attention.resolved(cfg.d_model, cfg.n_heads)
+    qk_head_dim, v_head_dim = KINDS[spec.kind].head_dims(spec, cfg.d_model // cfg.n_heads)
+    scores_and_values = cfg.n_layers * cfg.seq_len * cfg.n_heads * (qk_head_dim + v_head_dim)
     return 6 * active + 6 * scores_and_values
+
+
+KV_CACHE_BYTES_PER_VALUE = 2  # bf16/fp16, as a decoder would cache
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig) -> int:
+    """What a decoder caches per generated token, over all layers, at 2 bytes a value: each
+    layer's kind says how many values (MHA/GQA: K and V of each key/value head; MLA: the
+    compressed latent plus the shared rotary key). It does not depend on the context length here,
+    since every kind so far attends to the whole context (seq_len)."""
+    spec = cfg.attention.resolved(cfg.d_model, cfg.n_heads)
+    per_layer = KINDS[spec.kind].kv_cache_values(spec, cfg.d_model // cfg.n_heads, cfg.n_heads)
+    return cfg.n_layers * per_layer * KV_CACHE_BYTES_PER_VALUE

@@ -41,6 +41,7 @@ EVAL_KEYS = ("val/loss", "val/accuracy", "val/perplexity")
 VAL_LOSS, VAL_ACCURACY, VAL_PERPLEXITY = EVAL_KEYS
 VAL_LOSS_MIN = "val/loss_min"
 PARAMS_TOTAL, PARAMS_ATTENTION, FLOPS_PER_TOKEN = "params/total", "params/attention", "flops/per_token"
+KV_CACHE_BYTES_PER_TOKEN = "kv_cache/bytes_per_token"  # at 2 bytes a value, over all layers
 INIT_FINGERPRINT, DATA_FINGERPRINT = "init/shared_fingerprint", "data/fingerprint"
 TIME_TOTAL, TIME_STARTUP, TIME_ENDED_AT = "time/total_s", "time/startup_s", "time/ended_at"
 MEMORY_PEAK, MEMORY_PEAK_RESERVED = "memory/peak_gb", "memory/peak_reserved_gb"

@@ -27,7 +27,7 @@ import torch
 from config import FIELD_TYPES, ConfigError, TrainConfig, config_from_values, help_text, parse_args, parse_value
 import record
 from record import EXIT_CODES, one_line, write_json_atomic, write_record
-from model import (ModelConfig, MoELM, count_parameters, flops_per_token, init_weights,
+from model import (ModelConfig, MoELM, count_parameters, flops_per_token, init_weights, kv_cache_bytes_per_token,
                    shared_parameters_fingerprint)
 
 GB = 1024 ** 3
@@ -48,23 +48,15 @@ class Stopped(Exception):
 
 # --- the model ---------------------------------------------------------------------------------
 
-def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
-    return ModelConfig(
-        attention=cfg.attention_spec(), vocab_size=vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers,
-        n_heads=cfg.n_heads, d_ff=cfg.d_ff, n_experts=cfg.n_experts, top_k=cfg.top_k, seq_len=cfg.seq_len,
-        dropout=cfg.dropout, router_noise_std=cfg.router_noise_std, rope_theta=cfg.rope_theta,
-        embed_scale=cfg.embed_scale, aux_loss_reduction=cfg.aux_loss_reduction, expert_dropout=cfg.expert_dropout,
-        final_dropout=cfg.final_dropout, init_residual_scaling=cfg.init_residual_scaling,
-    )
-
-
 def describe_model(cfg: TrainConfig, vocab_size: int) -> dict:
-    """Sizes and FLOPs of the configured model, built on the meta device (no memory, no data)."""
+    """Sizes, FLOPs and KV cache of the configured model, built on the meta device (no memory, no
+    data). The KV cache is per generated token, at a context of seq_len (kv_cache_context)."""
     with torch.device("meta"):
-        model = MoELM(model_config(cfg, vocab_size))
+        model = MoELM(ModelConfig.from_train_config(cfg, vocab_size))
     params = count_parameters(model)
     return {"attention": cfg.attention, "family": cfg.family, "params_total": params["total"],
-            "params_attention": params["attention"], "flops_per_token": flops_per_token(model)}
+            "params_attention": params["attention"], "flops_per_token": flops_per_token(model),
+            "kv_cache_bytes_per_token": kv_cache_bytes_per_token(model.cfg), "kv_cache_context": cfg.seq_len}
 
 
 # --- results records (their contract: record.py) -------------------------------------------
@@ -454,12 +446,13 @@ class Run:
         # what time and memory are measured on; the report's audit flags compared runs where it differs
         self.summary.update({record.HARDWARE_PROCESSES: world, record.HARDWARE_DEVICE: device_name(accelerator.device)})
 
-        model = MoELM(model_config(cfg, vocab_size))
+        model = MoELM(ModelConfig.from_train_config(cfg, vocab_size))
         init_weights(model, cfg.seed)
         params = count_parameters(model)
         self.summary.update({
             record.PARAMS_TOTAL: params["total"], record.PARAMS_ATTENTION: params["attention"],
             record.FLOPS_PER_TOKEN: flops_per_token(model),
+            record.KV_CACHE_BYTES_PER_TOKEN: kv_cache_bytes_per_token(model.cfg),
             record.INIT_FINGERPRINT: shared_parameters_fingerprint(model),
         })
         device = accelerator.device
@@ -499,7 +492,8 @@ class Run:
             local = batch.chunk(world)[rank].to(device, non_blocking=True)
             inputs, targets = local[:, :-1], local[:, 1:]
             with accelerator.autocast():
-                ce, aux_loss, accuracy = model(inputs, targets)  # the logits are never materialised
+                out = model(inputs, targets)  # the logits are never materialised
+            ce, aux_loss, accuracy = out.loss, out.aux_loss, out.accuracy
             accelerator.backward(ce + cfg.aux_loss_weight * aux_loss)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             stop = torch.full((), float(self.signals.requested), device=device)  # no host-to-device sync
@@ -555,7 +549,8 @@ class Run:
             local = batches.val_batch(index).chunk(world)[rank].to(device, non_blocking=True)
             inputs, targets = local[:, :-1], local[:, 1:]
             with self.accelerator.autocast():
-                ce, _, accuracy = model(inputs, targets)
+                out = model(inputs, targets)
+            ce, accuracy = out.loss, out.accuracy
             totals += torch.stack([ce.float(), accuracy.float(), torch.ones((), device=device)]) * targets.numel()
         loss_sum, correct, count = self.accelerator.reduce(totals, "sum").tolist()
         loss = loss_sum / count

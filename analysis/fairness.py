@@ -17,14 +17,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from analysis import stats
-from analysis.runs import BOOKKEEPING, Run, configuration, varying_settings
+from analysis.runs import ATTENTION_KNOBS, BOOKKEEPING, Run, configuration, varying_settings
 
 # Settings that may differ between compared runs: what is being compared (the attention and its
-# knobs), the seed, and bookkeeping that does not change what a run computes.
-NOT_COMPARED = BOOKKEEPING | {
-    "q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
-    "attention_bias", "rope_scaling", "rope_scaling_factor",
-}
+# knobs, attention/registry.py's KNOBS), the seed, and bookkeeping that does not change what a run computes.
+NOT_COMPARED = BOOKKEEPING | ATTENTION_KNOBS
 HARDWARE = ("processes", "device")
 FINGERPRINTS = (("data/fingerprint", "data_fingerprint"), ("init/shared_fingerprint", "init_fingerprint"))
 

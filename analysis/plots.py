@@ -4,6 +4,8 @@
   seeds, with a std bar when there are several), coloured by family, variant names on points.
 - learning_curves.png: train loss per step, val loss per eval, and val loss minus the baseline's
   on the same seed; mean over seeds with a min-max band.
+- costs.png: validation loss against the two costs of an attention design, parameters and the KV
+  cache a decoder keeps per token, one point per variant, each with its Pareto front.
 - baseline_differences.png (several seeds only): each variant's paired difference to baseline with
   its 95% CI and the per-seed differences, coloured by verdict.
 """
@@ -19,11 +21,10 @@ from matplotlib.lines import Line2D  # noqa: E402
 from analysis import stats  # noqa: E402
 from analysis.runs import FAMILIES, Run  # noqa: E402
 from analysis.tables import BASELINE, FAMILY_LABELS  # noqa: E402
+from attention.registry import FAMILIES as FAMILY_REGISTRY, OTHER_FAMILY  # noqa: E402
 
-FAMILY_COLORS = {"baseline": "#d62728", "lora": "#1f77b4", "enhanced": "#2ca02c", "rope": "#ff7f0e",
-                 "bias": "#9467bd", "other": "#7f7f7f"}
-FAMILY_SHADES = {"baseline": "Reds", "lora": "Blues", "enhanced": "Greens", "rope": "Oranges",
-                 "bias": "Purples", "other": "Greys"}
+FAMILY_COLORS = {**{name: f.color for name, f in FAMILY_REGISTRY.items()}, "other": OTHER_FAMILY.color}
+FAMILY_SHADES = {**{name: f.shades for name, f in FAMILY_REGISTRY.items()}, "other": OTHER_FAMILY.shades}
 DPI = 130
 VERDICT_COLORS = {"better": "#2ca02c", "worse": "#d62728", "indistinguishable": "#7f7f7f"}
 
@@ -83,7 +84,7 @@ def _label_points(ax, xs, ys, names, fontsize=7.5):
 def _per_variant(runs: list[Run]) -> dict:
     """{variant: {"family", metric: (mean, std)}} over successful runs."""
     metrics = {"loss": "val_loss", "acc": "val_accuracy", "ppl": "val_perplexity", "time": "time_min",
-               "memory": "memory_gb", "params": "params_m"}
+               "memory": "memory_gb", "params": "params_m", "kv_cache": "kv_cache_bytes_per_token"}
     out = {}
     for run in runs:
         if run.succeeded:
@@ -146,6 +147,52 @@ def comprehensive_figure(runs: list[Run], path: Path, title: str) -> Path:
     for ax, xs, ys, names in labels:
         _label_points(ax, xs, ys, names)
     fig.savefig(path, dpi=DPI)  # the dpi the labels were placed at: they are placed in pixels
+    plt.close(fig)
+    return path
+
+
+def pareto_front(points: list) -> list:
+    """The (cost, loss) points no other point beats on both (lower or equal cost and loss, one of
+    them lower), by increasing cost."""
+    return sorted(p for p in points
+                  if not any(o[0] <= p[0] and o[1] <= p[1] and o != p for o in points))
+
+
+def costs_figure(runs: list[Run], path: Path, title: str) -> Path:
+    """Loss vs parameters beside loss vs KV-cache bytes per token, each with its Pareto front."""
+    data = _per_variant(runs)
+    variants = sorted(data, key=lambda v: data[v]["loss"][0])
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6.5), dpi=DPI)
+    panels = [(axes[0], "params", "Parameters (millions)", "Loss vs parameters"),
+              (axes[1], "kv_cache", "KV cache per token (bytes, all layers, 2 bytes a value)",
+               "Loss vs KV cache per token")]
+    labels = []
+    for ax, key, x_label, panel_title in panels:
+        shown = [v for v in variants if np.isfinite(data[v][key][0]) and np.isfinite(data[v]["loss"][0])]
+        for v in shown:
+            ax.errorbar(data[v][key][0], data[v]["loss"][0], yerr=data[v]["loss"][1] or None, fmt="o",
+                        color=FAMILY_COLORS.get(data[v]["family"], FAMILY_COLORS["other"]), markersize=8,
+                        elinewidth=1, capsize=2, markeredgecolor="white", markeredgewidth=0.8, zorder=3)
+        front = pareto_front([(data[v][key][0], data[v]["loss"][0]) for v in shown])
+        if front:
+            ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="#444444",
+                    linestyle="--", linewidth=1, zorder=2, label="Pareto front")
+            ax.legend(loc="upper right", fontsize=9)
+        ax.set(xlabel=x_label, ylabel="Validation loss", title=panel_title)
+        ax.margins(x=0.18, y=0.12)
+        if shown:
+            labels.append((ax, [data[v][key][0] for v in shown], [data[v]["loss"][0] for v in shown], shown))
+        else:
+            ax.text(0.5, 0.5, "not recorded", transform=ax.transAxes, ha="center", color="gray")
+    families = {data[v]["family"] for v in variants}
+    fig.legend(handles=_family_legend(families), loc="upper center", ncol=max(len(families), 1),
+               bbox_to_anchor=(0.5, 0.94), fontsize=10)
+    fig.suptitle(title, fontsize=14, fontweight="bold", y=0.995)
+    fig.tight_layout(rect=(0, 0, 1, 0.88))
+    fig.canvas.draw()
+    for ax, xs, ys, names in labels:
+        _label_points(ax, xs, ys, names)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
 

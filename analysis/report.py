@@ -27,6 +27,7 @@ RESULTS_JSON = "architecture_search_results.json"
 COMPREHENSIVE_PNG = "architecture_search_comprehensive.png"
 CURVES_PNG = "learning_curves.png"
 DIFFERENCES_PNG = "baseline_differences.png"
+COSTS_PNG = "costs.png"
 
 # The report's parts, in order: (heading, the section keys under it).
 LAYOUT = [
@@ -63,6 +64,7 @@ def _markdown(source: str, runs: list[Run], sections: dict, figures: dict) -> st
                 parts += [tables.EFFICIENCY_RULES, ""]
     parts += ["## Figures", ""]
     for name, caption in ((CURVES_PNG, "Learning curves"), (DIFFERENCES_PNG, "Differences to baseline"),
+                          (COSTS_PNG, "Loss against parameters and KV cache per token"),
                           (COMPREHENSIVE_PNG, "Comprehensive comparison (the seed's six panels)")):
         if name in figures:
             parts += [f"### {caption}", "", f"![{caption}]({name})", ""]
@@ -89,6 +91,7 @@ def build(runs: list[Run], out_dir, source: str, input_path: Path | None = None)
     if any(r.succeeded for r in runs):
         files[COMPREHENSIVE_PNG] = plots.comprehensive_figure(runs, out_dir / COMPREHENSIVE_PNG, title)
         files[CURVES_PNG] = plots.curves_figure(runs, out_dir / CURVES_PNG, "Learning curves")
+        files[COSTS_PNG] = plots.costs_figure(runs, out_dir / COSTS_PNG, "What each design costs")
         differences = plots.differences_figure(runs, out_dir / DIFFERENCES_PNG,
                                                "Difference to baseline, paired by seed")
         if differences is not None:

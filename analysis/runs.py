@@ -12,25 +12,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import record
+from attention.registry import FAMILIES as FAMILY_REGISTRY, KNOBS, VARIANTS
 from record import EVAL_KEYS, RUNNING, STATUSES, TRAIN_KEYS, VAL_LOSS_MIN, number
 # The schema, the statuses and the metric names are the run's contract: record.py.
 
-FAMILIES = ("baseline", "lora", "enhanced", "rope", "bias")
+FAMILIES = tuple(FAMILY_REGISTRY)  # attention/registry.py, in its order
 # Config keys that are bookkeeping, not settings: they do not change what a run computes (or, for
 # attention and seed, are what every comparison is about), so they never tell configurations apart.
 BOOKKEEPING = {"attention", "family", "seed", "results_dir", "group", "project", "run_name", "cache_dir",
                "checkpoint_every", "checkpoint_artifact", "resume", "dry_run", "compile", "trust_remote_code",
                "processes"}  # how many GPUs shared each (global) batch; train.py adds it to the W&B config
-# Records and W&B runs carry their family. Only the seed's JSON does not, so this map (DESIGN.md
-# section 3) is the fallback for it; an unknown name falls back to its prefix, else "other".
-VARIANT_FAMILIES = {
-    "baseline": "baseline",
-    "lora_small": "lora", "lora_medium": "lora", "lora_large": "lora", "lora_xl": "lora",
-    "enhanced_small": "enhanced", "enhanced_medium": "enhanced", "enhanced_large": "enhanced",
-    "enhanced_xl": "enhanced",
-    "rope_only": "rope", "rope_small": "rope", "rope_large": "rope",
-    "bias_only": "bias",
-}
+# The attention knobs (attention/registry.py): what is compared, like the attention itself.
+ATTENTION_KNOBS = frozenset(KNOBS)
+# Records and W&B runs carry their family. Only the seed's JSON does not, so the registry's map is
+# the fallback for it; an unknown name falls back to its prefix, else "other".
+VARIANT_FAMILIES = {name: spec.family for name, spec in VARIANTS.items()}
 
 # W&B run states -> record status. A crash is a failure; a killed run was interrupted.
 WANDB_STATES = {"finished": "finished", "failed": "failed", "crashed": "failed",
@@ -60,6 +56,7 @@ class Run:
     params_total: int | None = None
     params_attention: int | None = None
     flops_per_token: float | None = None
+    kv_cache_bytes_per_token: int | None = None  # what a decoder caches per token, all layers, 2 bytes a value
     time_s: float | None = None
     ended_at: float | None = None  # unix time the run ended (train.py's time/ended_at)
     # The seed report's "Memory": the memory the run itself used. The seed's JSON has it as
@@ -159,6 +156,7 @@ def _run_from_parts(*, name, variant, family, seed, status, error, run_id, group
         params_total=number(summary.get(record.PARAMS_TOTAL)),
         params_attention=number(summary.get(record.PARAMS_ATTENTION)),
         flops_per_token=number(summary.get(record.FLOPS_PER_TOKEN)),
+        kv_cache_bytes_per_token=number(summary.get(record.KV_CACHE_BYTES_PER_TOKEN)),
         time_s=number(summary.get(record.TIME_TOTAL)),
         ended_at=number(summary.get(record.TIME_ENDED_AT)),
         memory_gb=peak, peak_memory_gb=peak,
@@ -264,6 +262,7 @@ def run_from_seed_entry(name: str, entry: dict, origin: str = "") -> Run:
         val_perplexity=number(entry.get("val_perplexity")), val_loss_min=number(entry.get("val_loss_min")),
         params_total=params, params_attention=number(entry.get("params_attention")),
         flops_per_token=number(entry.get("flops_per_token")),
+        kv_cache_bytes_per_token=number(entry.get("kv_cache_bytes_per_token")),
         time_s=None if minutes is None else minutes * 60,
         memory_gb=number(entry.get("memory_used_gb")),
         peak_memory_gb=number(entry.get("peak_memory_gb")),
@@ -320,7 +319,7 @@ def to_seed_schema(runs: list[Run]) -> dict:
             "training_time_minutes": run.time_min, "memory_used_gb": run.memory_gb,
             "peak_memory_gb": run.peak_memory_gb, "parameter_count": run.params_total,
             "parameters_millions": run.params_m, "params_attention": run.params_attention,
-            "flops_per_token": run.flops_per_token,
+            "flops_per_token": run.flops_per_token, "kv_cache_bytes_per_token": run.kv_cache_bytes_per_token,
             "loss_curve": [row["train/loss"] for row in run.train_history],
             "loss_curve_steps": [row["step"] for row in run.train_history],
             "val_losses": [row["val/loss"] for row in run.eval_history],

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from analysis import stats
 from analysis.fairness import Audit
 from analysis.runs import RUNNING, Run, configuration, varying_settings
+from attention.registry import FAMILIES, OTHER_FAMILY
 
-FAMILY_LABELS = {"baseline": "Baseline", "lora": "LoRA", "enhanced": "Enhanced", "rope": "RoPE",
-                 "bias": "Bias", "other": "Other"}
+FAMILY_LABELS = {**{name: family.label for name, family in FAMILIES.items()}, "other": OTHER_FAMILY.label}
 BASELINE = "baseline"
 NOTHING_TO_RANK = "- no successful run reports this"
 
@@ -220,7 +220,7 @@ def all_runs(runs: list[Run]) -> Section:
     """Every run; its "variant" is its configuration where settings vary (e.g. `rope_small lr=0.01`)."""
     varying = varying_settings(runs)
     columns = ["#", "run", "variant", "family", "seed", "status", "val loss", "val acc", "val ppl",
-               "params", "time (min)", "memory (GB)", "peak memory (GB)", "note"]
+               "params", "KV cache (B/token)", "time (min)", "memory (GB)", "peak memory (GB)", "note"]
     ok = by_loss(runs)
     rest = sorted((r for r in runs if not r.succeeded), key=lambda r: r.name)
     rows, cells = [], []
@@ -229,10 +229,11 @@ def all_runs(runs: list[Run]) -> Section:
         note = "" if r.succeeded else (r.error or "")
         label = configuration(r, varying)
         rows.append([position, r.name, label, r.family, r.seed, r.status, r.val_loss, r.val_accuracy,
-                     r.val_perplexity, r.params_total, r.time_min, r.memory_gb, r.peak_memory_gb, note])
+                     r.val_perplexity, r.params_total, r.kv_cache_bytes_per_token, r.time_min, r.memory_gb,
+                     r.peak_memory_gb, note])
         cells.append([position, r.name, label, r.family, fmt(r.seed, "d"), r.status,
                       fmt(r.val_loss, ".4f"), fmt(r.val_accuracy, ".4f"), fmt(r.val_perplexity, ".2f"),
-                      fmt(r.params_total, ",d"), fmt(r.time_min, ".2f"), fmt(r.memory_gb, ".2f"),
+                      fmt(r.params_total, ",d"), fmt(r.kv_cache_bytes_per_token, ",d"), fmt(r.time_min, ".2f"), fmt(r.memory_gb, ".2f"),
                       fmt(r.peak_memory_gb, ".2f"), note.replace("|", "/")])
     return Section("all_runs", "All runs, sorted by validation loss", markdown_table(columns, cells), columns, rows)
 

@@ -1,9 +1,34 @@
-"""Attention variants for the architecture search: the registry (data) and the modules."""
-from .modules import MultiHeadAttention, MultiHeadLatentAttention, RMSNorm, build_attention
-from .rope import ROPE_SCALINGS, RotaryEmbedding, apply_rotary
-from .variants import FAMILIES, VARIANTS, AttentionSpec
+"""Attention for the architecture search: the registry (`registry.py`, plain data, imported without
+torch), RoPE (`rope.py`) and the modules (`modules.py`), which are imported on first use."""
+import importlib
+
+from .registry import (FAMILIES, FULL_RANK, KINDS, KNOBS, OTHER_FAMILY, VARIANTS, AttentionSpec, Family, Kind,
+                       Knob)
+
+# Names that need torch, loaded when first asked for (PEP 562), so `from attention import VARIANTS`
+# (the analysis, the sweep checks) never imports it.
+_LAZY = {"RMSNorm": "modules", "MultiHeadAttention": "modules", "MultiHeadLatentAttention": "modules",
+         "ROPE_SCALINGS": "rope", "RotaryEmbedding": "rope", "apply_rotary": "rope"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def build_attention(spec: AttentionSpec, d_model: int, n_heads: int, dropout: float = 0.0,
+                    rope_theta: float = 10000.0, max_len: int = 0, sdpa_pad: str = "auto"):
+    """The module of the spec's kind (KINDS[kind].module), for this model size. max_len: build the
+    RoPE tables for this many positions now (the model's seq_len) rather than on the first forward;
+    sdpa_pad: see attention.modules.causal_attention."""
+    module_name, class_name = KINDS[spec.kind].module.split(":")
+    module = getattr(importlib.import_module(module_name), class_name)
+    return module(spec.resolved(d_model, n_heads), d_model, n_heads, dropout, rope_theta, max_len, sdpa_pad)
+
 
 __all__ = [
-    "AttentionSpec", "FAMILIES", "VARIANTS", "ROPE_SCALINGS", "RMSNorm", "RotaryEmbedding",
-    "MultiHeadAttention", "MultiHeadLatentAttention", "apply_rotary", "build_attention",
+    "AttentionSpec", "FAMILIES", "FULL_RANK", "Family", "KINDS", "KNOBS", "Kind", "Knob", "OTHER_FAMILY", "VARIANTS",
+    "ROPE_SCALINGS", "RMSNorm", "RotaryEmbedding", "MultiHeadAttention", "MultiHeadLatentAttention", "apply_rotary",
+    "build_attention",
 ]

@@ -1,13 +1,14 @@
-"""The two attention modules: standard multi-head attention (the baseline) and DeepSeek-style
-multi-head latent attention (MLA). Parameter names follow `transformers`' LlamaAttention and
-DeepseekV3Attention, so a state dict loads into the reference unchanged.
+"""The attention modules, one per kind (attention/registry.py's KINDS): standard multi-head
+attention (the baseline, and its grouped-query / multi-query and QK-norm forms) and DeepSeek-style
+multi-head latent attention (MLA). Parameter names follow `transformers`' LlamaAttention /
+Qwen3Attention and DeepseekV3Attention, so a state dict loads into the reference unchanged.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .rope import RotaryEmbedding, apply_rotary
-from .variants import AttentionSpec
+from .registry import AttentionSpec
 
 
 class RMSNorm(nn.Module):
@@ -30,53 +31,65 @@ class RMSNorm(nn.Module):
 # (zero dims add nothing to q.k, padded value columns are sliced off; the softmax scale is passed
 # explicitly) and lets flash run. "auto" pads on CUDA, and on CPU only without attention dropout:
 # the CPU flash kernel has no dropout, so with it SDPA takes the math path anyway and padding would
-# only add work. "always" / "never" force the choice; `python -m bench.step --sdpa_pad` measures it.
-SDPA_PAD = "auto"
+# only add work. "always" / "never" force the choice (ModelConfig.sdpa_pad);
+# `python -m bench.step --sdpa_pad` measures it.
+SDPA_PAD_MODES = ("auto", "always", "never")
 
 
-def _pad_head_dims(q: torch.Tensor, dropout: float) -> bool:
-    if SDPA_PAD == "auto":
+def _pad_head_dims(q: torch.Tensor, dropout: float, sdpa_pad: str) -> bool:
+    if sdpa_pad == "auto":
         return q.device.type == "cuda" or dropout == 0.0
-    return SDPA_PAD == "always"
+    return sdpa_pad == "always"
 
 
-def causal_attention(q, k, v, scale: float, dropout: float) -> torch.Tensor:
-    """(B, H, T, d) inputs -> (B, T, H * d_v). Fused kernel, causal mask, explicit softmax scale."""
+def causal_attention(q, k, v, scale: float, dropout: float, sdpa_pad: str = "auto") -> torch.Tensor:
+    """(B, H, T, d) queries and (B, H_kv, T, d) keys/values -> (B, T, H * d_v). Fused kernel, causal
+    mask, explicit softmax scale; with fewer key/value heads than query heads (grouped-query), each
+    key/value head serves H / H_kv consecutive query heads (SDPA's enable_gqa, Llama's repeat_kv)."""
     v_dim = v.shape[-1]
-    if q.shape[-1] != v_dim and _pad_head_dims(q, dropout):
+    if q.shape[-1] != v_dim and _pad_head_dims(q, dropout, sdpa_pad):
         dim = max(q.shape[-1], v_dim)
         if q.shape[-1] < dim:
             q, k = F.pad(q, (0, dim - q.shape[-1])), F.pad(k, (0, dim - k.shape[-1]))
         else:
             v = F.pad(v, (0, dim - v_dim))
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale)
+    grouped = k.shape[1] != q.shape[1]
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=grouped)
     batch, heads, length, _ = out.shape
     return out[..., :v_dim].transpose(1, 2).reshape(batch, length, heads * v_dim)
 
 
 class MultiHeadAttention(nn.Module):
-    """The baseline: q, k, v, o projections of d_model x d_model, RoPE on the whole head."""
+    """The baseline: q, k, v, o projections, RoPE on the whole head. With n_kv_heads < n_heads,
+    grouped-query attention (one key/value head per n_heads / n_kv_heads query heads; 1: multi-query);
+    with qk_norm, an RMSNorm over each head's query and key before RoPE (Qwen3)."""
 
     def __init__(self, spec: AttentionSpec, d_model: int, n_heads: int, dropout: float, rope_theta: float,
-                 max_len: int = 0):
+                 max_len: int = 0, sdpa_pad: str = "auto"):
         super().__init__()
-        self.n_heads, self.head_dim, self.dropout = n_heads, d_model // n_heads, dropout
+        self.n_heads, self.n_kv_heads = n_heads, spec.n_kv_heads or n_heads
+        self.head_dim, self.dropout, self.sdpa_pad = d_model // n_heads, dropout, sdpa_pad
         self.qk_head_dim = self.v_head_dim = self.head_dim
+        kv_dim = self.n_kv_heads * self.head_dim
         self.q_proj = nn.Linear(d_model, d_model, bias=spec.attention_bias)
-        self.k_proj = nn.Linear(d_model, d_model, bias=spec.attention_bias)
-        self.v_proj = nn.Linear(d_model, d_model, bias=spec.attention_bias)
+        self.k_proj = nn.Linear(d_model, kv_dim, bias=spec.attention_bias)
+        self.v_proj = nn.Linear(d_model, kv_dim, bias=spec.attention_bias)
         self.o_proj = nn.Linear(d_model, d_model, bias=spec.attention_bias)
+        if spec.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
         self.rotary = RotaryEmbedding(self.head_dim, rope_theta, spec.rope_scaling, spec.rope_scaling_factor, max_len)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
-        heads = (batch, length, self.n_heads, self.head_dim)
-        q = self.q_proj(x).view(heads).transpose(1, 2)
-        k = self.k_proj(x).view(heads).transpose(1, 2)
-        v = self.v_proj(x).view(heads).transpose(1, 2)
+        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         cos, sin = self.rotary(length, x.device)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = causal_attention(q, k, v, self.head_dim ** -0.5, self.dropout if self.training else 0.0)
+        out = causal_attention(q, k, v, self.head_dim ** -0.5, self.dropout if self.training else 0.0, self.sdpa_pad)
         return self.o_proj(out)
 
 
@@ -88,9 +101,9 @@ class MultiHeadLatentAttention(nn.Module):
     """
 
     def __init__(self, spec: AttentionSpec, d_model: int, n_heads: int, dropout: float, rope_theta: float,
-                 max_len: int = 0):
+                 max_len: int = 0, sdpa_pad: str = "auto"):
         super().__init__()
-        self.n_heads, self.dropout = n_heads, dropout
+        self.n_heads, self.dropout, self.sdpa_pad = n_heads, dropout, sdpa_pad
         self.kv_lora_rank = spec.kv_lora_rank
         self.qk_nope_head_dim = spec.qk_nope_head_dim
         self.qk_rope_head_dim = spec.qk_rope_head_dim
@@ -131,13 +144,6 @@ class MultiHeadLatentAttention(nn.Module):
             q, k = torch.cat((q_nope, q_rot), dim=-1), torch.cat((k_nope, k_rot), dim=-1)
         else:
             q, k = q_rot, k_rot
-        out = causal_attention(q, k, v, self.qk_head_dim ** -0.5, self.dropout if self.training else 0.0)
+        out = causal_attention(q, k, v, self.qk_head_dim ** -0.5, self.dropout if self.training else 0.0,
+                               self.sdpa_pad)
         return self.o_proj(out)
-
-
-def build_attention(spec: AttentionSpec, d_model: int, n_heads: int, dropout: float = 0.0,
-                    rope_theta: float = 10000.0, max_len: int = 0) -> nn.Module:
-    """max_len: build the RoPE tables for this many positions now (the model's seq_len) rather
-    than on the first forward."""
-    module = MultiHeadLatentAttention if spec.is_latent else MultiHeadAttention
-    return module(spec, d_model, n_heads, dropout, rope_theta, max_len)

@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from attention import VARIANTS  # noqa: E402
+from bench.reference import has_reference  # noqa: E402
 
 RESULT_TAG = "BENCH_RESULT "
 AUX_LOSS_WEIGHT, LR, WEIGHT_DECAY, GRAD_CLIP = 0.01, 1e-4, 0.01, 1.0
@@ -120,11 +121,10 @@ def build_model(case: dict, device: torch.device):
     from config import TrainConfig
     from model import ModelConfig, MoELM, flops_per_token, init_weights
 
-    spec = TrainConfig(attention=case["variant"], d_model=case["d_model"], n_heads=case["n_heads"]).attention_spec()
-    cfg = ModelConfig(attention=spec, vocab_size=case["vocab_size"], d_model=case["d_model"],
-                      n_layers=case["n_layers"], n_heads=case["n_heads"], d_ff=case["d_ff"],
-                      n_experts=case["n_experts"], top_k=case["top_k"], seq_len=case["seq_len"],
-                      dropout=case["dropout"])
+    sizes = {k: case[k] for k in ("d_model", "n_layers", "n_heads", "d_ff", "n_experts", "top_k", "seq_len", "dropout")}
+    train_cfg = TrainConfig(attention=case["variant"], **sizes)
+    cfg = ModelConfig.from_train_config(train_cfg, case["vocab_size"], sdpa_pad=case["sdpa_pad"],
+                                        moe_matmul=case["moe_matmul"])
     if case["impl"] == "ours":
         model = MoELM(cfg)
     else:
@@ -157,14 +157,9 @@ def make_optimizer(model, case: dict, device: torch.device):
 
 def run_case(case: dict) -> dict:
     """Build, warm up and time one (variant, implementation, options) case in this process."""
-    import attention.modules
-    import model as model_module
-
     device = torch.device(case["device"])
     if device.type == "cpu":
         torch.set_num_threads(case["threads"])
-    attention.modules.SDPA_PAD = case["sdpa_pad"]
-    model_module.MOE_EXPERT_MATMUL = case["moe_matmul"]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[case["dtype"]]
     result = dict(case, status="ok")
     forced_failure(case["variant"], f"{case['variant']}:{case['impl']}")
@@ -195,10 +190,12 @@ def run_case(case: dict) -> dict:
         def step():
             if case["impl"] == "ours":  # the loss without materialised logits (model._LMHeadLoss)
                 with autocast:
-                    ce, aux_loss, _ = forward(inputs, targets)
+                    out = forward(inputs, targets)
+                ce, aux_loss = out.loss, out.aux_loss
             else:
                 with autocast:
-                    logits, aux_loss = forward(inputs)
+                    out = forward(inputs)
+                logits, aux_loss = out.logits, out.aux_loss
                 ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
             loss = ce + AUX_LOSS_WEIGHT * aux_loss
             loss.backward()
@@ -295,8 +292,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile_variants", default=None,
                    help="with --compile on/both: only these variants get the compiled case")
     p.add_argument("--seq_lens", default=None, help="comma list: the sequence-length scan")
-    p.add_argument("--sdpa_pad", default="auto", help="attention.modules.SDPA_PAD for ours; a comma list sweeps")
-    p.add_argument("--moe_matmul", default="auto", help="model.MOE_EXPERT_MATMUL for ours; a comma list sweeps")
+    p.add_argument("--sdpa_pad", default="auto", help="ModelConfig.sdpa_pad for ours; a comma list sweeps")
+    p.add_argument("--moe_matmul", default="auto", help="ModelConfig.moe_matmul for ours; a comma list sweeps")
     p.add_argument("--dropout", type=float, default=0.1, help="the model's dropout (default 0.1, as trained)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
@@ -325,7 +322,8 @@ def resolve(args: argparse.Namespace) -> tuple[dict, list[dict]]:
             sizes[name] = getattr(args, name)
     if sizes["dtype"] not in ("fp32", "bf16"):
         raise SystemExit(f"error: --dtype={sizes['dtype']}: allowed: fp32, bf16")
-    variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    variants = ([n for n, spec in VARIANTS.items() if has_reference(spec)] if args.variants == "all"
+                else args.variants.split(","))
     for name in variants:
         if name not in VARIANTS:
             raise SystemExit(f"error: unknown variant {name!r}; allowed: {', '.join(VARIANTS)}")

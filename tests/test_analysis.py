@@ -496,7 +496,8 @@ def test_write_report_writes_every_file_and_leaves_results_alone(tmp_path, capsy
     path = report.write_report(results, results / "g1" / "report")
     assert path == results / "g1" / "report" / "report.md"
     assert "old.json: record schema 2" in capsys.readouterr().err  # skipped, said once, not misread
-    for name in (report.RESULTS_JSON, report.COMPREHENSIVE_PNG, report.CURVES_PNG, report.DIFFERENCES_PNG):
+    for name in (report.RESULTS_JSON, report.COMPREHENSIVE_PNG, report.CURVES_PNG, report.DIFFERENCES_PNG,
+                 report.COSTS_PNG):
         assert (path.parent / name).stat().st_size > 1000
     assert {k: v for k, v in _digest(results).items() if "/report/" not in k} == before
     text = path.read_text()
@@ -546,6 +547,8 @@ def test_log_to_wandb_offline(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    import wandb
+    wandb.teardown()  # an earlier in-process run's wandb settings (its dir) must not carry over
     results = write_records(tmp_path / "results", three_seed_records())
     assert report.main(["--results", str(results), "--out", str(tmp_path / "out"), "--log-to-wandb"]) == 0
     assert "job_type analysis" in capsys.readouterr().out
@@ -557,8 +560,45 @@ def test_log_to_wandb_offline(tmp_path, monkeypatch, capsys):
     # wandb 0.31 has no reader for the offline log; protobuf keeps strings verbatim, so the run's
     # job_type (RunRecord field 7: tag byte 0x3a, length 8) and the artifact's name and type are
     # found in its bytes.
-    import wandb
     wandb.teardown()  # wandb-core writes the offline log asynchronously; a CLI's exit waits for it
     log = next(run_dirs[0].glob("run-*.wandb")).read_bytes()
     assert b"\x3a\x08analysis" in log
     assert b"analysis-report" in log and b"analysis-g1" in log
+
+
+# --- the registry's families and the KV cache (issue 12) -------------------------------------------
+
+def test_zoo_families_come_from_the_registry():
+    from analysis.plots import FAMILY_COLORS
+
+    assert family_of("qknorm_gqa") == "qknorm" and family_of("mqa") == "gqa"
+    assert tables.FAMILY_LABELS["gqa"] == "GQA" and tables.FAMILY_LABELS["lora"] == "LoRA"
+    assert FAMILY_COLORS["gqa"] != FAMILY_COLORS["other"]
+
+
+def test_kv_cache_per_token_reaches_the_table_and_the_round_trip(tmp_path):
+    records = [make_record("baseline", 0, 7.8), make_record("gqa", 0, 7.85)]
+    records[0]["summary"]["kv_cache/bytes_per_token"] = 16384
+    records[1]["summary"]["kv_cache/bytes_per_token"] = 4096
+    runs = load_path(write_records(tmp_path / "results", records))
+    assert {r.variant: r.kv_cache_bytes_per_token for r in runs} == {"baseline": 16384, "gqa": 4096}
+    table = section(runs, "all_runs")
+    column = table.columns.index("KV cache (B/token)")
+    assert sorted(row[column] for row in table.rows) == [4096, 16384]
+    assert any("| 16,384 |" in line for line in table.lines)
+    again = load_path_from_seed_schema(tmp_path, to_seed_schema(runs))
+    assert {r.variant: r.kv_cache_bytes_per_token for r in again} == {"baseline": 16384, "gqa": 4096}
+
+
+def load_path_from_seed_schema(tmp_path, obj):
+    path = tmp_path / "seed_schema.json"
+    path.write_text(json.dumps(obj))
+    return load_path(path)
+
+
+def test_pareto_front_by_hand():
+    from analysis.plots import pareto_front
+
+    points = [(16384, 7.80), (4096, 7.85), (2048, 7.95), (4096, 7.90), (10240, 7.82), (16384, 7.79)]
+    # (4096, 7.90) loses to (4096, 7.85); (16384, 7.80) to (16384, 7.79); (10240, 7.82) survives
+    assert pareto_front(points) == [(2048, 7.95), (4096, 7.85), (10240, 7.82), (16384, 7.79)]

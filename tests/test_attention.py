@@ -4,6 +4,8 @@
   (eager, rope_interleave=False, linear RoPE scaling), same weights: outputs and gradients;
 - the baseline against `transformers`' LlamaAttention and against an explicit-softmax attention
   written here (complex-number RoPE, float64), with and without linear RoPE scaling;
+- grouped-query and multi-query attention (n_kv_heads) against LlamaAttention with
+  num_key_value_heads, and QK-norm against Qwen3Attention (q_norm/k_norm), with and without GQA;
 - causality of every variant: changing tokens t+1.. never changes outputs at positions <= t.
 """
 import math
@@ -177,7 +179,7 @@ def llama_reference(spec):
     from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
     config = LlamaConfig(
-        hidden_size=D_MODEL, num_attention_heads=N_HEADS, num_key_value_heads=N_HEADS,
+        hidden_size=D_MODEL, num_attention_heads=N_HEADS, num_key_value_heads=spec.n_kv_heads or N_HEADS,
         head_dim=D_MODEL // N_HEADS, attention_bias=spec.attention_bias, attention_dropout=0.0,
         rope_parameters=rope_parameters(spec), max_position_embeddings=4096,
     )
@@ -196,6 +198,75 @@ def test_baseline_matches_llama(name):
     ref, rotary = llama_reference(spec)
     ref.load_state_dict(ours.state_dict(), strict=True)
     assert_equivalent(ours, ref, rotary, seed=23)
+
+
+# Grouped-query (4 and 2 query heads per key/value head) and multi-query, with scaling and bias.
+GQA_CASES = {
+    "gqa": VARIANTS["gqa"],
+    "mqa": VARIANTS["mqa"],
+    "baseline+kv4+linear2+bias": VARIANTS["baseline"].with_overrides(n_kv_heads=4, rope_scaling_factor=2.0,
+                                                                      attention_bias=True),
+}
+
+
+@pytest.mark.parametrize("name", list(GQA_CASES))
+def test_grouped_query_matches_llama(name):
+    spec = GQA_CASES[name]
+    ours = build_attention(spec, D_MODEL, N_HEADS, dropout=0.0, rope_theta=THETA).eval()
+    assert ours.k_proj.out_features == spec.n_kv_heads * (D_MODEL // N_HEADS)  # really fewer key/value heads
+    randomize_(ours, seed=13)
+    ref, rotary = llama_reference(spec)
+    assert ref.num_key_value_groups == N_HEADS // spec.n_kv_heads
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    assert_equivalent(ours, ref, rotary, seed=29)
+
+
+def qwen3_reference(spec):
+    from transformers.models.qwen3.configuration_qwen3 import Qwen3Config
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3RotaryEmbedding
+
+    config = Qwen3Config(
+        hidden_size=D_MODEL, num_attention_heads=N_HEADS, num_key_value_heads=spec.n_kv_heads or N_HEADS,
+        head_dim=D_MODEL // N_HEADS, attention_bias=spec.attention_bias, attention_dropout=0.0,
+        rms_norm_eps=1e-6, rope_parameters=rope_parameters(spec), max_position_embeddings=4096,
+        use_sliding_window=False,
+    )
+    config._attn_implementation = "eager"
+    ref, rotary = Qwen3Attention(config, layer_idx=0), Qwen3RotaryEmbedding(config)
+    assert ref.sliding_window is None and rotary.attention_scaling == 1.0
+    return ref.eval(), rotary
+
+
+QK_NORM_CASES = {
+    "qknorm": VARIANTS["qknorm"],
+    "qknorm_gqa": VARIANTS["qknorm_gqa"],
+    "qknorm+mqa+linear1.5+bias": VARIANTS["qknorm"].with_overrides(n_kv_heads=1, rope_scaling_factor=1.5,
+                                                                    attention_bias=True),
+}
+
+
+@pytest.mark.parametrize("name", list(QK_NORM_CASES))
+def test_qk_norm_matches_qwen3(name):
+    spec = QK_NORM_CASES[name]
+    ours = build_attention(spec, D_MODEL, N_HEADS, dropout=0.0, rope_theta=THETA).eval()
+    randomize_(ours, seed=17)  # norm weights away from 1: a misplaced norm shows
+    ref, rotary = qwen3_reference(spec)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    assert {"q_norm.weight", "k_norm.weight"} <= set(dict(ours.named_parameters()))
+    assert_equivalent(ours, ref, rotary, seed=31)
+
+
+def test_qk_norm_reference_sees_the_norm():
+    """Negative control: the same weights without QK-norm differ from Qwen3Attention by far."""
+    spec = VARIANTS["qknorm"]
+    ours = build_attention(spec, D_MODEL, N_HEADS, dropout=0.0, rope_theta=THETA).eval()
+    randomize_(ours, seed=17)
+    ref, rotary = qwen3_reference(spec)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    plain = build_attention(VARIANTS["baseline"], D_MODEL, N_HEADS, dropout=0.0, rope_theta=THETA).eval()
+    plain.load_state_dict({k: v for k, v in ours.state_dict().items() if "norm" not in k})
+    y, y_ref = run_both(plain, ref, rotary, 2, 9, 0)[:2]
+    assert rel_err(y, y_ref) > 1e-2
 
 
 def explicit_mha(x, weights, n_heads, theta, factor, bias=None):

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 import model as model_module
 import train
 from attention import FAMILIES, VARIANTS
-from model import MoE, ModelConfig, MoELM, count_parameters, flops_per_token, init_weights
+from config import TrainConfig
+from model import (LMOutput, MoE, ModelConfig, MoELM, count_parameters, flops_per_token, init_weights,
+                   kv_cache_bytes_per_token, shared_parameters_fingerprint)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,8 +48,10 @@ SEED_REPORT_MILLIONS = {"rope_small": 162.6, "lora_small": 162.6, "bias_only": 1
 
 
 def test_registry_matches_the_design_table():
-    assert list(VARIANTS) == list(TABLE)
-    assert set(spec.family for spec in VARIANTS.values()) == set(FAMILIES)
+    """The seed's 13 come first, as DESIGN.md has them; the zoo's variants follow (and may grow)."""
+    assert list(VARIANTS)[:len(TABLE)] == list(TABLE)
+    assert {TABLE[name][0] for name in TABLE} <= set(FAMILIES)
+    assert {spec.family for spec in VARIANTS.values()} <= set(FAMILIES)
     for name, (family, q, kv, rope, v, bias, factor) in TABLE.items():
         spec = VARIANTS[name]
         assert spec.name == name and spec.family == family
@@ -147,6 +151,52 @@ def test_parameter_counts_with_non_rotary_dims(name):
     assert counts["total"] > total_params(name, **SEED)
 
 
+# Grouped-query / multi-query and QK-norm at the seed's size, by hand: q_proj and o_proj 512 x 512;
+# k_proj and v_proj 512 x (n_kv_heads x 64); QK-norm adds two 64-wide norm weights.
+ZOO_ATTENTION_PER_LAYER = {
+    "gqa": 2 * 512 * 512 + 2 * 512 * (2 * 64),  # 655,360
+    "mqa": 2 * 512 * 512 + 2 * 512 * 64,  # 589,824
+    "qknorm": 4 * 512 * 512 + 2 * 64,  # 1,048,704
+    "qknorm_gqa": 2 * 512 * 512 + 2 * 512 * (2 * 64) + 2 * 64,  # 655,488
+}
+
+
+@pytest.mark.parametrize("name", list(ZOO_ATTENTION_PER_LAYER))
+def test_zoo_parameter_counts_by_hand(name):
+    counts = count_parameters(meta_model(name, **SEED))
+    assert counts["attention"] == 8 * ZOO_ATTENTION_PER_LAYER[name]
+    baseline = count_parameters(meta_model("baseline", **SEED))
+    assert counts["total"] - counts["attention"] == baseline["total"] - baseline["attention"]  # the rest is shared
+
+
+# --- KV cache per token --------------------------------------------------------------------------
+
+# By hand, at the seed's size (8 layers, 8 heads of 64), 2 bytes a value:
+KV_CACHE_BYTES = {
+    "baseline": 8 * 2 * 512 * 2,  # K and V of 8 heads x 64 = 16,384
+    "gqa": 8 * 2 * (2 * 64) * 2,  # 2 key/value heads: 4,096
+    "mqa": 8 * 2 * 64 * 2,  # 1 key/value head: 2,048
+    "qknorm": 8 * 2 * 512 * 2,  # QK-norm caches what MHA caches
+    "lora_small": 8 * (64 + 64) * 2,  # MLA: latent (kv_lora_rank 64) + shared rotary key (64): 2,048
+    "enhanced_xl": 8 * (512 + 128) * 2,  # 10,240
+    "rope_large": 8 * (64 + 128) * 2,  # 3,072
+}
+
+
+@pytest.mark.parametrize("name", list(KV_CACHE_BYTES))
+def test_kv_cache_bytes_per_token_by_hand(name):
+    assert kv_cache_bytes_per_token(model_config(name, **SEED)) == KV_CACHE_BYTES[name]
+
+
+def test_dry_run_prints_the_kv_cache(capsys):
+    for argv, expected in [(["--attention=baseline"], 16_384), (["--attention=baseline", "--n_kv_heads=2"], 4_096),
+                           (["--attention=lora_xl"], 8 * (512 + 64) * 2)]:
+        assert train.main([*argv, "--vocab_size=49152", "--dry_run"]) == 0
+        record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert record["kv_cache_bytes_per_token"] == expected, argv
+        assert record["kv_cache_context"] == 512
+
+
 # --- FLOPs ---------------------------------------------------------------------------------------
 
 SMALL_FLOPS = dict(d_model=64, n_layers=2, n_heads=4, d_ff=96, n_experts=4, top_k=2, vocab_size=100, seq_len=32)
@@ -166,6 +216,15 @@ FLOPS_CASES = [(name, 0) for name in TABLE] + [(name, 8) for name in ("lora_smal
 @pytest.mark.parametrize("name,nope", FLOPS_CASES)
 def test_flops_match_the_hand_count(name, nope):
     assert flops_per_token(meta_model(name, nope=nope, **SMALL_FLOPS)) == hand_flops(name, nope=nope, **SMALL_FLOPS)
+
+
+@pytest.mark.parametrize("name", ["gqa", "mqa", "qknorm_gqa"])
+def test_flops_of_grouped_query_by_hand(name):
+    """Fewer key/value heads shrink k_proj/v_proj; the scores still run over every query head."""
+    heads, kv = SMALL_FLOPS["n_heads"], VARIANTS[name].n_kv_heads
+    head_dim = SMALL_FLOPS["d_model"] // heads
+    delta = 6 * SMALL_FLOPS["n_layers"] * 2 * SMALL_FLOPS["d_model"] * (heads - kv) * head_dim
+    assert flops_per_token(meta_model(name, **SMALL_FLOPS)) == hand_flops("baseline", **SMALL_FLOPS) - delta
 
 
 def test_flops_count_only_top_k_experts():
@@ -231,21 +290,17 @@ def dense_moe(x: torch.Tensor, moe: MoE) -> torch.Tensor:
     return torch.einsum("ne,ned->nd", gates, every_expert).view(x.shape)
 
 
-# The expert matmuls may run through more than one code path (a loop over experts, one grouped
-# matmul): each must equal the dense reference, values and gradients. None: the only/default one.
-DISPATCH = ["loop", "grouped"] if hasattr(model_module, "MOE_EXPERT_MATMUL") else [None]
-
-
-@pytest.fixture(params=DISPATCH, ids=lambda mode: mode or "default")
-def dispatch(request, monkeypatch):
-    if request.param is not None:
-        monkeypatch.setattr(model_module, "MOE_EXPERT_MATMUL", request.param)
+# The expert matmuls run through more than one code path (a loop over experts, one grouped
+# matmul; ModelConfig.moe_matmul): each must equal the dense reference, values and gradients.
+@pytest.fixture(params=model_module.MOE_EXPERT_MATMUL_MODES)
+def dispatch(request):
     return request.param
 
 
 @pytest.mark.parametrize("n_experts,top_k", [(4, 2), (8, 2), (4, 1), (4, 4)])
 def test_moe_matches_dense_reference(n_experts, top_k, dispatch):
     moe = make_moe(n_experts=n_experts, top_k=top_k, seed=n_experts * 10 + top_k).eval()
+    moe.matmul = dispatch
     gen = torch.Generator().manual_seed(1)
     for shape in [(1, 1, 32), (2, 7, 32), (3, 50, 32)]:
         x = torch.randn(shape, generator=gen)
@@ -260,6 +315,7 @@ def test_moe_gradients_match_dense_reference(dispatch):
     """Gradients to the input, the router and every expert equal those of the dense reference
     (the top-k choice itself is not differentiable; the gate weights are)."""
     moe = make_moe(n_experts=4, top_k=2, seed=7).eval()
+    moe.matmul = dispatch
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(3, 20, 32, generator=gen)
     cotangent = torch.randn(3, 20, 32, generator=gen)
@@ -356,13 +412,13 @@ def test_model_is_causal(name):
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(0, SMALL["vocab_size"], (2, SMALL["seq_len"]), generator=gen)
     with torch.no_grad():
-        logits, _ = model(ids)
+        logits = model(ids).logits
         for t in (0, 7, SMALL["seq_len"] - 2):
             changed = ids.clone()
             changed[:, t + 1:] = (ids[:, t + 1:] + 1 + torch.randint(0, 90, changed[:, t + 1:].shape,
                                                                      generator=gen)) % SMALL["vocab_size"]
             assert (changed[:, t + 1:] != ids[:, t + 1:]).all()
-            changed_logits, _ = model(changed)
+            changed_logits = model(changed).logits
             torch.testing.assert_close(changed_logits[:, :t + 1], logits[:, :t + 1], rtol=1e-5, atol=1e-6)
             assert not torch.allclose(changed_logits[:, t + 1:], logits[:, t + 1:], atol=1e-4)
 
@@ -373,7 +429,8 @@ def test_every_parameter_gets_a_gradient(name):
     ids = torch.randint(0, SMALL["vocab_size"], (4, SMALL["seq_len"] + 1), generator=torch.Generator().manual_seed(6))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    logits, aux_loss = model(ids[:, :-1])
+    out = model(ids[:, :-1])
+    logits, aux_loss = out.logits, out.aux_loss
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)) + 0.01 * aux_loss
     loss.backward()
     dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
@@ -386,3 +443,48 @@ def test_every_parameter_gets_a_gradient(name):
     optimizer.step()
     unchanged = [n for n, p in model.named_parameters() if torch.equal(p.detach(), before[n])]
     assert not unchanged, f"parameters the step did not change: {unchanged}"
+
+
+# --- one model, one output, one source of settings ------------------------------------------------
+
+def test_forward_returns_one_type_whatever_it_is_asked():
+    model = MoELM(model_config("baseline", **SMALL)).eval()
+    init_weights(model, 0)  # the experts start as torch.empty
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(0))
+    plain, with_targets = model(ids[:, :-1]), model(ids[:, :-1], ids[:, 1:])
+    assert type(plain) is type(with_targets) is LMOutput
+    assert plain.logits.shape == (2, 8, SMALL["vocab_size"]) and plain.loss is None and plain.accuracy is None
+    assert with_targets.logits is None
+    expected = F.cross_entropy(plain.logits.flatten(0, 1), ids[:, 1:].flatten())
+    torch.testing.assert_close(with_targets.loss, expected)
+    torch.testing.assert_close(with_targets.aux_loss, plain.aux_loss)
+
+
+def test_model_config_takes_every_model_setting_from_the_train_config():
+    """One source: a non-default value of each field ModelConfig shares with TrainConfig arrives
+    (bench/step.py's hand copy used to drop rope_theta and router_noise_std)."""
+    from dataclasses import fields
+
+    changed = dict(d_model=96, n_layers=3, n_heads=6, d_ff=40, n_experts=5, top_k=3, seq_len=17, dropout=0.2,
+                   router_noise_std=0.3, rope_theta=500.0, embed_scale=True, aux_loss_reduction="sum",
+                   expert_dropout=0.05, final_dropout=0.07, init_residual_scaling=False)
+    shared = {f.name for f in fields(ModelConfig)} - {"attention", "vocab_size", "sdpa_pad", "moe_matmul"}
+    assert shared == set(changed)  # a new shared field needs a value here
+    cfg = ModelConfig.from_train_config(TrainConfig(attention="gqa", **changed), 321, moe_matmul="loop")
+    assert {k: getattr(cfg, k) for k in changed} == changed
+    assert cfg.vocab_size == 321 and cfg.moe_matmul == "loop" and cfg.attention.n_kv_heads == 2
+    with pytest.raises(ValueError, match="sdpa_pad='alwyas': allowed: auto, always, never"):
+        ModelConfig.from_train_config(TrainConfig(), 321, sdpa_pad="alwyas")  # a typo is not "never"
+
+
+def test_shared_init_is_equal_across_every_kind():
+    """For one seed, every parameter outside the attention starts equal, whatever the kind."""
+    prints = {}
+    for name in ["baseline", "gqa", "mqa", "qknorm_gqa", "lora_small", "rope_only"]:
+        model = MoELM(model_config(name, **SMALL))
+        init_weights(model, 5)
+        prints[name] = shared_parameters_fingerprint(model)
+    assert len(set(prints.values())) == 1, prints
+    other = MoELM(model_config("baseline", **SMALL))
+    init_weights(other, 6)
+    assert shared_parameters_fingerprint(other) != prints["baseline"]  # the fingerprint sees the seed

@@ -114,7 +114,8 @@ def test_balance_loss_is_the_sum_or_mean_of_per_layer_losses_by_hand(reduction):
         layer.mlp.register_forward_pre_hook(keep_input(seen, i))
     tokens = ids()
     with torch.no_grad():
-        ce, aux, _ = model(tokens[:, :-1], tokens[:, 1:])
+        out = model(tokens[:, :-1], tokens[:, 1:])
+    ce, aux = out.loss, out.aux_loss
     per_layer = [switch_loss_by_hand(x.reshape(-1, SMALL["d_model"]).double(), layer.mlp.gate.weight.double(),
                                      SMALL["n_experts"], SMALL["top_k"]) for x, layer in zip(seen.values(), model.layers)]
     assert len(per_layer) == 3 and all(v >= 1.0 - 1e-6 for v in per_layer)  # 1 exactly when uniform
@@ -193,15 +194,17 @@ def test_init_std_per_parameter_group(scaling):
 def test_float64_forward_and_backward(name):
     model = build(name, router_noise_std=0.0, dropout=0.0).double().train()
     tokens = ids()
-    logits, aux = model(tokens[:, :-1])
+    out = model(tokens[:, :-1])
+    logits, aux = out.logits, out.aux_loss
     assert logits.dtype == torch.float64
-    ce, aux, _ = model(tokens[:, :-1], tokens[:, 1:])
+    out = model(tokens[:, :-1], tokens[:, 1:])
+    ce, aux = out.loss, out.aux_loss
     (ce + 0.01 * aux).backward()
     for pname, param in model.named_parameters():
         assert param.grad is not None and param.grad.dtype == torch.float64, pname
         assert torch.isfinite(param.grad).all(), pname
     reference = build(name, router_noise_std=0.0, dropout=0.0).train()
-    ce32, _, _ = reference(tokens[:, :-1], tokens[:, 1:])
+    ce32 = reference(tokens[:, :-1], tokens[:, 1:]).loss
     assert ce.item() == pytest.approx(ce32.item(), rel=1e-4)
 
 

@@ -1,5 +1,6 @@
-"""The sweep YAMLs in sweeps/: W&B's own schema accepts them, they enumerate the 13 variants, every
-value they can hand out passes train.py's config validation, and their commands follow the W&B
+"""The sweep YAMLs in sweeps/: W&B's own schema accepts them, the seed's enumerate its 13 variants and
+zoo_smoke the rest, every value they can hand out passes train.py's config validation, and their
+commands follow the W&B
 agent's rules (macros, `accelerate launch` items)."""
 import math
 from pathlib import Path
@@ -25,7 +26,7 @@ def fixed(config: dict) -> dict:
 
 
 def test_the_four_sweeps_are_there_and_nothing_else():
-    assert set(NAMES) == {"fast.yaml", "smoke.yaml", "seeds.yaml", "fast_multigpu.yaml"}
+    assert set(NAMES) == {"fast.yaml", "smoke.yaml", "seeds.yaml", "fast_multigpu.yaml", "zoo_smoke.yaml"}
     assert sorted(p.name for p in (ROOT / "sweeps").iterdir()) == sorted(NAMES)  # no other file either
     # sweeps/ holds YAML only: a package named `sweeps` here would shadow W&B's engine
     assert not (ROOT / "sweeps" / "__init__.py").exists()
@@ -59,10 +60,27 @@ def test_comment_at_the_top_says_how_to_run_it(name):
     assert f"python local_sweep.py sweeps/{name}" in comment
 
 
+# The seed report's 13 variants, in its order (DESIGN.md section 3), by hand.
+SEED_VARIANTS = ["baseline", "lora_small", "lora_medium", "lora_large", "lora_xl", "enhanced_small",
+                 "enhanced_medium", "enhanced_large", "enhanced_xl", "rope_only", "rope_small", "rope_large",
+                 "bias_only"]
+
+
 @pytest.mark.parametrize("name", ["fast.yaml", "smoke.yaml", "seeds.yaml", "fast_multigpu.yaml"])
-def test_enumerates_exactly_the_13_variants_in_order(name):
-    assert load(name)["parameters"]["attention"]["values"] == list(VARIANTS)
-    assert len(VARIANTS) == 13
+def test_the_seed_sweeps_enumerate_exactly_the_seed_variants_in_order(name):
+    assert load(name)["parameters"]["attention"]["values"] == SEED_VARIANTS
+
+
+def test_zoo_smoke_is_smoke_with_the_baseline_and_every_zoo_variant():
+    assert load("zoo_smoke.yaml")["parameters"]["attention"]["values"] == \
+        ["baseline"] + [name for name in VARIANTS if name not in SEED_VARIANTS]
+    assert fixed(load("zoo_smoke.yaml")) == fixed(load("smoke.yaml"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_sweep_lists_known_variants_only(name):
+    values = load(name)["parameters"]["attention"].get("values", [load(name)["parameters"]["attention"].get("value")])
+    assert values and set(values) <= set(VARIANTS), set(values) - set(VARIANTS)
 
 
 @pytest.mark.parametrize("name", NAMES)

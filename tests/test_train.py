@@ -14,7 +14,7 @@ STEP_KEYS = {"train/loss", "train/accuracy", "train/lr", "train/grad_norm", "tra
 VAL_KEYS = {"val/loss", "val/accuracy", "val/perplexity"}
 SUMMARY_KEYS = VAL_KEYS | {"params/total", "params/attention", "flops/per_token", "time/total_s", "memory/peak_gb",
                            "data/fingerprint", "init/shared_fingerprint", "status", "hardware/processes",
-                           "hardware/device"}
+                           "hardware/device", "kv_cache/bytes_per_token"}
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,12 @@ def test_same_seed_same_history_and_fairness_fingerprints(tmp_path, corpus, monk
         assert first["summary"][key] == other_variant["summary"][key]
         assert first["summary"][key] != other_seed["summary"][key]
     assert losses(first) != losses(other_variant)  # the attention really differs
+    # another kind (multi-query with QK-norm) shares the init too; its KV cache by hand:
+    # 1 layer x K and V x 1 key/value head x 16 dims x 2 bytes
+    zoo = train_in_process(tmp_path / "e", corpus, monkeypatch, attention="qknorm", n_kv_heads=1, seed=1)
+    assert zoo["summary"]["init/shared_fingerprint"] == first["summary"]["init/shared_fingerprint"]
+    assert zoo["summary"]["kv_cache/bytes_per_token"] == 1 * 2 * 1 * 16 * 2
+    assert first["summary"]["kv_cache/bytes_per_token"] == 1 * (64 + 64) * 2  # lora_small: latent 64 + rotary key 64
 
 
 def test_agent_contract_sweep_values_and_group(tmp_path, corpus):

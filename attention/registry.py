@@ -1,0 +1,231 @@
+"""The attention registry, as plain data (no torch): the kinds of attention, their knobs, the
+families the report groups variants in, and the named variants. Everything else reads it: the
+config's fields, validation and --help (config.py), the model's KV-cache and FLOPs accounting
+(model.py), the fairness audit and the report's labels and colours (analysis/), the sweep checks.
+A kind's module is imported only when a model is built (`attention.build_attention`), so
+`analysis/` and `localsweep/` import this file without torch.
+
+Adding a named variant: one entry in VARIANTS (below), then its name in a sweep's
+`attention: values:`.
+
+Adding a kind: (1) its module, a file in attention/ with a class built as
+`Module(spec, d_model, n_heads, dropout, rope_theta, max_len, sdpa_pad)` mapping (B, T, d_model) to
+(B, T, d_model), parameter names as in the `transformers` class it is checked against; (2) its new
+knobs in KNOBS and one Kind in KINDS naming the module, its knobs, its per-token KV cache, its
+score/value dims (FLOPs), the combinations it refuses and its reference; (3) its test in
+tests/test_attention.py against that reference (weights copied; outputs and gradients).
+"""
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+
+# --- knobs ---------------------------------------------------------------------------------------
+
+def _positive(value) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _non_negative(value) -> str | None:
+    return None if value >= 0 else "must be 0 or greater"
+
+
+def _positive_or_full(value) -> str | None:
+    if value == FULL_RANK or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return None
+    return f"must be a positive integer or '{FULL_RANK}'"
+
+
+def _positive_even(value) -> str | None:
+    return _positive(value) or (None if value % 2 == 0 else "must be even (RoPE rotates pairs)")
+
+
+def _rope_scaling(value) -> str | None:
+    from .rope import ROPE_SCALINGS  # torch; only reached when a run names a scaling
+
+    return None if value in ROPE_SCALINGS else f"allowed: {', '.join(ROPE_SCALINGS)}"
+
+
+FULL_RANK = "full"  # --q_lora_rank=full: a full-rank q_proj instead of the variant's low-rank query
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One setting of an attention kind. In a variant (AttentionSpec) it has `default` unless the
+    variant says otherwise; on the command line (TrainConfig, a sweep) it is `cli_type | None`,
+    None keeping the variant's value."""
+    name: str
+    type: object  # the spec field's type
+    default: object  # the spec field's default
+    help: str  # the --help line, after "<kinds> only: " where not every kind has it
+    rule: Callable[[object], str | None] | None = None  # value -> why it is invalid, or None
+    cli_type: object = None  # what --name accepts, when it is more than `type` (q_lora_rank: 'full')
+    aliases: dict = field(default_factory=dict)  # command-line words meaning a spec value ('full' -> None)
+
+
+KNOBS: dict[str, Knob] = {k.name: k for k in [
+    # standard multi-head attention (and its grouped-query / multi-query forms)
+    Knob("n_kv_heads", int | None, None, "key/value heads, n_heads must divide by it (1: multi-query); "
+         "None: the variant's", _positive),
+    Knob("qk_norm", bool, False, "RMSNorm on each head's query and key before RoPE (Qwen3); None: the variant's"),
+    # latent attention
+    Knob("q_lora_rank", int | None, None, "query rank, or 'full' for a full-rank q_proj; None: the variant's",
+         _positive_or_full, cli_type=int | str, aliases={FULL_RANK: None}),
+    Knob("kv_lora_rank", int | None, None, "rank of the key/value latent; None: the variant's", _positive),
+    Knob("qk_rope_head_dim", int | None, None, "rotary dims per query/key head (even); None: the variant's",
+         _positive_even),
+    Knob("qk_nope_head_dim", int, 0, "non-rotary dims per query/key head; None: the variant's", _non_negative),
+    Knob("v_head_dim", int | None, None, "value dims per head; None: the variant's", _positive),
+    # every kind
+    Knob("attention_bias", bool, False, "bias on the attention projections (True/False); None: the variant's"),
+    Knob("rope_scaling", str | None, None, "RoPE position scaling type (linear); None: the variant's", _rope_scaling),
+    Knob("rope_scaling_factor", float, 1.0, "RoPE scaling factor (> 1 stretches positions); None: the variant's",
+         _positive),
+]}
+
+
+# --- the spec of one variant -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Which attention a layer gets: a kind and its knob values. The model size (d_model, n_heads)
+    comes from the training config, so one spec works at the seed's size and at a laptop's; head
+    dims a spec leaves None are resolved from it (`resolved`)."""
+    name: str
+    family: str  # how the report groups variants: a key of FAMILIES
+    kind: str = "mha"  # a key of KINDS
+    # One field per knob, with the knob's type and default (KNOBS is their one home).
+    for _knob in KNOBS.values():
+        __annotations__[_knob.name] = _knob.type
+        vars()[_knob.name] = _knob.default
+    del _knob
+
+    @property
+    def is_latent(self) -> bool:
+        return self.kind == "mla"
+
+    def with_overrides(self, **changes) -> "AttentionSpec":
+        """A copy with some knobs changed (a sweep exploring points between the named variants)."""
+        if changes.get("rope_scaling_factor", 1.0) != 1.0 and self.rope_scaling is None:
+            changes.setdefault("rope_scaling", "linear")
+        return replace(self, **changes)
+
+    def resolved(self, d_model: int, n_heads: int) -> "AttentionSpec":
+        """Head dims left None filled in for this model size (the kind's rule)."""
+        return KINDS[self.kind].resolve(self, d_model // n_heads, n_heads)
+
+
+# --- kinds ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    label: str  # how errors and --help name it
+    module: str  # "package.module:Class", imported when a model is built
+    knobs: tuple  # names in KNOBS this kind reads; any other knob set on the command line is refused
+    reference: str  # the independent implementation its test (tests/test_attention.py) compares against
+    resolve: Callable  # (spec, head_dim, n_heads) -> spec with its None head dims filled in
+    head_dims: Callable  # resolved spec, head_dim -> (query/key dims, value dims) per query head
+    kv_cache_values: Callable  # (resolved spec, head_dim, n_heads) -> values one layer caches per token
+    refuse: Callable  # (resolved spec, head_dim, n_heads) -> why this combination is refused, or None
+
+
+def _mha_resolve(spec, head_dim, n_heads):
+    return spec if spec.n_kv_heads is not None else replace(spec, n_kv_heads=n_heads)
+
+
+def _mha_refuse(spec, head_dim, n_heads):
+    if head_dim % 2:
+        return f"head dim {head_dim} (d_model/n_heads) must be even for RoPE"
+    if n_heads % spec.n_kv_heads:
+        return f"--n_kv_heads={spec.n_kv_heads}: --n_heads={n_heads} must divide by it"
+    return None
+
+
+def _mla_resolve(spec, head_dim, n_heads):
+    return replace(spec, qk_rope_head_dim=spec.qk_rope_head_dim or head_dim, v_head_dim=spec.v_head_dim or head_dim)
+
+
+KINDS: dict[str, Kind] = {k.name: k for k in [
+    Kind("mha", "multi-head attention (MHA/GQA/MQA)", "attention.modules:MultiHeadAttention",
+         ("n_kv_heads", "qk_norm", "attention_bias", "rope_scaling", "rope_scaling_factor"),
+         "transformers LlamaAttention (num_key_value_heads); Qwen3Attention with qk_norm",
+         resolve=_mha_resolve,
+         head_dims=lambda spec, head_dim: (head_dim, head_dim),
+         # K and V of each key/value head
+         kv_cache_values=lambda spec, head_dim, n_heads: 2 * spec.n_kv_heads * head_dim,
+         refuse=_mha_refuse),
+    Kind("mla", "latent (MLA)", "attention.modules:MultiHeadLatentAttention",
+         ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
+          "attention_bias", "rope_scaling", "rope_scaling_factor"),
+         "transformers DeepseekV3Attention",
+         resolve=_mla_resolve,
+         head_dims=lambda spec, head_dim: (spec.qk_nope_head_dim + spec.qk_rope_head_dim, spec.v_head_dim),
+         # the compressed latent plus the one rotary key shared by all heads (DeepSeek-V2's cache)
+         kv_cache_values=lambda spec, head_dim, n_heads: spec.kv_lora_rank + spec.qk_rope_head_dim,
+         refuse=lambda spec, head_dim, n_heads: None),
+]}
+
+
+def kinds_with(knob: str) -> list[str]:
+    return [kind.name for kind in KINDS.values() if knob in kind.knobs]
+
+
+def knob_help(knob: str) -> str:
+    """The --help line of a knob: prefixed with the kinds that have it, unless every kind does."""
+    kinds = kinds_with(knob)
+    prefix = "" if len(kinds) == len(KINDS) else "/".join(k.upper() for k in kinds) + " only: "
+    return prefix + KNOBS[knob].help
+
+
+# --- families and variants -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Family:
+    label: str  # in the report's tables and legends
+    color: str  # its points and boxes in the figures
+    shades: str  # a matplotlib colormap for its members in line plots
+
+
+FAMILIES: dict[str, Family] = {
+    "baseline": Family("Baseline", "#d62728", "Reds"),
+    "lora": Family("LoRA", "#1f77b4", "Blues"),
+    "enhanced": Family("Enhanced", "#2ca02c", "Greens"),
+    "rope": Family("RoPE", "#ff7f0e", "Oranges"),
+    "bias": Family("Bias", "#9467bd", "Purples"),
+    "gqa": Family("GQA", "#8c564b", "copper"),
+    "qknorm": Family("QK-norm", "#e377c2", "RdPu"),
+}
+OTHER_FAMILY = Family("Other", "#7f7f7f", "Greys")
+
+
+def _mla(name, family, q, kv, rope, v, bias=False, factor=None):
+    return AttentionSpec(
+        name=name, family=family, kind="mla", q_lora_rank=q, kv_lora_rank=kv, qk_rope_head_dim=rope,
+        v_head_dim=v, attention_bias=bias,
+        rope_scaling="linear" if factor else None, rope_scaling_factor=factor or 1.0,
+    )
+
+
+# The seed's 13 (DESIGN.md section 3; columns: q_lora_rank, kv_lora_rank, qk_rope_head_dim,
+# v_head_dim, bias, factor), then the zoo. n_kv_heads of the GQA variants is for the seed's 8 heads
+# (Llama 2/3-style: 4 queries share a key/value head).
+VARIANTS: dict[str, AttentionSpec] = {spec.name: spec for spec in [
+    AttentionSpec(name="baseline", family="baseline"),
+    _mla("lora_small", "lora", 32, 64, 64, 64),
+    _mla("lora_medium", "lora", 64, 128, 64, 64),
+    _mla("lora_large", "lora", 128, 256, 64, 64),
+    _mla("lora_xl", "lora", 256, 512, 64, 64),
+    _mla("enhanced_small", "enhanced", 32, 64, 32, 48, bias=True, factor=1.5),
+    _mla("enhanced_medium", "enhanced", 64, 128, 64, 96, bias=True, factor=2.0),
+    _mla("enhanced_large", "enhanced", 128, 256, 128, 192, bias=True, factor=2.5),
+    _mla("enhanced_xl", "enhanced", 256, 512, 128, 192, bias=True, factor=3.0),
+    _mla("rope_only", "rope", None, 64, 64, 96, factor=2.0),
+    _mla("rope_small", "rope", None, 64, 32, 48, factor=1.5),
+    _mla("rope_large", "rope", None, 64, 128, 192, factor=2.5),
+    _mla("bias_only", "bias", None, 64, 64, 64, bias=True),
+    # the zoo
+    AttentionSpec(name="gqa", family="gqa", n_kv_heads=2),  # Llama-style grouped-query
+    AttentionSpec(name="mqa", family="gqa", n_kv_heads=1),  # multi-query: one key/value head
+    AttentionSpec(name="qknorm", family="qknorm", qk_norm=True),  # QK-norm alone
+    AttentionSpec(name="qknorm_gqa", family="qknorm", n_kv_heads=2, qk_norm=True),  # Qwen3-style
+]}
