@@ -475,25 +475,31 @@ class Run:
         _, peak_gb = memory_gb(device)
         self.summary.update({k: final[k] for k in ("val/loss", "val/accuracy", "val/perplexity")})
         self.summary["val/loss_min"] = min(row["val/loss"] for row in self.history if "val/loss" in row)
+        if cfg.eval_test:  # once, after training: nothing that chose this run's settings saw these blocks
+            self.summary.update(self.evaluate(model, batches, world, rank, device, split="test"))
         self.summary.update({"memory/peak_gb": peak_gb, "data/fingerprint": fingerprint})
         if device.type == "cuda":  # what the allocator held from the driver, beside what tensors used
             self.summary["memory/peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / GB
 
     @torch.no_grad()
-    def evaluate(self, model, batches, world, rank, device) -> dict:
+    def evaluate(self, model, batches, world, rank, device, split: str = "val") -> dict:
         """Mean next-token loss and accuracy over the first eval_batches validation batches
-        (the same for every run), each split over the processes like training batches."""
+        (the same for every run), or over every full test batch (split="test"), each split over
+        the processes like training batches."""
         model.eval()
         totals = torch.zeros(3, device=device)
-        for index in range(self.cfg.eval_batches):
-            local = batches.val_batch(index).chunk(world)[rank].to(device, non_blocking=True)
+        count, batch = ((self.cfg.eval_batches, batches.val_batch) if split == "val"
+                        else (batches.test_batches, batches.test_batch))
+        for index in range(count):
+            local = batch(index).chunk(world)[rank].to(device, non_blocking=True)
             inputs, targets = local[:, :-1], local[:, 1:]
             with self.accelerator.autocast():
                 ce, _, accuracy = model(inputs, targets)
             totals += torch.stack([ce.float(), accuracy.float(), torch.ones((), device=device)]) * targets.numel()
         loss_sum, correct, count = self.accelerator.reduce(totals, "sum").tolist()
         loss = loss_sum / count
-        return {"val/loss": loss, "val/accuracy": correct / count, "val/perplexity": math.exp(min(loss, 700))}
+        return {f"{split}/loss": loss, f"{split}/accuracy": correct / count,
+                f"{split}/perplexity": math.exp(min(loss, 700))}
 
     def save_checkpoint(self, step: int, fingerprint: str) -> None:
         """Model, optimizer, scheduler and RNG states (Accelerate) plus our progress, written to a

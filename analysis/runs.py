@@ -23,13 +23,18 @@ EVAL_KEYS = ("val/loss", "val/accuracy", "val/perplexity")
 # val/loss in a summary is the final evaluation's (the headline, as the seed reports it); the
 # lowest evaluation is val/loss_min.
 VAL_LOSS_MIN = "val/loss_min"
+# Only in the summary of a run with eval_test: one evaluation on the held-out test blocks, after training.
+TEST_LOSS = "test/loss"
 
 FAMILIES = ("baseline", "lora", "enhanced", "rope", "bias")
 # Config keys that are bookkeeping, not settings: they do not change what a run computes (or, for
 # attention and seed, are what every comparison is about), so they never tell configurations apart.
 BOOKKEEPING = {"attention", "family", "seed", "results_dir", "group", "project", "run_name", "cache_dir",
                "checkpoint_every", "resume", "dry_run", "compile", "trust_remote_code",
-               "processes"}  # how many GPUs shared each (global) batch; train.py adds it to the W&B config
+               "processes",  # how many GPUs shared each (global) batch; train.py adds it to the W&B config
+               # tuning's stage 2: variant_lr is attention + lr in one value (both are in the config),
+               # eval_test adds a test evaluation after training without changing it
+               "variant_lr", "eval_test"}
 # Records and W&B runs carry their family. Only the seed's JSON does not, so this map (DESIGN.md
 # section 3) is the fallback for it; an unknown name falls back to its prefix, else "other".
 VARIANT_FAMILIES = {
@@ -66,6 +71,8 @@ class Run:
     val_accuracy: float | None = None
     val_perplexity: float | None = None
     val_loss_min: float | None = None  # the lowest evaluation's; val_loss is the final one
+    test_loss: float | None = None  # the held-out test set's, only from runs with eval_test (tuning's stage 2)
+    test_accuracy: float | None = None
     params_total: int | None = None
     params_attention: int | None = None
     flops_per_token: float | None = None
@@ -176,6 +183,8 @@ def _run_from_parts(*, name, variant, family, seed, status, error, run_id, group
         run_id=run_id, group=group, config=config,
         val_loss=final("val/loss"), val_accuracy=final("val/accuracy"),
         val_perplexity=final("val/perplexity"), val_loss_min=val_loss_min,
+        test_loss=_number(summary.get(TEST_LOSS)) if status == "finished" else None,
+        test_accuracy=_number(summary.get("test/accuracy")) if status == "finished" else None,
         params_total=_number(summary.get("params/total")),
         params_attention=_number(summary.get("params/attention")),
         flops_per_token=_number(summary.get("flops/per_token")),
