@@ -257,7 +257,7 @@ OPTION_HELP = {
         "aux_loss_weight": "weight of the MoE load-balancing loss",
         "eval_every": "evaluate on the validation set every N steps (and after the last)",
         "eval_batches": "validation batches per evaluation (the same for every run)",
-        "eval_test": "after the last step, evaluate once on every test block (test/loss); tuning's stage 2 only",
+        "eval_test": "after the last step, evaluate once on eval_batches test batches (test/loss); tuning's stage 2",
         "variant_lr": "'variant@lr', e.g. rope_small@0.003: sets attention and lr together (tuning's stage 2)",
     },
     "data": {

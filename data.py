@@ -219,18 +219,13 @@ class Batches:
     def test_batch(self, index: int) -> torch.Tensor:
         return self.blocks[self.test_ids[index * self.batch_size:(index + 1) * self.batch_size]]
 
-    @property
-    def test_batches(self) -> int:
-        """Full batches in the test set: a test evaluation reads all of them."""
-        return len(self.test_ids) // self.batch_size
-
 
 def make_batches(tokens: np.ndarray, cfg: TrainConfig) -> Batches:
     block = cfg.seq_len + 1
     n_blocks = len(tokens) // block
     n_val = max(cfg.eval_batches * cfg.batch_size, int(n_blocks * cfg.val_fraction))
-    # at least one full batch, so a test evaluation always has something to read
-    n_test = max(cfg.batch_size, int(n_blocks * cfg.test_fraction)) if cfg.test_fraction else 0
+    # as large as the validation set, so a test evaluation reads as many batches as a validation one
+    n_test = max(cfg.eval_batches * cfg.batch_size, int(n_blocks * cfg.test_fraction)) if cfg.test_fraction else 0
     if n_blocks - n_val - n_test < cfg.batch_size:
         raise ConfigError(
             f"--dataset={cfg.dataset}: {len(tokens):,} tokens make {n_blocks} blocks of seq_len+1={block}, "

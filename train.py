@@ -483,14 +483,13 @@ class Run:
 
     @torch.no_grad()
     def evaluate(self, model, batches, world, rank, device, split: str = "val") -> dict:
-        """Mean next-token loss and accuracy over the first eval_batches validation batches
-        (the same for every run), or over every full test batch (split="test"), each split over
-        the processes like training batches."""
+        """Mean next-token loss and accuracy over the first eval_batches validation (or test)
+        batches, the same for every run, each split over the processes like training batches.
+        (Every test block instead: 80-145 s a run at seq_len 32 on the embedded corpus, 2 cores.)"""
         model.eval()
         totals = torch.zeros(3, device=device)
-        count, batch = ((self.cfg.eval_batches, batches.val_batch) if split == "val"
-                        else (batches.test_batches, batches.test_batch))
-        for index in range(count):
+        batch = batches.val_batch if split == "val" else batches.test_batch
+        for index in range(self.cfg.eval_batches):
             local = batch(index).chunk(world)[rank].to(device, non_blocking=True)
             inputs, targets = local[:, :-1], local[:, 1:]
             with self.accelerator.autocast():

@@ -45,7 +45,7 @@ CURVES_PNG = "lr_curves.png"
 STAGE1_VARIES = ("attention", "lr", "seed")
 # Config keys that say where or how a run was kept, not what it computed: never copied into stage 2.
 NOT_COPIED = {"attention", "lr", "seed", "variant_lr", "eval_test", "results_dir", "group", "project",
-              "cache_dir", "checkpoint_every", "resume", "dry_run", "processes", "vocab_size"}
+              "checkpoint_every", "resume", "dry_run", "processes", "vocab_size"}
 
 
 @dataclass
