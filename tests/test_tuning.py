@@ -21,7 +21,8 @@ from data import load_tokens, make_batches
 from localsweep.common import import_engine
 from localsweep.validate import bad_values, check_engine, check_schema, grid_size_and_runs
 from test_analysis import FakeWandbRun, make_record, write_records
-from train_helpers import ROOT, TINY, offline_env, read_record, run_train, small_corpus, tiny_args
+from train_helpers import (ROOT, TINY, offline_env, offline_run_contents, read_record, run_train, small_corpus,
+                           tiny_args)
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +86,8 @@ def test_a_real_run_never_trains_on_a_test_block_and_scores_the_test_set_once(tm
     assert trained <= train_rows and len(trained) >= len(train_rows) - 3
     assert math.isclose(summary["test/perplexity"], math.exp(summary["test/loss"]), rel_tol=1e-9)
     assert 0 <= summary["test/accuracy"] <= 1 and summary["test/loss"] != summary["val/loss"]
+    (wandb_run,) = (tmp_path / "results" / "wandb").glob("offline-run-*")
+    assert offline_run_contents(wandb_run)["summary"]["test/loss"] == summary["test/loss"]  # W&B has it too
     # without eval_test there is no test score at all
     plain = run_train(tiny_args(tmp_path, corpus, group="plain"))
     assert plain.returncode == 0
@@ -271,8 +274,9 @@ def test_both_commands_read_stage_runs_from_wandb(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(wandb, "Api", lambda *a, **k: api)
     out = tmp_path / "stage2.yaml"
     assert tuning.main(["stage2", "--sweep", "ent/proj/s1", "--out", str(out)]) == 0
-    assert yaml.safe_load(out.read_text())["parameters"]["variant_lr"]["values"] == [
-        "baseline@0.003", "rope_small@0.001", "rope_small@0.003"]
+    stage2 = yaml.safe_load(out.read_text())["parameters"]
+    assert stage2["variant_lr"]["values"] == ["baseline@0.003", "rope_small@0.001", "rope_small@0.003"]
+    assert stage2["seed"] == {"values": [2, 3, 4]}  # 3 fresh seeds by default
     assert tuning.main(["report", "--stage1", "ent/proj/s1", "--stage2", "ent/proj/s2",
                         "--out", str(tmp_path / "report")]) == 0
     check_report((tmp_path / "report" / tuning.TUNING_REPORT).read_text())
@@ -291,6 +295,14 @@ def test_the_audit_takes_the_per_variant_lr_of_stage2_as_the_protocol():
 
 
 # --- both stages through local_sweep ------------------------------------------------------------
+
+def test_local_sweep_refuses_fewer_than_two_fresh_seeds(capsys):
+    from localsweep.cli import parse_args
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["sweeps/tune_smoke.yaml", "--then-stage2", "--stage2-seeds", "1"])
+    assert exit_.value.code == 2 and "--stage2-seeds=1" in capsys.readouterr().err
+
 
 def test_local_sweep_runs_both_stages_and_writes_the_tuning_report(tmp_path, corpus):
     import subprocess
