@@ -83,6 +83,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     eval_every: int = 10
     eval_batches: int = 10
+    eval_test: bool = False  # evaluate on the test set once, after the last step (stage 2 only)
+    # stage 2 of the tuning protocol: "variant@lr" sets attention and lr together (analysis/tuning.py)
+    variant_lr: str | None = None
     # data
     dataset: str = DEFAULT_CORPUS  # a .txt/.txt.gz file, a local dataset directory, or a hub name
     dataset_config: str | None = None
@@ -93,6 +96,7 @@ class TrainConfig:
     tokenizer: str = DEFAULT_TOKENIZER  # a tokenizer.json file, or a hub tokenizer name
     trust_remote_code: bool = False
     val_fraction: float = 0.05
+    test_fraction: float = 0.05  # held out from training for the final comparison; 0: no test set
     cache_dir: str = str(ROOT / ".cache")
     # runtime
     mixed_precision: str = "auto"  # auto: accelerate launch's choice, else bf16 on CUDA, fp32 on CPU
@@ -155,6 +159,11 @@ class TrainConfig:
                 raise ConfigError(f"--{name}={getattr(self, name)}: must be between 0 and 1")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"--val_fraction={self.val_fraction}: must be between 0 and 1 (exclusive)")
+        if not 0 <= self.test_fraction < 1 or self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(f"--test_fraction={self.test_fraction}: must be 0 or more, and below 1 together "
+                              f"with --val_fraction={self.val_fraction}")
+        if self.eval_test and not self.test_fraction:
+            raise ConfigError("--eval_test=True needs a test set: --test_fraction must be greater than 0")
         if self.d_model % self.n_heads:
             raise ConfigError(f"--d_model={self.d_model} is not divisible by --n_heads={self.n_heads}")
         if self.top_k > self.n_experts:
@@ -236,6 +245,8 @@ OPTION_HELP = {
         "aux_loss_weight": "weight of the MoE load-balancing loss",
         "eval_every": "evaluate on the validation set every N steps (and after the last)",
         "eval_batches": "validation batches per evaluation (the same for every run)",
+        "eval_test": "after the last step, evaluate once on eval_batches test batches (test/loss); tuning's stage 2",
+        "variant_lr": "'variant@lr', e.g. rope_small@0.003: sets attention and lr together (tuning's stage 2)",
     },
     "data": {
         "dataset": "a .txt/.txt.gz file, a local dataset directory, or a hub dataset name (streamed)",
@@ -247,6 +258,7 @@ OPTION_HELP = {
         "tokenizer": "a tokenizer.json file or a hub tokenizer name",
         "trust_remote_code": "hub tokenizers only: run the tokenizer's own Python code (off by default)",
         "val_fraction": "fraction of the token blocks held out for validation (0 to 1)",
+        "test_fraction": "fraction held out as the test set, never trained on (0: none; seed-independent)",
         "cache_dir": "where tokenized data is cached",
     },
     "run": {
@@ -385,12 +397,30 @@ def parse_args(argv: list[str]) -> dict:
     return values
 
 
+def split_variant_lr(text: str) -> tuple[str, float]:
+    """'rope_small@0.003' -> ("rope_small", 0.003): one sweep value that ties a variant to its own
+    learning rate, which a W&B grid over two independent parameters cannot express."""
+    variant, at, lr = str(text).partition("@")
+    try:
+        rate = float(lr)
+    except ValueError:
+        rate = math.nan
+    if not at or not variant or not math.isfinite(rate) or rate <= 0:
+        raise ConfigError(f"--variant_lr={text}: expected VARIANT@LR, e.g. rope_small@0.003")
+    return variant, rate
+
+
 def config_from_values(values: dict) -> TrainConfig:
     """A validated config from {name: value}; values may be strings or already typed (a sweep)."""
     for name in values:
         if name not in FIELD_TYPES:
             raise unknown_option(name)
     typed = {name: parse_value(name, value) for name, value in values.items()}
+    if typed.get("variant_lr") is not None:
+        for name, value in zip(("attention", "lr"), split_variant_lr(typed["variant_lr"])):
+            if typed.get(name, value) != value:
+                raise ConfigError(f"--variant_lr={typed['variant_lr']} disagrees with --{name}={typed[name]}")
+            typed[name] = value
     recipe = typed.get("recipe", TrainConfig.recipe)
     if recipe not in RECIPES:
         raise ConfigError(f"--recipe={recipe}: allowed: {', '.join(RECIPES)}")

@@ -4,8 +4,10 @@ One loading path for every source (`datasets`): a .txt/.txt.gz file (the embedde
 `load_dataset("text", ...)`, a local dataset directory, or a hub dataset streamed by name. The
 token stream is cached on disk, keyed by everything that changes it, so a 13-run sweep tokenizes
 once. The stream is cut into non-overlapping blocks of seq_len + 1 tokens; a fixed, seed-free
-random subset of blocks is the validation set, so it is disjoint from training and the same for
-every run.
+random permutation of the blocks gives the validation set (its head), then the test set (the next
+blocks), and training (the rest): three disjoint sets, the first two the same for every run.
+Training never reads a test block; only a run with --eval_test=True evaluates on them, once, at
+the end (stage 2 of the tuning protocol, analysis/tuning.py).
 """
 import hashlib
 import json
@@ -19,7 +21,7 @@ import torch
 from config import ConfigError, TrainConfig
 from record import one_line
 
-VALIDATION_SPLIT_SEED = 20260101  # fixed: the validation set must not depend on the run's seed
+VALIDATION_SPLIT_SEED = 20260101  # fixed: the validation and test sets must not depend on the run's seed
 CACHE_FORMAT = 1  # bump when the tokenization code changes what it produces
 
 
@@ -184,10 +186,11 @@ def load_tokens(cfg: TrainConfig) -> tuple[np.ndarray, int]:
 
 @dataclass
 class Batches:
-    """Training and validation blocks, and the deterministic order in which training uses them."""
+    """Training, validation and test blocks, and the deterministic order in which training uses them."""
     blocks: torch.Tensor  # (n_blocks, seq_len + 1), int64
     train_ids: torch.Tensor  # block indices for training
     val_ids: torch.Tensor  # block indices for validation
+    test_ids: torch.Tensor  # block indices held out for the final comparison (never trained on)
     batch_size: int
     seed: int
     _orders: dict = field(default_factory=dict, repr=False)  # {epoch: shuffled ids}, the current one
@@ -210,16 +213,22 @@ class Batches:
     def val_batch(self, index: int) -> torch.Tensor:
         return self.blocks[self.val_ids[index * self.batch_size:(index + 1) * self.batch_size]]
 
+    def test_batch(self, index: int) -> torch.Tensor:
+        return self.blocks[self.test_ids[index * self.batch_size:(index + 1) * self.batch_size]]
+
 
 def make_batches(tokens: np.ndarray, cfg: TrainConfig) -> Batches:
     block = cfg.seq_len + 1
     n_blocks = len(tokens) // block
     n_val = max(cfg.eval_batches * cfg.batch_size, int(n_blocks * cfg.val_fraction))
-    if n_blocks - n_val < cfg.batch_size:
+    # as large as the validation set, so a test evaluation reads as many batches as a validation one
+    n_test = max(cfg.eval_batches * cfg.batch_size, int(n_blocks * cfg.test_fraction)) if cfg.test_fraction else 0
+    if n_blocks - n_val - n_test < cfg.batch_size:
         raise ConfigError(
             f"--dataset={cfg.dataset}: {len(tokens):,} tokens make {n_blocks} blocks of seq_len+1={block}, "
-            f"too few for {n_val} validation blocks plus one training batch of {cfg.batch_size}")
+            f"too few for {n_val} validation and {n_test} test blocks plus one training batch of {cfg.batch_size}")
     blocks = torch.from_numpy(np.asarray(tokens[:n_blocks * block], dtype=np.int64).reshape(n_blocks, block))
     order = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(VALIDATION_SPLIT_SEED))
-    return Batches(blocks=blocks, train_ids=order[n_val:].sort().values, val_ids=order[:n_val].sort().values,
+    return Batches(blocks=blocks, train_ids=order[n_val + n_test:].sort().values,
+                   val_ids=order[:n_val].sort().values, test_ids=order[n_val:n_val + n_test].sort().values,
                    batch_size=cfg.batch_size, seed=cfg.seed)

@@ -4,6 +4,7 @@
     python local_sweep.py sweeps/smoke.yaml
     python local_sweep.py my_random_search.yaml --count 20      (random and bayes need --count)
     python local_sweep.py sweeps/smoke.yaml --resume SWEEP_ID [--retry-failed]
+    python local_sweep.py sweeps/tune_smoke.yaml --then-stage2 [--stage2-seeds 3]   (tuning, both stages)
 
 What it does, in the order `wandb sweep` + `wandb agent` would:
   1. reads the YAML (safe_load) and checks it with W&B's own schema
@@ -33,6 +34,10 @@ far), logs/ and wandb/ (the offline W&B runs: upload them later with `wandb sync
 train.py writes its record to R/<group>/<attention>-s<seed>.json, next to the sweep's state.
 The report goes to --report-dir (default R/<sweep_id>/report/; the analysis reads records only,
 so the report's own JSON there is never mistaken for a run).
+
+With --then-stage2 the sweep is stage 1 of the tuning protocol (analysis/tuning.py): once it has run
+to its end, stage 2 is written to R/<sweep_id>/stage2.yaml, run as a sweep of its own, and the
+tuning report goes to R/<stage-2 id>/tuning_report/.
 
 Differences from `wandb agent`, on purpose: `${interpreter}` is this Python (sys.executable)
 rather than whatever `python` is first on PATH, and this interpreter's bin directory is put first

@@ -40,6 +40,10 @@ EVAL_KEYS = ("val/loss", "val/accuracy", "val/perplexity")
 # headline, as the seed reports it); the lowest evaluation is val/loss_min.
 VAL_LOSS, VAL_ACCURACY, VAL_PERPLEXITY = EVAL_KEYS
 VAL_LOSS_MIN = "val/loss_min"
+# Only in the summary of a run with --eval_test: one evaluation on the held-out test blocks, after
+# training (tuning never reads them).
+TEST_KEYS = ("test/loss", "test/accuracy", "test/perplexity")
+TEST_LOSS, TEST_ACCURACY, TEST_PERPLEXITY = TEST_KEYS
 PARAMS_TOTAL, PARAMS_ATTENTION, FLOPS_PER_TOKEN = "params/total", "params/attention", "flops/per_token"
 KV_CACHE_BYTES_PER_TOKEN = "kv_cache/bytes_per_token"  # at 2 bytes a value, over all layers
 INIT_FINGERPRINT, DATA_FINGERPRINT = "init/shared_fingerprint", "data/fingerprint"

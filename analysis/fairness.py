@@ -7,7 +7,9 @@ Two checks over the successful runs (the ones the tables compare):
 2. Runs may differ in what attention they use and in their seed, nothing else: any other
    setting (steps, batch size, lr, model dims, data, tokenizer, ...) that differs is flagged --
    unless it was swept: every variant ran the same two or more values of it (a grid over lr). Each
-   value is then its own configuration, compared only with the baseline of the same value.
+   value is then its own configuration, compared only with the baseline of the same value --
+   or the runs are stage 2 of the tuning protocol (all carry variant_lr): each variant's lr is
+   its tuned one by design (analysis/tuning.py).
 3. The tables compare time and memory too, so the runs must have been measured alike: the same
    number of processes and the same device (GPU model, or cpu). Runs that do not record them
    (older records, the seed's JSON) are left out of this check.
@@ -109,7 +111,8 @@ def audit(runs: list[Run]) -> Audit:
         if swept:
             result.checks.append(("swept settings", "one configuration per value",
                                   "; ".join(f"{k}: {', '.join(v)}" for k, v in swept.items())))
-        keys = sorted({k for r in configured for k in r.config} - NOT_COMPARED - set(swept))
+        protocol = _per_variant_lr(configured, result)
+        keys = sorted({k for r in configured for k in r.config} - NOT_COMPARED - set(swept) - protocol)
         for key in keys:
             values = {r.name: json.dumps(r.config[key], sort_keys=True) for r in configured if key in r.config}
             if len(set(values.values())) > 1:
@@ -124,6 +127,21 @@ def audit(runs: list[Run]) -> Audit:
     elif result.notes:
         result.verdict = "not auditable"
     return result
+
+
+def _per_variant_lr(configured: list[Run], result: Audit) -> set:
+    """Stage 2 of the tuning protocol (every run has variant_lr): each variant runs at its own tuned
+    lr, and at the shared one, by design; the lr is then not a difference to flag. Returns the
+    settings this excuses."""
+    if not all(r.config.get("variant_lr") for r in configured):
+        return set()
+    lrs: dict = {}
+    for run in configured:
+        if isinstance(run.config.get("lr"), (int, float)):
+            lrs.setdefault(run.variant, set()).add(run.config["lr"])
+    detail = "; ".join(f"{v}: {', '.join(f'{lr:.3g}' for lr in sorted(values))}" for v, values in sorted(lrs.items()))
+    result.checks.append(("per-variant lr", "tuning protocol (stage 2)", detail))
+    return {"lr"}
 
 
 def _check_hardware(compared: list[Run], result: Audit) -> None:

@@ -21,7 +21,10 @@ FAMILIES = tuple(FAMILY_REGISTRY)  # attention/registry.py, in its order
 # attention and seed, are what every comparison is about), so they never tell configurations apart.
 BOOKKEEPING = {"attention", "family", "seed", "results_dir", "group", "project", "run_name", "cache_dir",
                "checkpoint_every", "checkpoint_artifact", "resume", "dry_run", "compile", "trust_remote_code",
-               "processes"}  # how many GPUs shared each (global) batch; train.py adds it to the W&B config
+               "processes",  # how many GPUs shared each (global) batch; train.py adds it to the W&B config
+               # tuning's stage 2: variant_lr is attention + lr in one value (both are in the config),
+               # eval_test adds a test evaluation after training without changing it
+               "variant_lr", "eval_test"}
 # The attention knobs (attention/registry.py): what is compared, like the attention itself.
 ATTENTION_KNOBS = frozenset(KNOBS)
 # Records and W&B runs carry their family. Only the seed's JSON does not, so the registry's map is
@@ -53,6 +56,8 @@ class Run:
     val_accuracy: float | None = None
     val_perplexity: float | None = None
     val_loss_min: float | None = None  # the lowest evaluation's; val_loss is the final one
+    test_loss: float | None = None  # the held-out test set's, only from runs with eval_test (tuning's stage 2)
+    test_accuracy: float | None = None
     params_total: int | None = None
     params_attention: int | None = None
     flops_per_token: float | None = None
@@ -156,6 +161,8 @@ def _run_from_parts(*, name, variant, family, seed, status, error, run_id, group
         params_total=number(summary.get(record.PARAMS_TOTAL)),
         params_attention=number(summary.get(record.PARAMS_ATTENTION)),
         flops_per_token=number(summary.get(record.FLOPS_PER_TOKEN)),
+        test_loss=number(summary.get(record.TEST_LOSS)) if status == "finished" else None,
+        test_accuracy=number(summary.get(record.TEST_ACCURACY)) if status == "finished" else None,
         kv_cache_bytes_per_token=number(summary.get(record.KV_CACHE_BYTES_PER_TOKEN)),
         time_s=number(summary.get(record.TIME_TOTAL)),
         ended_at=number(summary.get(record.TIME_ENDED_AT)),

@@ -41,6 +41,10 @@ def parse_args(argv):
                         "diverged runs")
     parser.add_argument("--report-dir", help="where the report goes (default: <sweep dir>/report)")
     parser.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    parser.add_argument("--then-stage2", action="store_true", help="the sweep is stage 1 of the tuning protocol "
+                        "(variant x lr): afterwards write stage 2 (each variant at its best lr, fresh seeds, "
+                        "scored on test) to <sweep dir>/stage2.yaml, run it, and write the tuning report")
+    parser.add_argument("--stage2-seeds", type=int, default=3, help="with --then-stage2: fresh seeds in stage 2")
     args = parser.parse_args(argv)
     if args.sweep is None and args.resume is None:
         parser.error("give a sweep YAML (or --resume SWEEP_ID)")
@@ -48,6 +52,8 @@ def parse_args(argv):
         parser.error(f"--count={args.count}: must be at least 1")
     if args.retry_failed and not args.resume:
         parser.error("--retry-failed goes with --resume")
+    if args.then_stage2 and args.stage2_seeds < 2:
+        parser.error(f"--stage2-seeds={args.stage2_seeds}: a paired test needs at least 2")
     return args
 
 
@@ -129,13 +135,53 @@ def install_stop_handlers() -> None:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    code, sweep, runner = run_one(args)
+    if code != EXIT_OK or not args.then_stage2:
+        return code
+    return run_stage2(args, sweep, runner)
+
+
+def run_stage2(args, stage1: Sweep, runner: Runner) -> int:
+    """Stage 2 of the tuning protocol after stage 1 ran to its end: its YAML from stage 1's
+    records, then an ordinary sweep of it, then the tuning report beside its own."""
+    from analysis import tuning
+
+    records = sorted({runner.records_dir(e) for e in stage1.runs})
+    yaml_path = stage1.dir / tuning.STAGE2_NAME
+    try:
+        if len(records) != 1:
+            raise SweepError(f"stage 1's records are in {len(records)} directories; expected one")
+        tuning.write_stage2(str(records[0]), yaml_path, args.stage2_seeds, template=stage1.dir / "sweep.yaml")
+    except (tuning.SourceError, SweepError) as err:
+        print(f"error: cannot build stage 2: {one_line(err)}", file=sys.stderr)
+        return 1
+    print(f"\nstage 2: {yaml_path}", flush=True)
+    stage2_args = argparse.Namespace(**{**vars(args), "sweep": str(yaml_path), "resume": None, "count": None,
+                                        "report_dir": None, "then_stage2": False,
+                                        "results_dir": args.results_dir or stage1.state["results_dir"]})
+    code, sweep, runner2 = run_one(stage2_args)
+    if code != EXIT_OK:
+        return code
+    try:
+        path = tuning.write_report(tuning.load_source(str(records[0])),
+                                   tuning.load_source(str(runner2.records_dir(sweep.runs[0]))),
+                                   sweep.dir / "tuning_report", f"stage 1 {stage1.id}, stage 2 {sweep.id}")
+    except Exception as err:  # the runs stand; say what failed
+        print(f"warning: the tuning report failed ({type(err).__name__}: {one_line(err)[:300]})", file=sys.stderr)
+        return EXIT_OK
+    print(f"tuning report: {path}")
+    return EXIT_OK
+
+
+def run_one(args) -> tuple[int, Sweep | None, Runner | None]:
+    """Prepare (or resume) one sweep and run it; (exit code, the sweep, its runner)."""
     try:
         sweep, config, results_dir, redo, count, total = prepare(args)
     except SweepError as err:
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return EXIT_BAD_INPUT, None, None
     except KeyboardInterrupt:
-        return SIGNAL_EXIT[signal.SIGINT]
+        return SIGNAL_EXIT[signal.SIGINT], None, None
     install_stop_handlers()
     runner = Runner(sweep, config, results_dir, total, live=sys.stdout.isatty())
     done = sum(e["status"] == "finished" for e in sweep.runs)
@@ -155,11 +201,11 @@ def main(argv=None) -> int:
         sweep.save()
         print(f"\nsweep {sweep.id} stopped by {signal.Signals(stopped).name}; its state is in {sweep.dir / STATE_FILE}.")
         print(f"continue with: {continue_hint(sweep, results_dir)}", flush=True)
-        return SIGNAL_EXIT.get(stopped, 130)
+        return SIGNAL_EXIT.get(stopped, 130), sweep, runner
     sweep.state["complete"] = True
     sweep.save()
     summarize(sweep, runner, args)
-    return EXIT_OK
+    return EXIT_OK, sweep, runner
 
 
 if __name__ == "__main__":

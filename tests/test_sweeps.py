@@ -26,7 +26,8 @@ def fixed(config: dict) -> dict:
 
 
 def test_the_four_sweeps_are_there_and_nothing_else():
-    assert set(NAMES) == {"fast.yaml", "smoke.yaml", "seeds.yaml", "fast_multigpu.yaml", "zoo_smoke.yaml"}
+    assert set(NAMES) == {"fast.yaml", "smoke.yaml", "seeds.yaml", "fast_multigpu.yaml", "zoo_smoke.yaml",
+                          "tune.yaml", "tune_smoke.yaml"}
     assert sorted(p.name for p in (ROOT / "sweeps").iterdir()) == sorted(NAMES)  # no other file either
     # sweeps/ holds YAML only: a package named `sweeps` here would shadow W&B's engine
     assert not (ROOT / "sweeps" / "__init__.py").exists()
@@ -170,8 +171,22 @@ def test_multigpu_command_is_accelerate_launch_then_the_program():
 
 def test_learning_rate_values_are_floats():
     for name in NAMES:
-        lr = fixed(load(name)).get("lr")
-        assert isinstance(lr, float) and math.isfinite(lr) and lr > 0
+        spec = load(name)["parameters"]["lr"]
+        for lr in spec.get("values", [spec.get("value")]):  # the tuning sweeps list a grid of lrs
+            assert isinstance(lr, float) and math.isfinite(lr) and lr > 0
+
+
+@pytest.mark.parametrize("name", ["tune.yaml", "tune_smoke.yaml"])
+def test_the_tuning_sweeps_cross_variants_with_a_log_spaced_lr_grid_on_tuning_seeds(name):
+    """Stage 1 of the tuning protocol: variants x lrs x 2+ seeds, nothing else varied (stage 2 is
+    built from it; analysis/tuning.py refuses a stage 1 that varied anything else)."""
+    config = load(name)
+    varied = {k for k, v in config["parameters"].items() if "values" in v}
+    assert varied == {"attention", "lr", "seed"}
+    lrs = config["parameters"]["lr"]["values"]
+    ratios = [b / a for a, b in zip(lrs, lrs[1:])]
+    assert len(lrs) >= 3 and all(2.5 < r < 4 for r in ratios)  # ~3x apart: even steps in log space
+    assert len(config["parameters"]["seed"]["values"]) >= 2
 
 
 def test_two_multigpu_launches_on_one_machine_do_not_share_a_port():
