@@ -39,6 +39,9 @@ def parse_args(argv):
                         "diverged runs")
     parser.add_argument("--report-dir", help="where the report goes (default: <sweep dir>/report)")
     parser.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    parser.add_argument("--subprocess", action="store_true", help="start every run as a fresh process, as wandb "
+                        "agent does (default for train.py under the default command: fork each run after "
+                        "importing torch and wandb once)")
     args = parser.parse_args(argv)
     if args.sweep is None and args.resume is None:
         parser.error("give a sweep YAML (or --resume SWEEP_ID)")
@@ -135,7 +138,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return SIGNAL_EXIT[signal.SIGINT]
     install_stop_handlers()
-    runner = Runner(sweep, config, results_dir, total, live=sys.stdout.isatty())
+    runner = Runner(sweep, config, results_dir, total, live=sys.stdout.isatty(), fork=not args.subprocess)
     done = sum(e["status"] == "finished" for e in sweep.runs)
     verb = "resuming" if args.resume else "sweep"
     print(f"{verb} {sweep.id}: {sweep.state['sweep_file']} ({config['method']}, {runs_text(total)}"
