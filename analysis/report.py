@@ -116,7 +116,7 @@ def _seed_plan(runs: list[Run], out_dir: Path, min_effect: float, files: dict) -
         return tables.seeds_where_needed(runs, min_effect)
     files[seedplan.PLAN_YAML] = out_dir / seedplan.PLAN_YAML
     seedplan.write_plan(sweep, files[seedplan.PLAN_YAML])
-    return tables.seeds_where_needed(runs, min_effect, str(files[seedplan.PLAN_YAML]))
+    return tables.seeds_where_needed(runs, min_effect, seedplan.PLAN_YAML)
 
 
 def terminal_text(report: Report) -> str:

@@ -350,7 +350,7 @@ def seeds_where_needed(runs: list[Run], min_effect: float = stats.MIN_EFFECT,
     if hopeless:
         lines += ["", f"Not in the sweep (they need more than {stats.MAX_SEEDS} seeds): {', '.join(hopeless)}."]
     if plan_file:
-        lines += ["", f"`{plan_file}` adds the new seeds for these variants and the baseline; run it "
+        lines += ["", f"`{plan_file}` (next to this report) adds the new seeds for these variants and the baseline; run it "
                       "(`python local_sweep.py <it>`) and rerun this report over both sweeps' results."]
     return Section("seed_plan", title, lines, columns,
                    [[n.configuration, n.n_pairs, n.ci_low, n.ci_high, n.effect, n.seeds_needed] for n in needs])
