@@ -53,14 +53,27 @@ class ForkedRun:
     stdout (its output, stderr included), wait([timeout]) -> exit code (negative: killed by that
     signal)."""
 
-    def __init__(self, argv: list[str], env: dict):
+    def __init__(self, argv: list[str], env: dict, close_fds: tuple = ()):
+        """close_fds: this process's descriptors the run must not hold (the sweep's lock: a run
+        that outlived a killed sweep would keep it locked); Popen closes them all, a fork cannot,
+        since the imported modules' own descriptors must stay."""
         args = argv[3:]  # after /usr/bin/env, the interpreter and train.py: the run's --name=value args
         read_end, write_end = os.pipe()
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(read_end)
+            os.close(write_end)
+            raise
         if pid == 0:  # the run
             os.close(read_end)
+            for fd in close_fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
             _run_child(argv[2], args, env, write_end)  # never returns
         os.close(write_end)
         try:

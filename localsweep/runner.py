@@ -203,7 +203,8 @@ class Runner:
             try:
                 run_env = self.env(run_id, param_path, str(entry["args"].get("group") or sweep.id))
                 if self.fork:
-                    proc = ForkedRun(argv, run_env)
+                    lock = getattr(sweep, "_lock", None)
+                    proc = ForkedRun(argv, run_env, close_fds=(lock.fileno(),) if lock else ())
                 else:
                     proc = subprocess.Popen(argv, env=run_env, stdin=subprocess.DEVNULL,
                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, process_group=0)

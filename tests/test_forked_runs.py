@@ -63,7 +63,7 @@ def test_a_forked_run_gives_the_same_record_as_a_fresh_process(tmp_path):
 # Runs local_sweep's command line in a process where train.main is wrapped: it notes each run's pid,
 # then crashes (an exception train.py does not catch), kills itself, or trains, by variant.
 WRAPPER = textwrap.dedent('''
-    import os, signal, sys
+    import json, os, signal, sys
     from pathlib import Path
     sys.path.insert(0, {root!r})
     import train
@@ -71,7 +71,9 @@ WRAPPER = textwrap.dedent('''
 
     def main(args):
         attention = dict(a[2:].split("=", 1) for a in args if "=" in a)["attention"]
-        (Path({markers!r}) / attention).write_text(str(os.getpid()))
+        held = [os.readlink(f"/proc/self/fd/{{fd}}") for fd in os.listdir("/proc/self/fd")
+                if os.path.exists(f"/proc/self/fd/{{fd}}")]
+        (Path({markers!r}) / attention).write_text(json.dumps([os.getpid(), [p for p in held if p.endswith(".lock")]]))
         if attention == "rope_small":
             raise RuntimeError("injected crash")
         if attention == "bias_only":
@@ -107,8 +109,10 @@ def test_a_crash_or_kill_in_one_forked_run_leaves_the_others_finishing(tmp_path)
     assert runs["baseline-s0"]["metrics"]["val/loss"] > 0
     # each run was its own process, none of them the sweep's
     sweep_pid = int(done.stdout.split("sweep pid ")[1].split()[0])
-    pids = {int((markers / v).read_text()) for v in ("rope_small", "bias_only", "baseline")}
+    seen = [json.loads((markers / v).read_text()) for v in ("rope_small", "bias_only", "baseline")]
+    pids = {pid for pid, _ in seen}
     assert len(pids) == 3 and sweep_pid not in pids
+    assert all(locks == [] for _, locks in seen)  # no run holds the sweep's lock (a fresh process would not)
 
 
 def test_ctrl_c_stops_a_forked_run_cleanly(tmp_path):
