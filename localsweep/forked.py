@@ -25,7 +25,11 @@ from pathlib import Path
 from .macros import DEFAULT_COMMAND
 
 # What train.py imports, at module level or lazily inside a run: imported once, before any fork.
-PRELOAD = ("torch", "accelerate", "datasets", "tokenizers", "tqdm", "psutil", "wandb", "train")
+# The rest are what a forked run still imported on its own (878 modules, 2026-11-28): every torch
+# optimizer's __init__ imports torch._dynamo (and with it sympy: 5.3 s of a smoke run's start-up
+# at load 10 on 2 cores), accelerate torch.distributed, wandb.init its run, launch and API modules.
+PRELOAD = ("torch", "accelerate", "datasets", "tokenizers", "tqdm", "psutil", "wandb", "train", "data",
+           "torch._dynamo", "torch.distributed", "wandb.sdk.wandb_run", "wandb.sdk.launch", "wandb.apis.public")
 
 
 def can_fork(command, program: str) -> bool:
