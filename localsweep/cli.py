@@ -138,12 +138,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return SIGNAL_EXIT[signal.SIGINT]
     install_stop_handlers()
-    runner = Runner(sweep, config, results_dir, total, live=sys.stdout.isatty(), fork=not args.subprocess)
     done = sum(e["status"] == "finished" for e in sweep.runs)
     verb = "resuming" if args.resume else "sweep"
     print(f"{verb} {sweep.id}: {sweep.state['sweep_file']} ({config['method']}, {runs_text(total)}"
           f"{f', {done} finished already, {len(redo)} to re-run' if args.resume else ''}) -> {sweep.dir}", flush=True)
-    try:
+    try:  # the runner imports train.py's modules once (forked.py): seconds, so after the line above
+        runner = Runner(sweep, config, results_dir, total, live=sys.stdout.isatty(), fork=not args.subprocess)
         stopped = run_sweep(sweep, config, runner, count, redo)
     except KeyboardInterrupt:
         stopped = signal.SIGINT
