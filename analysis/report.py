@@ -72,6 +72,13 @@ def _markdown(source: str, runs: list[Run], sections: dict, figures: dict) -> st
     return "\n".join(parts)
 
 
+def refuse_overwriting(out_dir: Path, input_path: Path | None) -> None:
+    if input_path is not None and input_path.is_file() and \
+            (Path(out_dir) / RESULTS_JSON).resolve() == input_path.resolve():
+        raise SourceError(f"--out {out_dir}: writing {RESULTS_JSON} there would overwrite the input "
+                          f"{input_path}; choose another --out")
+
+
 def build(runs: list[Run], out_dir, source: str, input_path: Path | None = None,
           min_effect: float = stats.MIN_EFFECT) -> Report:
     """Compute every table and write every file. input_path: the file read, never overwritten.
@@ -79,10 +86,7 @@ def build(runs: list[Run], out_dir, source: str, input_path: Path | None = None,
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise SourceError(f"--out {out_dir}: exists and is not a directory")
-    if input_path is not None and input_path.is_file() and \
-            (out_dir / RESULTS_JSON).resolve() == input_path.resolve():
-        raise SourceError(f"--out {out_dir}: writing {RESULTS_JSON} there would overwrite the input "
-                          f"{input_path}; choose another --out")
+    refuse_overwriting(out_dir, input_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     sections = tables.build_sections(runs, audit(runs))
     files = {RESULTS_JSON: out_dir / RESULTS_JSON}
@@ -239,9 +243,8 @@ def main(argv=None) -> int:
         args = _parser().parse_args(argv)
         runs, source, project, group = _load(args)
         inputs = [Path(p) for p in args.results or []]
-        for path in inputs[1:]:  # build checks the first; the others must be safe from --out too
-            if path.is_file() and (Path(args.out) / RESULTS_JSON).resolve() == path.resolve():
-                raise SourceError(f"--out {args.out}: writing {RESULTS_JSON} there would overwrite the input {path}")
+        for path in inputs[1:]:  # build checks the first
+            refuse_overwriting(Path(args.out), path)
         report = build(runs, args.out, source, inputs[0] if inputs else None, args.min_effect)
     except SourceError as exc:
         print(f"error: {exc}", file=sys.stderr)

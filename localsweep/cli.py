@@ -40,8 +40,8 @@ def parse_args(argv):
     parser.add_argument("--report-dir", help="where the report goes (default: <sweep dir>/report)")
     parser.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     parser.add_argument("--subprocess", action="store_true", help="start every run as a fresh process, as wandb "
-                        "agent does (default for train.py under the default command: fork each run after "
-                        "importing torch and wandb once)")
+                        "agent does (otherwise train.py under the default command is forked from this process "
+                        "after importing torch and wandb once)")
     args = parser.parse_args(argv)
     if args.sweep is None and args.resume is None:
         parser.error("give a sweep YAML (or --resume SWEEP_ID)")

@@ -143,3 +143,14 @@ def test_bad_min_effect_is_one_error_line(tmp_path, capsys):
     write_records(tmp_path / "r", [make_record("baseline", 0, 7.8)])
     assert report.main(["--results", str(tmp_path / "r"), "--out", str(tmp_path / "o"), "--min-effect", "0"]) == 2
     assert capsys.readouterr().err.startswith("error: --min-effect")
+
+
+def test_no_results_given_is_overwritten_by_the_report(tmp_path, capsys):
+    write_records(tmp_path / "r", planted_records([0, 1, 2], "g", np.random.default_rng(3)))
+    assert report.main(["--results", str(tmp_path / "r"), "--out", str(tmp_path / "o")]) == 0
+    exported = tmp_path / "o" / report.RESULTS_JSON
+    before = exported.read_text()
+    capsys.readouterr()
+    assert report.main(["--results", str(tmp_path / "r"), "--results", str(exported), "--out", str(tmp_path / "o")]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert exported.read_text() == before
