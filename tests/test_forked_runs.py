@@ -138,3 +138,13 @@ def test_ctrl_c_stops_a_forked_run_cleanly(tmp_path):
     assert (entry["status"], entry["started_as"], entry["exit_code"]) == ("interrupted", "fork", 130)
     assert json.loads((sweep_dir / "baseline-s0.json").read_text())["status"] == "interrupted"
     assert list((sweep_dir / "checkpoints").iterdir())  # it saved a checkpoint to resume from
+
+
+def test_only_train_py_under_the_default_command_is_forked():
+    from localsweep.forked import can_fork
+
+    default = ["${env}", "${interpreter}", "${program}", "${args}"]
+    assert can_fork(None, str(ROOT / "train.py")) and can_fork(default, "train.py")
+    assert not can_fork(default, "fake_train.py")  # another program: a subprocess, as wandb agent
+    assert not can_fork(["${env}", "accelerate", "launch", "--num_processes=2", "${program}", "${args}"], "train.py")
+    assert not can_fork([*default, "--steps=5"], "train.py")  # any change to the command line
