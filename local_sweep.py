@@ -20,7 +20,9 @@ What it does, in the order `wandb sweep` + `wandb agent` would:
      WANDB_PROJECT and WANDB_DIR -- but no WANDB_SWEEP_ID: the server has never seen a local sweep
      id, and `wandb sync` of runs carrying one fails (wandb#8115) --, expands the YAML's `command:`
      macros the way wandb's agent does (default `${env} ${interpreter} ${program} ${args}`), runs it
-     with its output in `<sweep_dir>/logs/<run_name>-<run_id>.log`, and records finished / failed /
+     with its output in `<sweep_dir>/logs/<run_name>-<run_id>.log` (train.py under the default
+     command: forked from this process after importing torch and wandb once, localsweep/forked.py;
+     any other command, or --subprocess: a fresh subprocess), and records finished / failed /
      diverged / interrupted from the exit code and the run's record; with `early_terminate`, W&B's
      hyperband (`sweeps.stop_runs`) is asked every second over the runs' W&B histories (the running
      run's read from its offline .wandb file), and a run it stops gets SIGTERM and is `stopped`;

@@ -12,13 +12,14 @@ would overwrite the file it reads.
 """
 import argparse
 import json
+import math
 import re
 import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from analysis import plots, tables
+from analysis import plots, seedplan, stats, tables
 from analysis.fairness import audit
 from analysis.runs import Run, SourceError, load_path, load_wandb, to_seed_schema
 
@@ -33,7 +34,7 @@ COSTS_PNG = "costs.png"
 LAYOUT = [
     ("Results summary", ["success_rate", "top5", "statistics"]),
     ("Architecture insights", ["family_ranking", "parameter_efficiency", "memory_usage"]),
-    ("Is the difference real?", ["seed_statistics"]),
+    ("Is the difference real?", ["seed_statistics", "seed_plan"]),
     ("Fairness audit", ["fairness"]),
 ]
 
@@ -73,20 +74,27 @@ def _markdown(source: str, runs: list[Run], sections: dict, figures: dict) -> st
     return "\n".join(parts)
 
 
-def build(runs: list[Run], out_dir, source: str, input_path: Path | None = None) -> Report:
-    """Compute every table and write every file. input_path: the file read, never overwritten."""
+def refuse_overwriting(out_dir: Path, input_path: Path | None) -> None:
+    if input_path is not None and input_path.is_file() and \
+            (Path(out_dir) / RESULTS_JSON).resolve() == input_path.resolve():
+        raise SourceError(f"--out {out_dir}: writing {RESULTS_JSON} there would overwrite the input "
+                          f"{input_path}; choose another --out")
+
+
+def build(runs: list[Run], out_dir, source: str, input_path: Path | None = None,
+          min_effect: float = stats.MIN_EFFECT) -> Report:
+    """Compute every table and write every file. input_path: the file read, never overwritten.
+    min_effect: the smallest difference worth resolving, in nats (the seeds-where-needed plan)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise SourceError(f"--out {out_dir}: exists and is not a directory")
-    if input_path is not None and input_path.is_file() and \
-            (out_dir / RESULTS_JSON).resolve() == input_path.resolve():
-        raise SourceError(f"--out {out_dir}: writing {RESULTS_JSON} there would overwrite the input "
-                          f"{input_path}; choose another --out")
+    refuse_overwriting(out_dir, input_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     sections = tables.build_sections(runs, audit(runs))
+    files = {RESULTS_JSON: out_dir / RESULTS_JSON}
+    sections.append(_seed_plan(runs, out_dir, min_effect, files))
     by_key = {s.key: s for s in sections}
     title = f"Attention architecture search ({len(runs)} runs)"
-    files = {RESULTS_JSON: out_dir / RESULTS_JSON}
     files[RESULTS_JSON].write_text(json.dumps(to_seed_schema(runs), indent=2) + "\n")
     if any(r.succeeded for r in runs):
         files[COMPREHENSIVE_PNG] = plots.comprehensive_figure(runs, out_dir / COMPREHENSIVE_PNG, title)
@@ -99,6 +107,23 @@ def build(runs: list[Run], out_dir, source: str, input_path: Path | None = None)
     files[REPORT] = out_dir / REPORT
     files[REPORT].write_text(_markdown(source, runs, by_key, files))
     return Report(source, runs, sections, files)
+
+
+def _seed_plan(runs: list[Run], out_dir: Path, min_effect: float, files: dict) -> tables.Section:
+    """The seeds-where-needed section, and its sweep YAML in out_dir when some comparison needs seeds."""
+    comparisons = stats.compare_to_baseline(runs, tables.BASELINE)
+    needs = stats.seeds_where_needed(comparisons, stats.seed_noise(runs, comparisons), min_effect)
+    try:
+        sweep = seedplan.plan_sweep(runs, needs, min_effect)
+    except seedplan.PlanError as exc:
+        section = tables.seeds_where_needed(runs, min_effect)
+        section.lines += ["", f"No sweep written: {exc}."]
+        return section
+    if sweep is None:
+        return tables.seeds_where_needed(runs, min_effect)
+    files[seedplan.PLAN_YAML] = out_dir / seedplan.PLAN_YAML
+    seedplan.write_plan(sweep, files[seedplan.PLAN_YAML])
+    return tables.seeds_where_needed(runs, min_effect, seedplan.PLAN_YAML)
 
 
 def terminal_text(report: Report) -> str:
@@ -158,11 +183,16 @@ def _parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--sweep", metavar="ENTITY/PROJECT/SWEEP_ID", help="the runs of a W&B sweep")
     source.add_argument("--project", metavar="ENTITY/PROJECT", help="the runs of a W&B project (see --filters)")
-    source.add_argument("--results", metavar="PATH", help="a results directory of run records, or a seed-schema JSON")
+    source.add_argument("--results", metavar="PATH", action="append", help="a results directory of run records "
+                        "(searched below), or a seed-schema JSON; repeat it to pool several sweeps' records")
     parser.add_argument("--group", metavar="GROUP", help="with --project: the runs of that W&B group (a synced "
                         "local_sweep.py sweep's runs have its sweep id as their group)")
     parser.add_argument("--filters", metavar="JSON", help='W&B run filters for --project, e.g. \'{"group": "abc"}\'')
     parser.add_argument("--out", required=True, metavar="DIR", help="where the report and figures go")
+    parser.add_argument("--min-effect", type=float, default=stats.MIN_EFFECT, metavar="NATS",
+                        help=f"the smallest difference in val loss worth resolving (default {stats.MIN_EFFECT}): "
+                        "a comparison whose 95%% interval still holds one this large is unresolved, and the "
+                        "report writes a sweep YAML with more seeds for it")
     parser.add_argument("--log-to-wandb", action="store_true",
                         help="also log the tables, figures and files to a W&B run of job_type 'analysis'")
     return parser
@@ -174,11 +204,13 @@ def _load(args) -> tuple[list[Run], str, str, str | None]:
         raise SourceError("--filters: only used with --project")
     if args.group and not args.project:
         raise SourceError("--group: only used with --project")
+    if args.min_effect <= 0 or not math.isfinite(args.min_effect):
+        raise SourceError(f"--min-effect {args.min_effect}: must be a positive number of nats")
     if args.results:
-        runs = load_path(args.results)
+        runs = [run for path in args.results for run in load_path(path)]
         project = Counter(r.config.get("project") or "attnsweep" for r in runs).most_common(1)[0][0]
         groups = {r.group for r in runs if r.group}
-        return runs, args.results, project, groups.pop() if len(groups) == 1 else None
+        return runs, " + ".join(args.results), project, groups.pop() if len(groups) == 1 else None
     if args.sweep:
         parts = args.sweep.split("/")
         if len(parts) != 3 or not all(parts):
@@ -213,7 +245,10 @@ def main(argv=None) -> int:
     try:
         args = _parser().parse_args(argv)
         runs, source, project, group = _load(args)
-        report = build(runs, args.out, source, Path(args.results) if args.results else None)
+        inputs = [Path(p) for p in args.results or []]
+        for path in inputs[1:]:  # build checks the first
+            refuse_overwriting(Path(args.out), path)
+        report = build(runs, args.out, source, inputs[0] if inputs else None, args.min_effect)
     except SourceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -248,3 +248,69 @@ def seed_noise(runs: list[Run], comparisons: list[Comparison]) -> Noise | None:
     paired_std = (math.sqrt(sum((c.n_pairs - 1) * c.std_diff ** 2 for c in paired) / paired_df)
                   if paired_df else math.nan)
     return Noise(math.sqrt(sum_sq / df), df, count, paired_std)
+
+
+# --- seeds where they are needed ------------------------------------------------------------------
+
+# The smallest difference in final validation loss worth resolving, in nats (report option
+# --min-effect). 0.02 is below the seed report's gaps of ~0.03 and about half the seed-to-seed SD
+# of one variant's loss measured at smoke size (DESIGN.md: 0.040 with our recipe).
+MIN_EFFECT = 0.02
+SEED_REPORT_GAP = 0.03  # the gaps between variants the seed report ranks on, in nats
+
+
+def minimum_detectable_effect(std_diff: float, n: int, alpha: float = ALPHA, power: float = POWER) -> float:
+    """The smallest true paired difference (in the units of std_diff) a two-sided paired t-test
+    with n pairs detects with the given power: power grows with the effect, so bisect d_z."""
+    if n < 2 or not math.isfinite(std_diff):
+        return math.nan
+    low, high = 0.0, 1.0
+    while paired_power(high, n, alpha) < power:
+        high *= 2
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if paired_power(middle, n, alpha) < power else (low, middle)
+    return high * std_diff
+
+
+@dataclass
+class SeedNeed:
+    """A comparison the seeds so far leave open, and the seeds that would settle it."""
+    configuration: str
+    variant: str
+    n_pairs: int
+    ci_low: float
+    ci_high: float
+    effect: float  # the difference planned for: the observed one, at least the smallest of interest
+    seeds_needed: int | None  # paired seeds in all (not more than MAX_SEEDS + 1); None: no noise measured
+
+
+def is_unresolved(c: Comparison, min_effect: float) -> bool:
+    """Open: no better/worse verdict, and the 95% interval of the paired difference still holds
+    differences of min_effect or more (a comparison with n/a has no interval: open too). An
+    interval inside (-min_effect, min_effect) is resolved: whatever the difference is, it is too
+    small to matter."""
+    if c.verdict in ("better", "worse"):
+        return False
+    if not (math.isfinite(c.ci_low) and math.isfinite(c.ci_high)):
+        return True
+    return max(abs(c.ci_low), abs(c.ci_high)) >= min_effect
+
+
+def seeds_where_needed(comparisons: list[Comparison], noise: "Noise | None", min_effect: float = MIN_EFFECT,
+                       alpha: float = ALPHA, power: float = POWER) -> list[SeedNeed]:
+    """Each unresolved comparison with the paired seeds it needs for `power` against a true
+    difference of max(|observed|, min_effect), from the pooled SD of the paired differences (one
+    comparison's own SD over 3 seeds is too rough to plan with), at the strictest Holm step."""
+    family = max(1, sum(math.isfinite(c.p) for c in comparisons))
+    paired_std = noise.paired_std if noise is not None else math.nan
+    out = []
+    for c in comparisons:
+        if not is_unresolved(c, min_effect):
+            continue
+        effect = max(abs(c.mean_diff), min_effect) if math.isfinite(c.mean_diff) else min_effect
+        needed = None
+        if math.isfinite(paired_std) and paired_std > 0:
+            needed = max(seeds_to_resolve(effect / paired_std, alpha / family, power) or 2, c.n_pairs + 1)
+        out.append(SeedNeed(c.configuration, c.variant, c.n_pairs, c.ci_low, c.ci_high, effect, needed))
+    return out

@@ -316,6 +316,47 @@ def seed_statistics(runs: list[Run]) -> Section:
                     "diff_ci_high", "d_z", "p", "p_holm", "verdict", "seeds_to_resolve"], rows)
 
 
+def seeds_where_needed(runs: list[Run], min_effect: float = stats.MIN_EFFECT,
+                       plan_file: str | None = None) -> Section:
+    """The measured noise, the smallest effect these seeds can detect, and the comparisons still open
+    with the seeds each needs (plan_file: the sweep YAML that adds them)."""
+    title = "Seeds where they are needed"
+    comparisons = stats.compare_to_baseline(runs, BASELINE)
+    noise = stats.seed_noise(runs, comparisons)
+    if noise is None or not math.isfinite(noise.paired_std):
+        return Section("seed_plan", title, ["No variant has 2+ seeds paired with the baseline: the noise is "
+                                            "not measured yet; run at least 3 seeds (sweeps/seeds.yaml)."])
+    tested = [c.n_pairs for c in comparisons if math.isfinite(c.p)]
+    pairs = max(set(tested), key=tested.count) if tested else 2
+    mde = stats.minimum_detectable_effect(noise.paired_std, pairs)
+    gap = stats.SEED_REPORT_GAP
+    lines = [f"Measured seed-to-seed noise of the paired difference to baseline: SD **{noise.paired_std:.4f}** "
+             f"nats (pooled over the comparisons). With {pairs} seeds the smallest true difference a paired "
+             f"t-test detects with {stats.POWER:.0%} power at alpha {stats.ALPHA} is **{mde:.4f}** nats, "
+             + (f"so the seed report's gaps of {gap} nats are below what {pairs} seeds can resolve."
+                if mde > gap else f"so gaps of {gap} nats (the seed report's) are resolvable at this seed count."),
+             "",
+             f"Unresolved: no better/worse verdict, and the 95% interval of the difference still holds "
+             f"differences of {min_effect} nats or more (the smallest effect of interest, `--min-effect`). "
+             f"Seeds needed: paired seeds in all for {stats.POWER:.0%} power against the observed difference "
+             f"(at least {min_effect}), from the pooled noise, at the strictest Holm step.", ""]
+    needs = stats.seeds_where_needed(comparisons, noise, min_effect)
+    if not needs:
+        return Section("seed_plan", title, lines + ["Every comparison is resolved."])
+    columns = ["configuration", "seeds", "95% CI of Δ", "planned for |Δ|", "seeds needed"]
+    cells = [[n.configuration, n.n_pairs, f"[{fmt(n.ci_low, '+.4f')}, {fmt(n.ci_high, '+.4f')}]",
+              f"{n.effect:.4f}", _seeds_needed(n.seeds_needed)] for n in needs]
+    lines += markdown_table(columns, cells)
+    hopeless = [n.configuration for n in needs if n.seeds_needed is not None and n.seeds_needed > stats.MAX_SEEDS]
+    if hopeless:
+        lines += ["", f"Not in the sweep (they need more than {stats.MAX_SEEDS} seeds): {', '.join(hopeless)}."]
+    if plan_file:
+        lines += ["", f"`{plan_file}` (next to this report) adds the new seeds for these variants and the baseline; run it "
+                      "(`python local_sweep.py <it>`) and rerun this report over both sweeps' results."]
+    return Section("seed_plan", title, lines, columns,
+                   [[n.configuration, n.n_pairs, n.ci_low, n.ci_high, n.effect, n.seeds_needed] for n in needs])
+
+
 def fairness(audit: Audit) -> Section:
     lines = [f"**Fairness: {audit.verdict}**", ""]
     if audit.findings:

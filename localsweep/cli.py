@@ -45,6 +45,9 @@ def parse_args(argv):
                         "(variant x lr): afterwards write stage 2 (each variant at its best lr, fresh seeds, "
                         "scored on test) to <sweep dir>/stage2.yaml, run it, and write the tuning report")
     parser.add_argument("--stage2-seeds", type=int, default=3, help="with --then-stage2: fresh seeds in stage 2")
+    parser.add_argument("--subprocess", action="store_true", help="start every run as a fresh process, as wandb "
+                        "agent does (otherwise train.py under the default command is forked from this process "
+                        "after importing torch and wandb once)")
     args = parser.parse_args(argv)
     if args.sweep is None and args.resume is None:
         parser.error("give a sweep YAML (or --resume SWEEP_ID)")
@@ -183,12 +186,13 @@ def run_one(args) -> tuple[int, Sweep | None, Runner | None]:
     except KeyboardInterrupt:
         return SIGNAL_EXIT[signal.SIGINT], None, None
     install_stop_handlers()
-    runner = Runner(sweep, config, results_dir, total, live=sys.stdout.isatty())
     done = sum(e["status"] == "finished" for e in sweep.runs)
     verb = "resuming" if args.resume else "sweep"
     print(f"{verb} {sweep.id}: {sweep.state['sweep_file']} ({config['method']}, {runs_text(total)}"
           f"{f', {done} finished already, {len(redo)} to re-run' if args.resume else ''}) -> {sweep.dir}", flush=True)
-    try:
+    runner = None
+    try:  # the runner imports train.py's modules once (forked.py): seconds, so after the line above
+        runner = Runner(sweep, config, results_dir, total, live=sys.stdout.isatty(), fork=not args.subprocess)
         stopped = run_sweep(sweep, config, runner, count, redo)
     except KeyboardInterrupt:
         stopped = signal.SIGINT

@@ -14,6 +14,7 @@ import record
 from record import find_record, number, one_line
 
 from .common import Stop
+from .forked import ForkedRun, can_fork, preload
 from .macros import DEFAULT_COMMAND, expand_command, params_file_text, sweep_command_args
 from .state import Sweep
 from .table import swept_names, swept_text
@@ -118,10 +119,13 @@ def wait_for(proc: subprocess.Popen, run_name: str, should_stop=None, stop_file:
 
 
 class Runner:
-    def __init__(self, sweep: Sweep, config: dict, results_dir: Path, total: int | None, live: bool):
+    def __init__(self, sweep: Sweep, config: dict, results_dir: Path, total: int | None, live: bool,
+                 fork: bool = True):
         self.sweep, self.config, self.results_dir = sweep, config, results_dir
         self.total, self.live = total, live
         self.program = resolve_program(str(config.get("program", "")))
+        # train.py under the default command: fork each run after importing it once (forked.py)
+        self.fork = fork and can_fork(config.get("command"), self.program) and preload(self.program)
 
     def run_args(self, engine_params: dict) -> dict:
         """The engine's values plus where the record goes, unless the sweep sets that itself."""
@@ -177,6 +181,7 @@ class Runner:
         log = sweep.dir / "logs" / f"{name}-{run_id}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         entry.update({"status": "running", "log": str(log), "command": argv,
+                      "started_as": "fork" if self.fork else "subprocess",
                       "attempts": entry.get("attempts", 0) + 1, "exit_code": None, "error": None})
         sweep.save()
         values = swept_text(entry, swept_names(self.config))
@@ -189,8 +194,12 @@ class Runner:
             log_file.flush()
             try:
                 run_env = self.env(run_id, param_path, str(entry["args"].get("group") or sweep.id), stop_file)
-                proc = subprocess.Popen(argv, env=run_env, stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, process_group=0)
+                if self.fork:
+                    lock = getattr(sweep, "_lock", None)
+                    proc = ForkedRun(argv, run_env, close_fds=(lock.fileno(),) if lock else ())
+                else:
+                    proc = subprocess.Popen(argv, env=run_env, stdin=subprocess.DEVNULL,
+                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, process_group=0)
             except OSError as err:
                 rc, reason = None, f"cannot start {argv[0]!r}: {err.strerror or err}"
                 log_file.write(f"error: {reason}\n".encode())
