@@ -24,7 +24,8 @@ BOOKKEEPING = {"attention", "family", "seed", "results_dir", "group", "project",
                "processes",  # how many GPUs shared each (global) batch; train.py adds it to the W&B config
                # tuning's stage 2: variant_lr is attention + lr in one value (both are in the config),
                # eval_test adds a test evaluation after training without changing it
-               "variant_lr", "eval_test"}
+               "variant_lr", "eval_test",
+               "probes"}  # measures at evaluations only: training is the same with it on or off
 # The attention knobs (attention/registry.py): what is compared, like the attention itself.
 ATTENTION_KNOBS = frozenset(KNOBS)
 # Records and W&B runs carry their family. Only the seed's JSON does not, so the registry's map is
