@@ -1,6 +1,7 @@
 """The mechanism probes (probes.py, --probes=True) against hand-computed numbers and independent
 references, and end to end: probes on leave training unchanged, run only inside evaluation, and
 reach the record, the offline W&B run and the report's figure."""
+import dataclasses
 import math
 
 import pytest
@@ -257,3 +258,20 @@ def test_probes_change_no_training_step_run_only_in_evaluate_and_are_recorded(tm
     assert len(logged_probes) == TINY["steps"] // TINY["eval_every"]
     assert expected <= logged_probes[-1].keys()
     assert logged["summary"][record.PROBE_ATTN_ENTROPY] == pytest.approx(final[record.PROBE_ATTN_ENTROPY])
+
+    # the analysis reads them from the record and from W&B alike, and the report plots them
+    from analysis import report
+    from analysis.runs import run_from_record, run_from_wandb
+    from test_analysis import FakeWandbRun
+    probed = run_from_record(on)
+    assert probed.probes == {k: v for k, v in on["summary"].items() if k.startswith(record.PROBE_PREFIX)}
+    assert run_from_wandb(FakeWandbRun(on, "finished")).probes == probed.probes
+    assert run_from_record(off).probes == {}
+    other_seed = dataclasses.replace(probed, seed=1, name="lora_small-s1",
+                                     probes={k: v + 0.1 for k, v in probed.probes.items()})
+    written = report.build([probed, other_seed, run_from_record(off)], tmp_path / "report", "test")
+    figure = written.files[report.PROBES_PNG]
+    assert figure.stat().st_size > 10_000 and figure.read_bytes()[:4] == b"\x89PNG"
+    assert f"]({report.PROBES_PNG})" in written.path.read_text()
+    without = report.build([run_from_record(off)], tmp_path / "report_off", "test")
+    assert report.PROBES_PNG not in without.files and not (tmp_path / "report_off" / report.PROBES_PNG).exists()
