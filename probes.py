@@ -86,7 +86,10 @@ class Probes:
 
     def _add(self, name: str, layer: int, value: torch.Tensor) -> None:
         value = value.detach().double()
-        total = self.totals.setdefault((name, layer), [torch.zeros_like(value), 0])
+        if (name, layer) not in self.totals:
+            self.totals[name, layer] = [value, 1]
+            return
+        total = self.totals[name, layer]
         total[0] = torch.maximum(total[0], value) if name in MAXIMA else total[0] + value
         total[1] += 1
 

@@ -275,3 +275,14 @@ def test_probes_change_no_training_step_run_only_in_evaluate_and_are_recorded(tm
     assert f"]({report.PROBES_PNG})" in written.path.read_text()
     without = report.build([run_from_record(off)], tmp_path / "report_off", "test")
     assert report.PROBES_PNG not in without.files and not (tmp_path / "report_off" / report.PROBES_PNG).exists()
+
+
+def test_maxima_are_over_batches_and_means_over_batches_even_when_negative():
+    """Two evaluation batches' values: maxima take the larger (also below zero), means the mean."""
+    measured = Probes(tiny_model(n_layers=1))
+    for logit_max, entropy in ((-3.0, 1.0), (-2.0, 2.0)):
+        measured._add(record.PROBE_ATTN_LOGIT_MAX, 0, torch.tensor(logit_max))
+        measured._add(record.PROBE_ATTN_ENTROPY, 0, torch.tensor(entropy))
+    names, values = measured.tensor()
+    got = dict(zip(names, values.tolist()))
+    assert got == {"probe/attn_logit_max/layer0": -2.0, "probe/attn_entropy/layer0": 1.5}
