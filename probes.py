@@ -9,7 +9,9 @@ Per layer, on each evaluation batch:
         attn_entropy    mean over heads and queries of each query's attention entropy (nats)
         attn_sink       mean share of attention on the first token (the attention sink)
         attn_logit_max  the largest scaled attention logit
-      (both means over queries after the first: the first query can attend only to itself)
+      (both means over queries after the first: the first query can attend only to itself; a kind
+      whose softmax spans more than the keys, e.g. learned sinks, also defines
+      `attention_probabilities(x)`, (B, H, T, T) weights on the keys, used instead of the softmax)
     the residual stream after the block:
         act_max         the largest |activation|
         act_kurtosis    the kurtosis over d_model of each token's vector, mean over tokens (normal: 3)
@@ -95,7 +97,10 @@ class Probes:
 
     def _attention(self, layer: int, module, x: torch.Tensor) -> None:
         scores = module.attention_scores(x).float()
-        probs = scores.softmax(dim=-1)[..., 1:, :]  # queries after the first
+        # A kind whose softmax has more than the keys (learned sinks) says what reaches each key.
+        probs = module.attention_probabilities(x).float() if hasattr(module, "attention_probabilities") \
+            else scores.softmax(dim=-1)
+        probs = probs[..., 1:, :]  # queries after the first
         self._add(record.PROBE_ATTN_ENTROPY, layer, attention_entropy(probs))
         self._add(record.PROBE_ATTN_SINK, layer, first_token_share(probs))
         self._add(record.PROBE_ATTN_LOGIT_MAX, layer, scores.max())

@@ -286,3 +286,21 @@ def test_maxima_are_over_batches_and_means_over_batches_even_when_negative():
     names, values = measured.tensor()
     got = dict(zip(names, values.tolist()))
     assert got == {"probe/attn_logit_max/layer0": -2.0, "probe/attn_entropy/layer0": 1.5}
+
+
+class HalfToASink(MultiHeadAttention):
+    """A stand-in for a kind with a learned sink: half of every query's attention goes to the sink
+    (no key), the rest as the plain softmax."""
+
+    def attention_probabilities(self, x):
+        return self.attention_scores(x).softmax(dim=-1) / 2
+
+
+def test_a_kind_with_its_own_probabilities_is_measured_by_them():
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    plain = probe_values(tiny_model(n_layers=1), ids)
+    sinking = tiny_model(n_layers=1)
+    sinking.layers[0].self_attn.__class__ = HalfToASink
+    halved = probe_values(sinking, ids)
+    assert halved[record.PROBE_ATTN_SINK] == pytest.approx(plain[record.PROBE_ATTN_SINK] / 2)
+    assert halved[record.PROBE_ATTN_LOGIT_MAX] == plain[record.PROBE_ATTN_LOGIT_MAX]  # scores unchanged
