@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .modulated import apply_output_gate, explicit_causal_attention, gate_width
 from .rope import RotaryEmbedding, apply_rotary
 from .registry import AttentionSpec
 
@@ -62,7 +63,8 @@ def causal_attention(q, k, v, scale: float, dropout: float, sdpa_pad: str = "aut
 class MultiHeadAttention(nn.Module):
     """The baseline: q, k, v, o projections, RoPE on the whole head. With n_kv_heads < n_heads,
     grouped-query attention (one key/value head per n_heads / n_kv_heads query heads; 1: multi-query);
-    with qk_norm, an RMSNorm over each head's query and key before RoPE (Qwen3)."""
+    with qk_norm, an RMSNorm over each head's query and key before RoPE (Qwen3); with an output gate,
+    attention sinks or soft-capped logits, see attention/modulated.py."""
 
     def __init__(self, spec: AttentionSpec, d_model: int, n_heads: int, dropout: float, rope_theta: float,
                  max_len: int = 0, sdpa_pad: str = "auto"):
@@ -71,17 +73,22 @@ class MultiHeadAttention(nn.Module):
         self.head_dim, self.dropout, self.sdpa_pad = d_model // n_heads, dropout, sdpa_pad
         self.qk_head_dim = self.v_head_dim = self.head_dim
         kv_dim = self.n_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(d_model, d_model, bias=spec.attention_bias)
+        self.gate_dim = gate_width(spec.output_gate, self.head_dim)
+        self.q_proj = nn.Linear(d_model, n_heads * (self.head_dim + self.gate_dim), bias=spec.attention_bias)
         self.k_proj = nn.Linear(d_model, kv_dim, bias=spec.attention_bias)
         self.v_proj = nn.Linear(d_model, kv_dim, bias=spec.attention_bias)
         self.o_proj = nn.Linear(d_model, d_model, bias=spec.attention_bias)
         if spec.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
+        if spec.attention_sinks:
+            self.sinks = nn.Parameter(torch.zeros(n_heads))  # gpt-oss's name; one logit per head
+        self.softcap = spec.attn_softcap
         self.rotary = RotaryEmbedding(self.head_dim, rope_theta, spec.rope_scaling, spec.rope_scaling_factor, max_len)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim)
+        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim + self.gate_dim)
+        q, gate = q.split([self.head_dim, self.gate_dim], dim=-1)
         k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if hasattr(self, "q_norm"):
@@ -89,7 +96,14 @@ class MultiHeadAttention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         cos, sin = self.rotary(length, x.device)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = causal_attention(q, k, v, self.head_dim ** -0.5, self.dropout if self.training else 0.0, self.sdpa_pad)
+        dropout = self.dropout if self.training else 0.0
+        if hasattr(self, "sinks") or self.softcap:  # SDPA has neither
+            out = explicit_causal_attention(q, k, v, self.head_dim ** -0.5, dropout, getattr(self, "sinks", None),
+                                            self.softcap)
+        else:
+            out = causal_attention(q, k, v, self.head_dim ** -0.5, dropout, self.sdpa_pad)
+        if self.gate_dim:
+            out = apply_output_gate(out, gate)
         return self.o_proj(out)
 
 
