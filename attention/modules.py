@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .modulated import apply_output_gate, causal_scores, explicit_causal_attention, gate_width
 from .rope import RotaryEmbedding, apply_rotary
 from .registry import AttentionSpec
 
@@ -59,22 +60,11 @@ def causal_attention(q, k, v, scale: float, dropout: float, sdpa_pad: str = "aut
     return out[..., :v_dim].transpose(1, 2).reshape(batch, length, heads * v_dim)
 
 
-def causal_scores(q, k, scale: float) -> torch.Tensor:
-    """The pre-softmax scores causal_attention's kernel computes, made explicit: (B, H, T, T) of
-    q.k * scale, -inf above the diagonal (a query never sees a later key). Only for the mechanism
-    probes (probes.py) at evaluation: training never materialises them."""
-    if k.shape[1] != q.shape[1]:  # grouped-query: each key head serves H / H_kv consecutive query heads
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    scores = (q @ k.transpose(-2, -1)) * scale
-    length = q.shape[-2]
-    future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
-    return scores.masked_fill(future, float("-inf"))
-
-
 class MultiHeadAttention(nn.Module):
     """The baseline: q, k, v, o projections, RoPE on the whole head. With n_kv_heads < n_heads,
     grouped-query attention (one key/value head per n_heads / n_kv_heads query heads; 1: multi-query);
-    with qk_norm, an RMSNorm over each head's query and key before RoPE (Qwen3)."""
+    with qk_norm, an RMSNorm over each head's query and key before RoPE (Qwen3); with an output gate,
+    attention sinks or soft-capped logits, see attention/modulated.py."""
 
     def __init__(self, spec: AttentionSpec, d_model: int, n_heads: int, dropout: float, rope_theta: float,
                  max_len: int = 0, sdpa_pad: str = "auto"):
@@ -83,34 +73,58 @@ class MultiHeadAttention(nn.Module):
         self.head_dim, self.dropout, self.sdpa_pad = d_model // n_heads, dropout, sdpa_pad
         self.qk_head_dim = self.v_head_dim = self.head_dim
         kv_dim = self.n_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(d_model, d_model, bias=spec.attention_bias)
+        self.gate_dim = gate_width(spec.output_gate, self.head_dim)
+        self.q_proj = nn.Linear(d_model, n_heads * (self.head_dim + self.gate_dim), bias=spec.attention_bias)
         self.k_proj = nn.Linear(d_model, kv_dim, bias=spec.attention_bias)
         self.v_proj = nn.Linear(d_model, kv_dim, bias=spec.attention_bias)
         self.o_proj = nn.Linear(d_model, d_model, bias=spec.attention_bias)
         if spec.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
+        if spec.attention_sinks:
+            self.sinks = nn.Parameter(torch.zeros(n_heads))  # gpt-oss's name; one logit per head
+        self.softcap = spec.attn_softcap
         self.rotary = RotaryEmbedding(self.head_dim, rope_theta, spec.rope_scaling, spec.rope_scaling_factor, max_len)
 
     def project(self, x: torch.Tensor):
-        """x (B, T, d_model) -> q (B, H, T, d), k and v (B, H_kv, T, d), RoPE applied."""
+        """x (B, T, d_model) -> q (B, H, T, d), k and v (B, H_kv, T, d), RoPE applied, and the output
+        gate's slice of q_proj (B, T, H, gate width; width 0 without a gate)."""
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim)
+        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim + self.gate_dim)
+        q, gate = q.split([self.head_dim, self.gate_dim], dim=-1)
         k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         cos, sin = self.rotary(length, x.device)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, gate
 
     def attention_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """The scaled, causally masked pre-softmax scores (B, H, T, T) forward's kernel uses (probes)."""
-        q, k, _ = self.project(x)
-        return causal_scores(q, k, self.head_dim ** -0.5)
+        """The scaled (soft-capped), causally masked pre-softmax scores (B, H, T, T) forward's
+        kernel uses (probes). With sinks they miss the sink column: see attention_probabilities."""
+        q, k, _, _ = self.project(x)
+        return causal_scores(q, k, self.head_dim ** -0.5, self.softcap)
+
+    def attention_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, T) attention weights on the keys (probes); with sinks they sum to less than 1."""
+        scores = self.attention_scores(x)
+        if not hasattr(self, "sinks"):
+            return torch.softmax(scores, dim=-1, dtype=torch.float32)
+        sink_column = self.sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        return torch.softmax(torch.cat((scores, sink_column), dim=-1), dim=-1, dtype=torch.float32)[..., :-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.project(x)
-        out = causal_attention(q, k, v, self.head_dim ** -0.5, self.dropout if self.training else 0.0, self.sdpa_pad)
+        q, k, v, gate = self.project(x)
+        dropout = self.dropout if self.training else 0.0
+        if hasattr(self, "sinks") or self.softcap:  # SDPA has neither
+            out = explicit_causal_attention(q, k, v, self.head_dim ** -0.5, dropout, getattr(self, "sinks", None),
+                                            self.softcap)
+        else:
+            out = causal_attention(q, k, v, self.head_dim ** -0.5, dropout, self.sdpa_pad)
+        if self.gate_dim:
+            if getattr(self, "probing", False):  # probes.py reads the gate's openness
+                self.last_gate = torch.sigmoid(gate)
+            out = apply_output_gate(out, gate)
         return self.o_proj(out)
 
 

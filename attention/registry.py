@@ -39,12 +39,17 @@ def _positive_even(value) -> str | None:
     return _positive(value) or (None if value % 2 == 0 else "must be even (RoPE rotates pairs)")
 
 
+def _output_gate(value) -> str | None:
+    return None if value in OUTPUT_GATES else f"allowed: {', '.join(OUTPUT_GATES)}"
+
+
 def _rope_scaling(value) -> str | None:
     from .rope import ROPE_SCALINGS  # torch; only reached when a run names a scaling
 
     return None if value in ROPE_SCALINGS else f"allowed: {', '.join(ROPE_SCALINGS)}"
 
 
+OUTPUT_GATES = ("none", "headwise", "elementwise")  # --output_gate (attention/modulated.py: gate_width)
 FULL_RANK = "full"  # --q_lora_rank=full: a full-rank q_proj instead of the variant's low-rank query
 
 
@@ -80,6 +85,13 @@ KNOBS: dict[str, Knob] = {k.name: k for k in [
     Knob("rope_scaling", str | None, None, "RoPE position scaling type (linear); None: the variant's", _rope_scaling),
     Knob("rope_scaling_factor", float, 1.0, "RoPE scaling factor (> 1 stretches positions); None: the variant's",
          _positive),
+    # around the softmax of multi-head attention (attention/modulated.py)
+    Knob("output_gate", str, "none", "sigmoid gate on each head's output from q_proj: none, headwise (one per head) "
+         "or elementwise (Qwen3-Next); None: the variant's", _output_gate),
+    Knob("attention_sinks", bool, False, "a learned logit per head in the softmax's denominator (gpt-oss); "
+         "None: the variant's"),
+    Knob("attn_softcap", float, 0.0, "soft-cap the attention logits to cap * tanh(logit / cap) (Gemma 2), 0: off; "
+         "None: the variant's", _non_negative),
 ]}
 
 
@@ -147,8 +159,10 @@ def _mla_resolve(spec, head_dim, n_heads):
 
 KINDS: dict[str, Kind] = {k.name: k for k in [
     Kind("mha", "multi-head attention (MHA/GQA/MQA)", "attention.modules:MultiHeadAttention",
-         ("n_kv_heads", "qk_norm", "attention_bias", "rope_scaling", "rope_scaling_factor"),
-         "transformers LlamaAttention (num_key_value_heads); Qwen3Attention with qk_norm",
+         ("n_kv_heads", "qk_norm", "attention_bias", "rope_scaling", "rope_scaling_factor",
+          "output_gate", "attention_sinks", "attn_softcap"),
+         "transformers LlamaAttention (num_key_value_heads); Qwen3Attention with qk_norm; Qwen3NextAttention with "
+         "an element-wise gate; GptOssAttention with sinks; Gemma2Attention with a soft-cap",
          resolve=_mha_resolve,
          head_dims=lambda spec, head_dim: (head_dim, head_dim),
          # K and V of each key/value head
@@ -194,6 +208,9 @@ FAMILIES: dict[str, Family] = {
     "bias": Family("Bias", "#9467bd", "Purples"),
     "gqa": Family("GQA", "#8c564b", "copper"),
     "qknorm": Family("QK-norm", "#e377c2", "RdPu"),
+    "gate": Family("Gated", "#17becf", "GnBu"),
+    "sinks": Family("Sinks", "#bcbd22", "YlGn"),
+    "softcap": Family("Soft-cap", "#393b79", "BuPu"),
 }
 OTHER_FAMILY = Family("Other", "#7f7f7f", "Greys")
 
@@ -228,4 +245,10 @@ VARIANTS: dict[str, AttentionSpec] = {spec.name: spec for spec in [
     AttentionSpec(name="mqa", family="gqa", n_kv_heads=1),  # multi-query: one key/value head
     AttentionSpec(name="qknorm", family="qknorm", qk_norm=True),  # QK-norm alone
     AttentionSpec(name="qknorm_gqa", family="qknorm", n_kv_heads=2, qk_norm=True),  # Qwen3-style
+    # Qwen3-Next-style: element-wise output gate with QK-norm and grouped-query; then the same with
+    # the head-wise gate (one scalar per head), so the two differ in the gate only
+    AttentionSpec(name="gated", family="gate", n_kv_heads=2, qk_norm=True, output_gate="elementwise"),
+    AttentionSpec(name="gated_headwise", family="gate", n_kv_heads=2, qk_norm=True, output_gate="headwise"),
+    AttentionSpec(name="sinks", family="sinks", n_kv_heads=2, attention_sinks=True),  # gpt-oss-style, with GQA
+    AttentionSpec(name="softcap", family="softcap", attn_softcap=50.0),  # Gemma-2-style logit soft-cap 50
 ]}

@@ -231,8 +231,8 @@ def test_a_diverged_run_under_an_agent_says_how_to_keep_the_agent_going(tmp_path
     original = model_module.MoELM.forward
 
     def nan_forward(self, ids, targets=None):
-        ce, *rest = original(self, ids, targets)
-        return (ce * float("nan"), *rest) if self.training else (ce, *rest)
+        out = original(self, ids, targets)
+        return out._replace(loss=out.loss * float("nan")) if self.training else out
 
     monkeypatch.setattr(model_module.MoELM, "forward", nan_forward)
     assert train.main(tiny_args(tmp_path, corpus, steps=3)) == record.EXIT_CODES["diverged"]
