@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .positions import alibi_slopes, score_mask
 from .rope import RotaryEmbedding, apply_rotary
 from .registry import AttentionSpec
 
@@ -42,10 +43,11 @@ def _pad_head_dims(q: torch.Tensor, dropout: float, sdpa_pad: str) -> bool:
     return sdpa_pad == "always"
 
 
-def causal_attention(q, k, v, scale: float, dropout: float, sdpa_pad: str = "auto") -> torch.Tensor:
+def causal_attention(q, k, v, scale: float, dropout: float, sdpa_pad: str = "auto", mask=None) -> torch.Tensor:
     """(B, H, T, d) queries and (B, H_kv, T, d) keys/values -> (B, T, H * d_v). Fused kernel, causal
     mask, explicit softmax scale; with fewer key/value heads than query heads (grouped-query), each
-    key/value head serves H / H_kv consecutive query heads (SDPA's enable_gqa, Llama's repeat_kv)."""
+    key/value head serves H / H_kv consecutive query heads (SDPA's enable_gqa, Llama's repeat_kv).
+    mask: a causal mask of its own (a window, ALiBi: attention.positions.score_mask) instead of SDPA's."""
     v_dim = v.shape[-1]
     if q.shape[-1] != v_dim and _pad_head_dims(q, dropout, sdpa_pad):
         dim = max(q.shape[-1], v_dim)
@@ -54,7 +56,8 @@ def causal_attention(q, k, v, scale: float, dropout: float, sdpa_pad: str = "aut
         else:
             v = F.pad(v, (0, dim - v_dim))
     grouped = k.shape[1] != q.shape[1]
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=grouped)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
+                                         scale=scale, enable_gqa=grouped)
     batch, heads, length, _ = out.shape
     return out[..., :v_dim].transpose(1, 2).reshape(batch, length, heads * v_dim)
 
@@ -62,7 +65,9 @@ def causal_attention(q, k, v, scale: float, dropout: float, sdpa_pad: str = "aut
 class MultiHeadAttention(nn.Module):
     """The baseline: q, k, v, o projections, RoPE on the whole head. With n_kv_heads < n_heads,
     grouped-query attention (one key/value head per n_heads / n_kv_heads query heads; 1: multi-query);
-    with qk_norm, an RMSNorm over each head's query and key before RoPE (Qwen3)."""
+    with qk_norm, an RMSNorm over each head's query and key before RoPE (Qwen3); positions "none"
+    drops RoPE (NoPE), "alibi" replaces it with Bloom's per-head distance penalty; window > 0 lets
+    each query see only its last `window` keys (Mistral)."""
 
     def __init__(self, spec: AttentionSpec, d_model: int, n_heads: int, dropout: float, rope_theta: float,
                  max_len: int = 0, sdpa_pad: str = "auto"):
@@ -77,7 +82,12 @@ class MultiHeadAttention(nn.Module):
         self.o_proj = nn.Linear(d_model, d_model, bias=spec.attention_bias)
         if spec.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
-        self.rotary = RotaryEmbedding(self.head_dim, rope_theta, spec.rope_scaling, spec.rope_scaling_factor, max_len)
+        if spec.positions == "rope":
+            self.rotary = RotaryEmbedding(self.head_dim, rope_theta, spec.rope_scaling, spec.rope_scaling_factor,
+                                          max_len)
+        self.window = spec.window
+        self.register_buffer("alibi_slopes", alibi_slopes(n_heads) if spec.positions == "alibi" else None,
+                             persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -87,9 +97,12 @@ class MultiHeadAttention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        cos, sin = self.rotary(length, x.device)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = causal_attention(q, k, v, self.head_dim ** -0.5, self.dropout if self.training else 0.0, self.sdpa_pad)
+        if hasattr(self, "rotary"):
+            cos, sin = self.rotary(length, x.device)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        mask = score_mask(length, self.window, self.alibi_slopes, x.device)
+        out = causal_attention(q, k, v, self.head_dim ** -0.5, self.dropout if self.training else 0.0, self.sdpa_pad,
+                               mask)
         return self.o_proj(out)
 
 

@@ -45,6 +45,13 @@ def _rope_scaling(value) -> str | None:
     return None if value in ROPE_SCALINGS else f"allowed: {', '.join(ROPE_SCALINGS)}"
 
 
+POSITIONS = ("rope", "none", "alibi")  # the `positions` knob: RoPE, NoPE (no position signal), ALiBi
+
+
+def _position_kind(value) -> str | None:
+    return None if value in POSITIONS else f"allowed: {', '.join(POSITIONS)}"
+
+
 FULL_RANK = "full"  # --q_lora_rank=full: a full-rank q_proj instead of the variant's low-rank query
 
 
@@ -80,6 +87,13 @@ KNOBS: dict[str, Knob] = {k.name: k for k in [
     Knob("rope_scaling", str | None, None, "RoPE position scaling type (linear); None: the variant's", _rope_scaling),
     Knob("rope_scaling_factor", float, 1.0, "RoPE scaling factor (> 1 stretches positions); None: the variant's",
          _positive),
+    # positions and windows (multi-head attention)
+    Knob("positions", str, "rope", "position signal: rope, none (NoPE) or alibi (Bloom's linear bias); "
+         "None: the variant's", _position_kind),
+    Knob("window", int, 0, "sliding window: each query sees itself and the window-1 keys before it "
+         "(Mistral); 0: full causal; None: the variant's", _non_negative),
+    Knob("global_every", int, 0, "with a window, every Nth layer (N, 2N, ..) attends to all keys, "
+         "the others are local (Gemma 2: 2); 0: every layer local; None: the variant's", _non_negative),
 ]}
 
 
@@ -113,6 +127,13 @@ class AttentionSpec:
         """Head dims left None filled in for this model size (the kind's rule)."""
         return KINDS[self.kind].resolve(self, d_model // n_heads, n_heads)
 
+    def for_layer(self, layer: int) -> "AttentionSpec":
+        """The spec of layer `layer` (0-based): with a window and global_every N, layers N-1, 2N-1, ..
+        are global (Gemma 2, N=2: local, global, local, ..), the others keep the window."""
+        if self.window and self.global_every and (layer + 1) % self.global_every == 0:
+            return replace(self, window=0)
+        return self
+
 
 # --- kinds ---------------------------------------------------------------------------------------
 
@@ -134,10 +155,14 @@ def _mha_resolve(spec, head_dim, n_heads):
 
 
 def _mha_refuse(spec, head_dim, n_heads):
-    if head_dim % 2:
+    if head_dim % 2 and spec.positions == "rope":
         return f"head dim {head_dim} (d_model/n_heads) must be even for RoPE"
     if n_heads % spec.n_kv_heads:
         return f"--n_kv_heads={spec.n_kv_heads}: --n_heads={n_heads} must divide by it"
+    if spec.rope_scaling and spec.positions != "rope":
+        return f"--rope_scaling: only with --positions=rope, not {spec.positions}"
+    if spec.global_every and not spec.window:
+        return "--global_every: needs a --window (without one every layer is global)"
     return None
 
 
@@ -147,7 +172,8 @@ def _mla_resolve(spec, head_dim, n_heads):
 
 KINDS: dict[str, Kind] = {k.name: k for k in [
     Kind("mha", "multi-head attention (MHA/GQA/MQA)", "attention.modules:MultiHeadAttention",
-         ("n_kv_heads", "qk_norm", "attention_bias", "rope_scaling", "rope_scaling_factor"),
+         ("n_kv_heads", "qk_norm", "attention_bias", "rope_scaling", "rope_scaling_factor",
+          "positions", "window", "global_every"),
          "transformers LlamaAttention (num_key_value_heads); Qwen3Attention with qk_norm",
          resolve=_mha_resolve,
          head_dims=lambda spec, head_dim: (head_dim, head_dim),
@@ -194,6 +220,9 @@ FAMILIES: dict[str, Family] = {
     "bias": Family("Bias", "#9467bd", "Purples"),
     "gqa": Family("GQA", "#8c564b", "copper"),
     "qknorm": Family("QK-norm", "#e377c2", "RdPu"),
+    "window": Family("Window", "#17becf", "GnBu"),
+    "positions": Family("Positions", "#bcbd22", "YlGn"),
+    "mla_v3": Family("MLA (V3)", "#393b79", "Purples"),
 }
 OTHER_FAMILY = Family("Other", "#7f7f7f", "Greys")
 
@@ -228,4 +257,16 @@ VARIANTS: dict[str, AttentionSpec] = {spec.name: spec for spec in [
     AttentionSpec(name="mqa", family="gqa", n_kv_heads=1),  # multi-query: one key/value head
     AttentionSpec(name="qknorm", family="qknorm", qk_norm=True),  # QK-norm alone
     AttentionSpec(name="qknorm_gqa", family="qknorm", n_kv_heads=2, qk_norm=True),  # Qwen3-style
+    # Windows: sizes for the smoke sweep's 64 tokens (a quarter of the context); at the seed's 512
+    # tokens a Mistral-like ratio would be larger -- sweep --window to ask.
+    AttentionSpec(name="swa", family="window", window=16),  # Mistral-style: every layer local
+    AttentionSpec(name="local_global", family="window", window=16, global_every=2),  # Gemma 2: local, global, ..
+    AttentionSpec(name="nope", family="positions", positions="none"),  # no position signal at all
+    AttentionSpec(name="alibi", family="positions", positions="alibi"),  # Bloom / MPT
+    # DeepSeek-V3's proportions at head dim 64 (V3: qk_nope 128, qk_rope 64, v 128 at 128 heads,
+    # d_model 7168, q_lora 1536, kv_lora 512): per-head dims halved (V3's 128-dim heads -> our 64),
+    # ranks the same fraction of d_model, rounded to 16: q 1536/7168 x 512 = 110 -> 112,
+    # kv 512/7168 x 512 = 37 -> 32.
+    AttentionSpec(name="mla_v3", family="mla_v3", kind="mla", q_lora_rank=112, kv_lora_rank=32,
+                  qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64),
 ]}
