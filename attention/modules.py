@@ -133,8 +133,9 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, n_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(n_heads * self.v_head_dim, d_model, bias=spec.attention_bias)
-        self.rotary = RotaryEmbedding(self.qk_rope_head_dim, rope_theta, spec.rope_scaling, spec.rope_scaling_factor,
-                                      max_len)
+        if self.qk_rope_head_dim:  # 0: no decoupled rotary key, no positions
+            self.rotary = RotaryEmbedding(self.qk_rope_head_dim, rope_theta, spec.rope_scaling,
+                                          spec.rope_scaling_factor, max_len)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -150,10 +151,14 @@ class MultiHeadLatentAttention(nn.Module):
         kv = kv.view(batch, length, self.n_heads, self.qk_nope_head_dim + self.v_head_dim).transpose(1, 2)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
 
-        cos, sin = self.rotary(length, x.device)
-        q_rot = apply_rotary(q_rot, cos, sin)
-        k_rot = apply_rotary(k_rot.unsqueeze(1), cos, sin).expand(-1, self.n_heads, -1, -1)
-        if self.qk_nope_head_dim:
+        k_rot = k_rot.unsqueeze(1)
+        if hasattr(self, "rotary"):
+            cos, sin = self.rotary(length, x.device)
+            q_rot, k_rot = apply_rotary(q_rot, cos, sin), apply_rotary(k_rot, cos, sin)
+        k_rot = k_rot.expand(-1, self.n_heads, -1, -1)
+        if not self.qk_rope_head_dim:
+            q, k = q_nope, k_nope
+        elif self.qk_nope_head_dim:
             q, k = torch.cat((q_nope, q_rot), dim=-1), torch.cat((k_nope, k_rot), dim=-1)
         else:
             q, k = q_rot, k_rot

@@ -35,8 +35,9 @@ def _positive_or_full(value) -> str | None:
     return f"must be a positive integer or '{FULL_RANK}'"
 
 
-def _positive_even(value) -> str | None:
-    return _positive(value) or (None if value % 2 == 0 else "must be even (RoPE rotates pairs)")
+def _even(value) -> str | None:
+    # 0: no rotary dims at all (MLA without decoupled RoPE)
+    return _non_negative(value) or (None if value % 2 == 0 else "must be even (RoPE rotates pairs)")
 
 
 def _rope_scaling(value) -> str | None:
@@ -78,8 +79,8 @@ KNOBS: dict[str, Knob] = {k.name: k for k in [
     Knob("q_lora_rank", int | None, None, "query rank, or 'full' for a full-rank q_proj; None: the variant's",
          _positive_or_full, cli_type=int | str, aliases={FULL_RANK: None}),
     Knob("kv_lora_rank", int | None, None, "rank of the key/value latent; None: the variant's", _positive),
-    Knob("qk_rope_head_dim", int | None, None, "rotary dims per query/key head (even); None: the variant's",
-         _positive_even),
+    Knob("qk_rope_head_dim", int | None, None, "rotary dims per query/key head (even; 0: no RoPE, "
+         "then qk_nope_head_dim > 0); None: the variant's", _even),
     Knob("qk_nope_head_dim", int, 0, "non-rotary dims per query/key head; None: the variant's", _non_negative),
     Knob("v_head_dim", int | None, None, "value dims per head; None: the variant's", _positive),
     # every kind
@@ -167,7 +168,16 @@ def _mha_refuse(spec, head_dim, n_heads):
 
 
 def _mla_resolve(spec, head_dim, n_heads):
-    return replace(spec, qk_rope_head_dim=spec.qk_rope_head_dim or head_dim, v_head_dim=spec.v_head_dim or head_dim)
+    rope = head_dim if spec.qk_rope_head_dim is None else spec.qk_rope_head_dim
+    return replace(spec, qk_rope_head_dim=rope, v_head_dim=spec.v_head_dim or head_dim)
+
+
+def _mla_refuse(spec, head_dim, n_heads):
+    if spec.qk_rope_head_dim == 0 and spec.qk_nope_head_dim == 0:
+        return "--qk_rope_head_dim=0: needs --qk_nope_head_dim > 0 (queries and keys need some dims)"
+    if spec.qk_rope_head_dim == 0 and spec.rope_scaling:
+        return "--rope_scaling: only with RoPE, not with --qk_rope_head_dim=0"
+    return None
 
 
 KINDS: dict[str, Kind] = {k.name: k for k in [
@@ -188,7 +198,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
          head_dims=lambda spec, head_dim: (spec.qk_nope_head_dim + spec.qk_rope_head_dim, spec.v_head_dim),
          # the compressed latent plus the one rotary key shared by all heads (DeepSeek-V2's cache)
          kv_cache_values=lambda spec, head_dim, n_heads: spec.kv_lora_rank + spec.qk_rope_head_dim,
-         refuse=lambda spec, head_dim, n_heads: None),
+         refuse=_mla_refuse),
 ]}
 
 
@@ -269,4 +279,9 @@ VARIANTS: dict[str, AttentionSpec] = {spec.name: spec for spec in [
     # kv 512/7168 x 512 = 37 -> 32.
     AttentionSpec(name="mla_v3", family="mla_v3", kind="mla", q_lora_rank=112, kv_lora_rank=32,
                   qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64),
+    # MLA without the decoupled rotary key: mla_v3's 96 query/key dims all from the latent, no
+    # positions at all (RoPE cannot pass through the latent, DeepSeek-V2 section 2.1.3); caches the
+    # latent alone.
+    AttentionSpec(name="mla_norope", family="mla_v3", kind="mla", q_lora_rank=112, kv_lora_rank=32,
+                  qk_nope_head_dim=96, qk_rope_head_dim=0, v_head_dim=64),
 ]}

@@ -8,7 +8,8 @@ proportioned latent attention, against independent references:
 - NoPE against LlamaAttention given the identity rotation (cos 1, sin 0);
 - ALiBi against BloomAttention (whole module: its fused query_key_value weights copied from ours,
   its own build_alibi_tensor);
-- mla_v3 against DeepseekV3Attention;
+- mla_v3 against DeepseekV3Attention, and mla_norope (qk_rope_head_dim 0) against it given no
+  rotary dims;
 - causality and the window's reach, the KV cache at a context (by hand), refusals, shared init.
 Outputs and gradients (input and every parameter), float32, relative error < 1e-5, several shapes.
 """
@@ -227,11 +228,41 @@ def test_mla_v3_matches_deepseek_v3(spec):
     assert_equivalent(ours, ref, rotary, seed=71)
 
 
+class NoRotation(torch.nn.Module):
+    """Zero rotary dims: DeepseekV3Attention then rotates nothing (its own rotary module cannot be
+    built with 0 dims, so it is handed these empty cos/sin)."""
+
+    def forward(self, x, position_ids):
+        return torch.empty(*position_ids.shape, 0), torch.empty(*position_ids.shape, 0)
+
+
+@pytest.mark.parametrize("spec", [VARIANTS["mla_norope"], VARIANTS["mla_norope"].with_overrides(q_lora_rank=None,
+                                                                                                  attention_bias=True)],
+                         ids=["mla_norope", "mla_norope+full_q+bias"])
+def test_mla_without_decoupled_rope_matches_deepseek_v3(spec):
+    from transformers.models.deepseek_v3.configuration_deepseek_v3 import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
+
+    ours = build_attention(spec, D_MODEL, N_HEADS, dropout=0.0, rope_theta=THETA).eval()
+    assert ours.qk_rope_head_dim == 0 and not hasattr(ours, "rotary")
+    randomize_(ours, seed=73)
+    config = DeepseekV3Config(
+        hidden_size=D_MODEL, num_attention_heads=N_HEADS, num_key_value_heads=N_HEADS, q_lora_rank=spec.q_lora_rank,
+        kv_lora_rank=spec.kv_lora_rank, qk_rope_head_dim=0, qk_nope_head_dim=spec.qk_nope_head_dim,
+        v_head_dim=spec.v_head_dim, attention_bias=spec.attention_bias, attention_dropout=0.0, rms_norm_eps=1e-6,
+        rope_interleave=False, rope_parameters=rope_parameters(spec),
+    )
+    config._attn_implementation = "eager"
+    ref = DeepseekV3Attention(config, layer_idx=0).eval()
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    assert_equivalent(ours, ref, NoRotation(), seed=79)
+
+
 # --- causality and the window's reach -------------------------------------------------------------
 
 REACH_CASES = {"window3": VARIANTS["baseline"].with_overrides(window=3),
                "alibi+window3+gqa2": VARIANTS["alibi"].with_overrides(window=3, n_kv_heads=2),
-               "alibi": VARIANTS["alibi"], "nope": VARIANTS["nope"]}
+               "alibi": VARIANTS["alibi"], "nope": VARIANTS["nope"], "mla_norope": VARIANTS["mla_norope"]}
 
 
 @pytest.mark.parametrize("name", list(REACH_CASES))
@@ -280,6 +311,8 @@ def test_kv_cache_at_the_seeds_size():
     seed = dict(d_model=512, n_layers=8, n_heads=8, seq_len=512)
     # mla_v3: latent 32 + shared rotary key 32 = 64 values x 2 B x 8 layers
     assert kv_cache_bytes_per_token(ModelConfig(attention=VARIANTS["mla_v3"], **seed)) == 1024
+    # mla_norope: the latent alone, 32 values x 2 B x 8 layers
+    assert kv_cache_bytes_per_token(ModelConfig(attention=VARIANTS["mla_norope"], **seed)) == 512
     # local_global, window 16 of 512: 4 local layers x 2048 x 16/512 + 4 global x 2048 = 256 + 8192
     assert kv_cache_bytes_per_token(ModelConfig(attention=VARIANTS["local_global"], **seed)) == 8448
     # a window that leaves a fraction of a byte is rounded: 2048 x 8 layers x 5/512 = 160 exactly;
@@ -307,6 +340,9 @@ def test_dry_run_states_the_windowed_cache_and_its_context():
     ({"attention": "baseline", "global_every": "2"}, r"--global_every: needs a --window"),
     ({"attention": "baseline", "positions": "learned"}, r"--positions=learned: allowed: rope, none, alibi"),
     ({"attention": "baseline", "window": "-1"}, r"--window=-1: must be 0 or greater"),
+    ({"attention": "mla_norope", "qk_nope_head_dim": "0"}, r"--qk_rope_head_dim=0: needs --qk_nope_head_dim > 0"),
+    ({"attention": "mla_norope", "rope_scaling_factor": "2.0"}, r"--rope_scaling: only with RoPE"),
+    ({"attention": "lora_small", "qk_rope_head_dim": "-2"}, r"--qk_rope_head_dim=-2: must be 0 or greater"),
 ])
 def test_combinations_that_make_no_sense_are_refused(values, message):
     with pytest.raises(ConfigError, match=message):
@@ -321,7 +357,7 @@ def test_combinations_that_make_sense_are_accepted():
 
 def test_shared_init_is_the_same_for_the_new_variants():
     prints = {}
-    for name in ["baseline", "swa", "local_global", "nope", "alibi", "mla_v3"]:
+    for name in ["baseline", "swa", "local_global", "nope", "alibi", "mla_v3", "mla_norope"]:
         model = MoELM(ModelConfig(attention=VARIANTS[name], seq_len=32, **SMOKE))
         init_weights(model, 5)
         prints[name] = shared_parameters_fingerprint(model)
