@@ -84,6 +84,7 @@ class TrainConfig:
     eval_every: int = 10
     eval_batches: int = 10
     eval_test: bool = False  # evaluate on the test set once, after the last step (stage 2 only)
+    probes: bool = False  # mechanism probes at each evaluation (probes.py); training steps unchanged
     # stage 2 of the tuning protocol: "variant@lr" sets attention and lr together (analysis/tuning.py)
     variant_lr: str | None = None
     # data
@@ -246,6 +247,8 @@ OPTION_HELP = {
         "eval_every": "evaluate on the validation set every N steps (and after the last)",
         "eval_batches": "validation batches per evaluation (the same for every run)",
         "eval_test": "after the last step, evaluate once on eval_batches test batches (test/loss); tuning's stage 2",
+        "probes": "at each evaluation, measure attention entropy/sink/max logit, residual max/kurtosis, "
+                  "expert load, gate openness (probe/*; evaluation batches only)",
         "variant_lr": "'variant@lr', e.g. rope_small@0.003: sets attention and lr together (tuning's stage 2)",
     },
     "data": {

@@ -44,6 +44,23 @@ VAL_LOSS_MIN = "val/loss_min"
 # training (tuning never reads them).
 TEST_KEYS = ("test/loss", "test/accuracy", "test/perplexity")
 TEST_LOSS, TEST_ACCURACY, TEST_PERPLEXITY = TEST_KEYS
+# Only with --probes: the mechanism probes (probes.py), measured at each evaluation on its batches
+# and logged with it; the summary holds the last evaluation's. Each is logged as the mean over layers
+# (these names) and per layer (probe_key(name, layer): "probe/attn_entropy/layer0", ...). A probe a
+# model cannot measure is absent: gate openness without a gated attention kind, the attention probes
+# for a kind without `attention_scores`.
+PROBE_KEYS = ("probe/attn_entropy", "probe/attn_sink", "probe/attn_logit_max", "probe/act_max", "probe/act_kurtosis",
+              "probe/expert_load_max", "probe/expert_load_min", "probe/routing_entropy", "probe/gate_open")
+PROBE_PREFIX = "probe/"
+(PROBE_ATTN_ENTROPY, PROBE_ATTN_SINK, PROBE_ATTN_LOGIT_MAX, PROBE_ACT_MAX, PROBE_ACT_KURTOSIS, PROBE_EXPERT_LOAD_MAX,
+ PROBE_EXPERT_LOAD_MIN, PROBE_ROUTING_ENTROPY, PROBE_GATE_OPEN) = PROBE_KEYS
+
+
+def probe_key(name: str, layer: int | None = None) -> str:
+    """A probe's metric name: the mean over layers (layer None), or one layer's."""
+    return name if layer is None else f"{name}/layer{layer}"
+
+
 PARAMS_TOTAL, PARAMS_ATTENTION, FLOPS_PER_TOKEN = "params/total", "params/attention", "flops/per_token"
 KV_CACHE_BYTES_PER_TOKEN = "kv_cache/bytes_per_token"  # at 2 bytes a value, over all layers
 INIT_FINGERPRINT, DATA_FINGERPRINT = "init/shared_fingerprint", "data/fingerprint"

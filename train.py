@@ -9,6 +9,7 @@ Every run ends with one results record, <results_dir>/<group>/<attention>-s<seed
 -<run_id> before .json when another run's record holds that name), whose status is finished,
 failed, diverged, interrupted or stopped, and an exit code that says the same (record.py).
 """
+import contextlib
 import hashlib
 import json
 import math
@@ -27,6 +28,7 @@ import torch
 from config import FIELD_TYPES, ConfigError, TrainConfig, config_from_values, help_text, parse_args, parse_value
 import record
 from record import EXIT_CODES, one_line, write_json_atomic, write_record
+from probes import Probes, with_layer_means
 from model import (ModelConfig, MoELM, count_parameters, flops_per_token, init_weights, kv_cache_bytes_per_token,
                    shared_parameters_fingerprint)
 
@@ -534,6 +536,7 @@ class Run:
         final = self.history[-1]
         _, peak_gb = memory_gb(device)
         self.summary.update({k: final[k] for k in record.EVAL_KEYS})
+        self.summary.update({k: v for k, v in final.items() if k.startswith(record.PROBE_PREFIX)})
         self.summary[record.VAL_LOSS_MIN] = min(row[record.VAL_LOSS] for row in self.history if record.VAL_LOSS in row)
         if cfg.eval_test:  # once, after training: nothing that chose this run's settings saw these blocks
             self.summary.update(self.evaluate(model, batches, world, rank, device, split="test"))
@@ -549,17 +552,25 @@ class Run:
         model.eval()
         totals = torch.zeros(3, device=device)
         batch = batches.val_batch if split == "val" else batches.test_batch
-        for index in range(self.cfg.eval_batches):
-            local = batch(index).chunk(world)[rank].to(device, non_blocking=True)
-            inputs, targets = local[:, :-1], local[:, 1:]
-            with self.accelerator.autocast():
-                out = model(inputs, targets)
-            ce, accuracy = out.loss, out.accuracy
-            totals += torch.stack([ce.float(), accuracy.float(), torch.ones((), device=device)]) * targets.numel()
+        probing = self.cfg.probes and split == "val"
+        if probing:  # hooks on the plain module (compiled graphs would break on them): evaluation only
+            model = self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        with Probes(model) if probing else contextlib.nullcontext() as probes:
+            for index in range(self.cfg.eval_batches):
+                local = batch(index).chunk(world)[rank].to(device, non_blocking=True)
+                inputs, targets = local[:, :-1], local[:, 1:]
+                with self.accelerator.autocast():
+                    out = model(inputs, targets)
+                ce, accuracy = out.loss, out.accuracy
+                totals += torch.stack([ce.float(), accuracy.float(), torch.ones((), device=device)]) * targets.numel()
         loss_sum, correct, count = self.accelerator.reduce(totals, "sum").tolist()
         loss = loss_sum / count
         keys = record.EVAL_KEYS if split == "val" else record.TEST_KEYS  # {split}/loss, /accuracy, /perplexity
-        return dict(zip(keys, (loss, correct / count, math.exp(min(loss, 700)))))
+        results = dict(zip(keys, (loss, correct / count, math.exp(min(loss, 700)))))
+        if probing:  # a mean over processes (of their maxima, for the maxima)
+            names, values = probes.tensor()
+            results.update(with_layer_means(dict(zip(names, self.accelerator.reduce(values, "mean").tolist()))))
+        return results
 
     def stopped_by_sweep(self, device, wait: bool = False) -> bool:
         """Whether this stop is the sweep's, agreed by all processes (the main one decides). Under

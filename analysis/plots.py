@@ -8,6 +8,8 @@
   cache a decoder keeps per token, one point per variant, each with its Pareto front.
 - baseline_differences.png (several seeds only): each variant's paired difference to baseline with
   its 95% CI and the per-seed differences, coloured by verdict.
+- probes.png (runs with --probes only): each mechanism probe's final value (mean over layers) per
+  variant, one point per seed and a bar at the mean, coloured by family.
 """
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from analysis import stats  # noqa: E402
 from analysis.runs import FAMILIES, Run  # noqa: E402
 from analysis.tables import BASELINE, FAMILY_LABELS  # noqa: E402
+from record import PROBE_KEYS  # noqa: E402
 from attention.registry import FAMILIES as FAMILY_REGISTRY, OTHER_FAMILY  # noqa: E402
 
 FAMILY_COLORS = {**{name: f.color for name, f in FAMILY_REGISTRY.items()}, "other": OTHER_FAMILY.color}
@@ -299,6 +302,42 @@ def differences_figure(runs: list[Run], path: Path, title: str) -> Path | None:
               loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, fontsize=9,
               title="line: 95% CI of the mean difference; colour: verdict after Holm", title_fontsize=9)
     fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def probes_figure(runs: list[Run], path: Path, title: str) -> Path | None:
+    """One panel per probe that some run measured; None when no run has probes."""
+    measured = [r for r in runs if r.succeeded and r.probes]
+    keys = [k for k in PROBE_KEYS if any(k in r.probes for r in measured)]
+    if not keys:
+        return None
+    variants = sorted({r.variant for r in measured},
+                      key=lambda v: (v != BASELINE, _family_order([r.family for r in measured]).index(
+                          next(r.family for r in measured if r.variant == v)), v))
+    columns = min(3, len(keys))
+    rows = -(-len(keys) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 0.28 * len(variants) * rows + 2.2 * rows),
+                             squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for y, variant in enumerate(variants):
+            values = [r.probes[key] for r in measured if r.variant == variant and key in r.probes]
+            if not values:
+                continue
+            family = next(r.family for r in measured if r.variant == variant)
+            color = FAMILY_COLORS.get(family, FAMILY_COLORS["other"])
+            ax.scatter(values, [y] * len(values), s=18, color=color, alpha=0.75, zorder=3)
+            ax.plot([np.mean(values)] * 2, [y - 0.3, y + 0.3], color=color, linewidth=2)
+        ax.set_yticks(range(len(variants)), variants, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(key.removeprefix("probe/"), fontsize=10.5)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontweight="bold")
+    fig.legend(handles=_family_legend({r.family for r in measured}), loc="lower center",
+               ncol=min(6, len({r.family for r in measured})), fontsize=8.5)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path

@@ -29,6 +29,7 @@ COMPREHENSIVE_PNG = "architecture_search_comprehensive.png"
 CURVES_PNG = "learning_curves.png"
 DIFFERENCES_PNG = "baseline_differences.png"
 COSTS_PNG = "costs.png"
+PROBES_PNG = "probes.png"
 
 # The report's parts, in order: (heading, the section keys under it).
 LAYOUT = [
@@ -66,6 +67,7 @@ def _markdown(source: str, runs: list[Run], sections: dict, figures: dict) -> st
     parts += ["## Figures", ""]
     for name, caption in ((CURVES_PNG, "Learning curves"), (DIFFERENCES_PNG, "Differences to baseline"),
                           (COSTS_PNG, "Loss against parameters and KV cache per token"),
+                          (PROBES_PNG, "Mechanism probes per variant"),
                           (COMPREHENSIVE_PNG, "Comprehensive comparison (the seed's six panels)")):
         if name in figures:
             parts += [f"### {caption}", "", f"![{caption}]({name})", ""]
@@ -104,6 +106,10 @@ def build(runs: list[Run], out_dir, source: str, input_path: Path | None = None,
                                                "Difference to baseline, paired by seed")
         if differences is not None:
             files[DIFFERENCES_PNG] = differences
+        probes = plots.probes_figure(runs, out_dir / PROBES_PNG,
+                                     "Mechanism probes at the final evaluation (mean over layers; a point per seed)")
+        if probes is not None:
+            files[PROBES_PNG] = probes
     files[REPORT] = out_dir / REPORT
     files[REPORT].write_text(_markdown(source, runs, by_key, files))
     return Report(source, runs, sections, files)

@@ -24,7 +24,8 @@ BOOKKEEPING = {"attention", "family", "seed", "results_dir", "group", "project",
                "processes",  # how many GPUs shared each (global) batch; train.py adds it to the W&B config
                # tuning's stage 2: variant_lr is attention + lr in one value (both are in the config),
                # eval_test adds a test evaluation after training without changing it
-               "variant_lr", "eval_test"}
+               "variant_lr", "eval_test",
+               "probes"}  # measures at evaluations only: training is the same with it on or off
 # The attention knobs (attention/registry.py): what is compared, like the attention itself.
 ATTENTION_KNOBS = frozenset(KNOBS)
 # Records and W&B runs carry their family. Only the seed's JSON does not, so the registry's map is
@@ -75,6 +76,8 @@ class Run:
     # (a GPU model, or "cpu"); the fairness audit flags compared runs where they differ.
     processes: int | None = None
     device: str | None = None
+    # --probes runs: the final evaluation's mechanism probes, {"probe/attn_entropy": ..., per layer too}
+    probes: dict = field(default_factory=dict)
     train_history: list = field(default_factory=list)  # [{"step": n, "train/loss": ..., ...}]
     eval_history: list = field(default_factory=list)  # [{"step": n, "val/loss": ..., ...}]
     origin: str = field(default="", compare=False)  # where it was read from (a path, a W&B path)
@@ -171,6 +174,8 @@ def _run_from_parts(*, name, variant, family, seed, status, error, run_id, group
         init_fingerprint=summary.get(record.INIT_FINGERPRINT),
         processes=number(summary.get(record.HARDWARE_PROCESSES, config.get("processes"))),  # config: W&B's
         device=summary.get(record.HARDWARE_DEVICE),
+        probes={k: number(v) for k, v in summary.items()
+                if k.startswith(record.PROBE_PREFIX) and number(v) is not None} if status == "finished" else {},
         train_history=train, eval_history=evals, origin=origin,
     )
 

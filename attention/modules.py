@@ -62,6 +62,18 @@ def causal_attention(q, k, v, scale: float, dropout: float, sdpa_pad: str = "aut
     return out[..., :v_dim].transpose(1, 2).reshape(batch, length, heads * v_dim)
 
 
+def causal_scores(q, k, scale: float) -> torch.Tensor:
+    """The pre-softmax scores causal_attention's kernel computes, made explicit: (B, H, T, T) of
+    q.k * scale, -inf above the diagonal (a query never sees a later key). Only for the mechanism
+    probes (probes.py) at evaluation: training never materialises them."""
+    if k.shape[1] != q.shape[1]:  # grouped-query: each key head serves H / H_kv consecutive query heads
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = (q @ k.transpose(-2, -1)) * scale
+    length = q.shape[-2]
+    future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+    return scores.masked_fill(future, float("-inf"))
+
+
 class MultiHeadAttention(nn.Module):
     """The baseline: q, k, v, o projections, RoPE on the whole head. With n_kv_heads < n_heads,
     grouped-query attention (one key/value head per n_heads / n_kv_heads query heads; 1: multi-query);
@@ -89,7 +101,8 @@ class MultiHeadAttention(nn.Module):
         self.register_buffer("alibi_slopes", alibi_slopes(n_heads) if spec.positions == "alibi" else None,
                              persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor):
+        """x (B, T, d_model) -> q (B, H, T, d), k and v (B, H_kv, T, d), RoPE applied."""
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim)
@@ -100,7 +113,21 @@ class MultiHeadAttention(nn.Module):
         if hasattr(self, "rotary"):
             cos, sin = self.rotary(length, x.device)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        mask = score_mask(length, self.window, self.alibi_slopes, x.device)
+        return q, k, v
+
+    def attention_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """The scaled, causally masked pre-softmax scores (B, H, T, T) forward's kernel uses (probes),
+        with the window and ALiBi's bias where the spec has them."""
+        q, k, _ = self.project(x)
+        scores = causal_scores(q, k, self.head_dim ** -0.5)
+        mask = score_mask(q.shape[-2], self.window, self.alibi_slopes, x.device)
+        if mask is None:
+            return scores
+        return scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.project(x)
+        mask = score_mask(x.shape[1], self.window, self.alibi_slopes, x.device)
         out = causal_attention(q, k, v, self.head_dim ** -0.5, self.dropout if self.training else 0.0, self.sdpa_pad,
                                mask)
         return self.o_proj(out)
@@ -137,7 +164,8 @@ class MultiHeadLatentAttention(nn.Module):
             self.rotary = RotaryEmbedding(self.qk_rope_head_dim, rope_theta, spec.rope_scaling,
                                           spec.rope_scaling_factor, max_len)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor):
+        """x (B, T, d_model) -> q, k (B, H, T, qk_head_dim) and v (B, H, T, v_head_dim), RoPE applied."""
         batch, length, _ = x.shape
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
@@ -157,11 +185,18 @@ class MultiHeadLatentAttention(nn.Module):
             q_rot, k_rot = apply_rotary(q_rot, cos, sin), apply_rotary(k_rot, cos, sin)
         k_rot = k_rot.expand(-1, self.n_heads, -1, -1)
         if not self.qk_rope_head_dim:
-            q, k = q_nope, k_nope
-        elif self.qk_nope_head_dim:
-            q, k = torch.cat((q_nope, q_rot), dim=-1), torch.cat((k_nope, k_rot), dim=-1)
-        else:
-            q, k = q_rot, k_rot
+            return q_nope, k_nope, v
+        if self.qk_nope_head_dim:
+            return torch.cat((q_nope, q_rot), dim=-1), torch.cat((k_nope, k_rot), dim=-1), v
+        return q_rot, k_rot, v
+
+    def attention_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """The scaled, causally masked pre-softmax scores (B, H, T, T) forward's kernel uses (probes)."""
+        q, k, _ = self.project(x)
+        return causal_scores(q, k, self.qk_head_dim ** -0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.project(x)
         out = causal_attention(q, k, v, self.qk_head_dim ** -0.5, self.dropout if self.training else 0.0,
                                self.sdpa_pad)
         return self.o_proj(out)

@@ -25,9 +25,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
+import model as model_module
 from attention import VARIANTS
-from bench.reference import has_reference
-from bench.reference import build_reference
+from bench.reference import build_reference, has_reference
 from bench.step import failure_reason, forced_failure
 from config import TrainConfig
 from model import ModelConfig, MoELM, init_weights

@@ -270,8 +270,9 @@ def test_qk_norm_reference_sees_the_norm():
     assert rel_err(y, y_ref) > 1e-2
 
 
-def explicit_mha(x, weights, n_heads, theta, factor, bias=None):
-    """Float64 causal multi-head attention with an explicit softmax. RoPE in the rotate-half layout
+def explicit_mha(x, weights, n_heads, theta, factor, bias=None, with_probs=False):
+    """Float64 causal multi-head attention with an explicit softmax (with_probs: and its (B, H, T, T)
+    attention probabilities). RoPE in the rotate-half layout
     written as complex rotation: dims (j, j + d/2) form the complex number x_j + i x_{j+d/2},
     multiplied by exp(i * (position / factor) * theta^(-2j/d))."""
     x = x.double()
@@ -301,7 +302,7 @@ def explicit_mha(x, weights, n_heads, theta, factor, bias=None):
     probs = torch.exp(scores - scores.amax(-1, keepdim=True))
     probs = probs / probs.sum(-1, keepdim=True)
     out = (probs @ v).transpose(1, 2).reshape(batch, length, d_model)
-    return proj("o_proj", out)
+    return (proj("o_proj", out), probs) if with_probs else proj("o_proj", out)
 
 
 @pytest.mark.parametrize("name", list(BASELINE_CASES))

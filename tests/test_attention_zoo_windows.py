@@ -362,3 +362,29 @@ def test_shared_init_is_the_same_for_the_new_variants():
         init_weights(model, 5)
         prints[name] = shared_parameters_fingerprint(model)
     assert len(set(prints.values())) == 1, prints
+
+
+# --- the probes' scores see the window and the bias ------------------------------------------------
+
+def test_probe_scores_give_the_references_attention_weights():
+    """attention_scores (probes.py) -> softmax equals the weights Mistral's (window) and Bloom's
+    (ALiBi + window) eager attention return."""
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    x = torch.randn(2, 24, D_MODEL, generator=torch.Generator().manual_seed(83))
+    positions = torch.arange(24)[None].expand(2, -1)
+    swa = build_attention(VARIANTS["swa"], D_MODEL, N_HEADS, rope_theta=THETA).eval()
+    randomize_(swa, seed=89)
+    ref, rotary = mistral_reference(VARIANTS["swa"])
+    ref.load_state_dict(swa.state_dict(), strict=True)
+    alibi = build_attention(VARIANTS["alibi"].with_overrides(attention_bias=True, window=6), D_MODEL, N_HEADS).eval()
+    randomize_(alibi, seed=97)
+    bloom = bloom_reference(alibi)
+    query, key = torch.arange(24)[:, None], torch.arange(24)[None]
+    mask = torch.zeros(24, 24).masked_fill((key > query) | (key <= query - 6), torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        _, weights = ref(x, rotary(x, positions), None)
+        assert rel_err(swa.attention_scores(x).softmax(-1), weights) < TOL
+        _, weights = bloom(x, torch.zeros_like(x), build_alibi_tensor(torch.ones(2, 24), N_HEADS, torch.float32),
+                           mask[None, None])
+        assert rel_err(alibi.attention_scores(x).softmax(-1), weights) < TOL

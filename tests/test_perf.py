@@ -195,7 +195,8 @@ def test_compiled_short_run_matches_eager():
             for step in range(3):
                 if compiled and step == 1:
                     torch.compiler.set_stance("fail_on_recompile")
-                ce, aux, _ = forward(batch[:, :-1], batch[:, 1:])  # the chunked loss, as train.py
+                out = forward(batch[:, :-1], batch[:, 1:])  # the chunked loss, as train.py
+                ce, aux = out.loss, out.aux_loss
                 loss = ce + 0.01 * aux
                 loss.backward()
                 optimizer.step()

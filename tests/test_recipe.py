@@ -13,7 +13,7 @@ import train
 from attention import VARIANTS
 from config import RECIPES, ConfigError, TrainConfig, config_from_values
 from model import ModelConfig, MoELM, init_weights
-from train_helpers import offline_run_contents, read_record, small_corpus, tiny_args
+from train_helpers import offline_run_when_ended, read_record, small_corpus, tiny_args
 
 SMALL = dict(vocab_size=97, d_model=64, n_layers=2, n_heads=4, d_ff=64, n_experts=4, top_k=2, seq_len=16)
 SEED_KNOBS = {"embed_scale": True, "aux_loss_reduction": "sum", "expert_dropout": 0.1, "final_dropout": 0.1,
@@ -239,5 +239,5 @@ def test_seed_recipe_run_logs_resolved_knobs_and_does_not_clip(tmp_path, corpus,
     assert {k: record["config"][k] for k in SEED_KNOBS} == SEED_KNOBS
     assert record["config"]["recipe"] == "seed"
     (run_dir,) = (tmp_path / "results" / "wandb").glob("offline-run-*")
-    logged = offline_run_contents(run_dir)["config"]
+    logged = offline_run_when_ended(run_dir)["config"]
     assert {k: logged[k] for k in SEED_KNOBS} == SEED_KNOBS

@@ -16,7 +16,8 @@ import torch
 import model as model_module
 import train
 from record import EXIT_CODES
-from train_helpers import ROOT, offline_env, offline_run_contents, read_record, run_train, small_corpus, tiny_args
+from train_helpers import (ROOT, offline_env, offline_run_when_ended, read_record, run_train, small_corpus, tiny_args,
+                           wait_for)
 
 TIMING_KEYS = ("perf/step_time_ms", "perf/tokens_per_sec", "memory/allocated_gb", "memory/peak_gb")
 
@@ -127,12 +128,12 @@ def faulty_forward(fault_step: int, fault):
     calls = {"train": 0}
 
     def forward(self, ids, targets=None):
-        ce, aux, *rest = original(self, ids, targets)
+        out = original(self, ids, targets)
         if self.training:
             calls["train"] += 1
             if calls["train"] == fault_step:
-                return fault(ce), aux, *rest
-        return ce, aux, *rest
+                return out._replace(loss=fault(out.loss))
+        return out
 
     return forward
 
@@ -143,8 +144,7 @@ def assert_wandb_run_says(results_dir: Path, record: dict, exit_code: int) -> No
     (run_dir,) = (results_dir / "wandb").glob(f"offline-run-*-{record['run_id']}")
     # in-process, the wandb service (still running for the next test) writes the exit record a
     # moment after run.finish() returns; a process that exits flushes it on teardown
-    assert wait_for(lambda: offline_run_contents(run_dir)["exit_code"] is not None, timeout=30)
-    logged = offline_run_contents(run_dir)
+    logged = offline_run_when_ended(run_dir)
     assert logged["exit_code"] == exit_code != 0
     assert (logged["summary"]["status"], logged["summary"]["error"]) == (record["status"], record["error"])
     assert len(logged["history"]) == len(record["history"])
@@ -216,15 +216,6 @@ def test_real_divergence_in_a_sweep_does_not_stop_the_sweep(tmp_path, corpus):
 
 
 # --- preemption and resume -----------------------------------------------------------------------
-
-def wait_for(predicate, timeout=120.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
-
 
 def start_train(args):
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=offline_env(),

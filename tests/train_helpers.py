@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from localsweep.wandb_file import history_rows, parsed_records
@@ -70,3 +71,20 @@ def offline_run_contents(run_dir: Path) -> dict:
             exit_code = record.exit.exit_code
     return {"config": config, "group": group, "sweep_id": sweep_id, "tags": tags, "history": history,
             "summary": summary, "exit_code": exit_code}
+
+
+def wait_for(predicate, timeout=120.0) -> bool:
+    """Poll `predicate` until it holds or `timeout` seconds pass."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def offline_run_when_ended(run_dir: Path, timeout=30.0) -> dict:
+    """offline_run_contents once the run's exit record is in its .wandb file: wandb-core writes the
+    offline log asynchronously, a moment after `run.finish()` returns in-process."""
+    assert wait_for(lambda: offline_run_contents(run_dir)["exit_code"] is not None, timeout), run_dir
+    return offline_run_contents(run_dir)
