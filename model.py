@@ -238,10 +238,11 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.d_model)
-        self.self_attn = build_attention(cfg.attention, cfg.d_model, cfg.n_heads, cfg.dropout, cfg.rope_theta,
+        # for_layer: a local/global pattern gives some layers the window and others the full context
+        self.self_attn = build_attention(cfg.attention.for_layer(layer), cfg.d_model, cfg.n_heads, cfg.dropout, cfg.rope_theta,
                                          max_len=cfg.seq_len, sdpa_pad=cfg.sdpa_pad)
         self.post_attention_layernorm = RMSNorm(cfg.d_model)
         self.mlp = MoE(cfg.d_model, cfg.d_ff, cfg.n_experts, cfg.top_k, cfg.router_noise_std, cfg.expert_dropout,
@@ -311,7 +312,7 @@ class MoELM(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model)
         self.final_dropout = nn.Dropout(cfg.final_dropout)
 
@@ -433,10 +434,16 @@ KV_CACHE_BYTES_PER_VALUE = 2  # bf16/fp16, as a decoder would cache
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig) -> int:
-    """What a decoder caches per generated token, over all layers, at 2 bytes a value: each
-    layer's kind says how many values (MHA/GQA: K and V of each key/value head; MLA: the
-    compressed latent plus the shared rotary key). It does not depend on the context length here,
-    since every kind so far attends to the whole context (seq_len)."""
-    spec = cfg.attention.resolved(cfg.d_model, cfg.n_heads)
-    per_layer = KINDS[spec.kind].kv_cache_values(spec, cfg.d_model // cfg.n_heads, cfg.n_heads)
-    return cfg.n_layers * per_layer * KV_CACHE_BYTES_PER_VALUE
+    """What a decoder caches per generated token, over all layers, at 2 bytes a value, at the
+    context length cfg.seq_len (L): each layer's kind says how many values a token adds (MHA/GQA:
+    K and V of each key/value head; MLA: the compressed latent plus the shared rotary key). A
+    sliding-window layer keeps only its last min(window, L) tokens, so it is counted as
+    values x min(window, L) / L per token: the whole cache at context L divided by L, rounded to
+    the byte. Without a window this is the plain per-token size, whatever L."""
+    context = cfg.seq_len
+    total = 0  # bytes cached over all layers at context L
+    for layer in range(cfg.n_layers):
+        spec = cfg.attention.for_layer(layer).resolved(cfg.d_model, cfg.n_heads)
+        per_token = KINDS[spec.kind].kv_cache_values(spec, cfg.d_model // cfg.n_heads, cfg.n_heads)
+        total += per_token * KV_CACHE_BYTES_PER_VALUE * (min(spec.window, context) if spec.window else context)
+    return round(total / context)

@@ -29,9 +29,10 @@ def apply_output_gate(out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return (out.view(batch, length, heads, -1) * torch.sigmoid(gate)).reshape(batch, length, -1)
 
 
-def causal_scores(q, k, scale: float, softcap: float = 0.0) -> torch.Tensor:
+def causal_scores(q, k, scale: float, softcap: float = 0.0, mask=None) -> torch.Tensor:
     """(B, H, T, d) queries, (B, H_kv, T, d) keys -> the (B, H, T, T) pre-softmax scores q.k * scale,
-    soft-capped (softcap > 0) and then -inf above the diagonal (a query never sees a later key).
+    soft-capped (softcap > 0) and then -inf above the diagonal (a query never sees a later key), or
+    outside `mask` (attention.positions.score_mask: a boolean window, or ALiBi's additive bias).
     The explicit path below uses them; so do the mechanism probes (probes.py) at evaluation, for
     every kind whose kernel is SDPA: training on SDPA never materialises them."""
     if k.shape[1] != q.shape[1]:  # grouped-query: each key head serves H / H_kv consecutive query heads
@@ -39,17 +40,19 @@ def causal_scores(q, k, scale: float, softcap: float = 0.0) -> torch.Tensor:
     scores = (q @ k.transpose(-2, -1)) * scale
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        return scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     length = q.shape[-2]
     future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
     return scores.masked_fill(future, float("-inf"))
 
 
 def explicit_causal_attention(q, k, v, scale: float, dropout: float, sinks: torch.Tensor | None = None,
-                              softcap: float = 0.0) -> torch.Tensor:
+                              softcap: float = 0.0, mask=None) -> torch.Tensor:
     """(B, H, T, d) queries, (B, H_kv, T, d) keys/values -> (B, T, H * d), with an explicit softmax:
     scores soft-capped (softcap > 0) and then masked, as Gemma2's eager attention; with sinks, a
     per-head logit appended as one more column of the softmax and dropped after it, as gpt-oss's."""
-    scores = causal_scores(q, k, scale, softcap)
+    scores = causal_scores(q, k, scale, softcap, mask)
     groups = q.shape[1] // k.shape[1]
     if groups > 1:  # grouped-query: each key/value head serves `groups` consecutive query heads
         v = v.repeat_interleave(groups, dim=1)

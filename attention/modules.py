@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .modulated import apply_output_gate, causal_scores, explicit_causal_attention, gate_width
+from .positions import alibi_slopes, score_mask
 from .rope import RotaryEmbedding, apply_rotary
 from .registry import AttentionSpec
 
@@ -43,10 +44,11 @@ def _pad_head_dims(q: torch.Tensor, dropout: float, sdpa_pad: str) -> bool:
     return sdpa_pad == "always"
 
 
-def causal_attention(q, k, v, scale: float, dropout: float, sdpa_pad: str = "auto") -> torch.Tensor:
+def causal_attention(q, k, v, scale: float, dropout: float, sdpa_pad: str = "auto", mask=None) -> torch.Tensor:
     """(B, H, T, d) queries and (B, H_kv, T, d) keys/values -> (B, T, H * d_v). Fused kernel, causal
     mask, explicit softmax scale; with fewer key/value heads than query heads (grouped-query), each
-    key/value head serves H / H_kv consecutive query heads (SDPA's enable_gqa, Llama's repeat_kv)."""
+    key/value head serves H / H_kv consecutive query heads (SDPA's enable_gqa, Llama's repeat_kv).
+    mask: a causal mask of its own (a window, ALiBi: attention.positions.score_mask) instead of SDPA's."""
     v_dim = v.shape[-1]
     if q.shape[-1] != v_dim and _pad_head_dims(q, dropout, sdpa_pad):
         dim = max(q.shape[-1], v_dim)
@@ -55,7 +57,8 @@ def causal_attention(q, k, v, scale: float, dropout: float, sdpa_pad: str = "aut
         else:
             v = F.pad(v, (0, dim - v_dim))
     grouped = k.shape[1] != q.shape[1]
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=grouped)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
+                                         scale=scale, enable_gqa=grouped)
     batch, heads, length, _ = out.shape
     return out[..., :v_dim].transpose(1, 2).reshape(batch, length, heads * v_dim)
 
@@ -63,8 +66,10 @@ def causal_attention(q, k, v, scale: float, dropout: float, sdpa_pad: str = "aut
 class MultiHeadAttention(nn.Module):
     """The baseline: q, k, v, o projections, RoPE on the whole head. With n_kv_heads < n_heads,
     grouped-query attention (one key/value head per n_heads / n_kv_heads query heads; 1: multi-query);
-    with qk_norm, an RMSNorm over each head's query and key before RoPE (Qwen3); with an output gate,
-    attention sinks or soft-capped logits, see attention/modulated.py."""
+    with qk_norm, an RMSNorm over each head's query and key before RoPE (Qwen3); positions "none"
+    drops RoPE (NoPE), "alibi" replaces it with Bloom's per-head distance penalty; window > 0 lets
+    each query see only its last `window` keys (Mistral); with an output gate, attention sinks or
+    soft-capped logits, see attention/modulated.py."""
 
     def __init__(self, spec: AttentionSpec, d_model: int, n_heads: int, dropout: float, rope_theta: float,
                  max_len: int = 0, sdpa_pad: str = "auto"):
@@ -83,7 +88,12 @@ class MultiHeadAttention(nn.Module):
         if spec.attention_sinks:
             self.sinks = nn.Parameter(torch.zeros(n_heads))  # gpt-oss's name; one logit per head
         self.softcap = spec.attn_softcap
-        self.rotary = RotaryEmbedding(self.head_dim, rope_theta, spec.rope_scaling, spec.rope_scaling_factor, max_len)
+        if spec.positions == "rope":
+            self.rotary = RotaryEmbedding(self.head_dim, rope_theta, spec.rope_scaling, spec.rope_scaling_factor,
+                                          max_len)
+        self.window = spec.window
+        self.register_buffer("alibi_slopes", alibi_slopes(n_heads) if spec.positions == "alibi" else None,
+                             persistent=False)
 
     def project(self, x: torch.Tensor):
         """x (B, T, d_model) -> q (B, H, T, d), k and v (B, H_kv, T, d), RoPE applied, and the output
@@ -96,14 +106,18 @@ class MultiHeadAttention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        cos, sin = self.rotary(length, x.device)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, gate
+        if hasattr(self, "rotary"):
+            cos, sin = self.rotary(length, x.device)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return q, k, v, gate
 
     def attention_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """The scaled (soft-capped), causally masked pre-softmax scores (B, H, T, T) forward's
-        kernel uses (probes). With sinks they miss the sink column: see attention_probabilities."""
+        """The scaled (soft-capped), masked pre-softmax scores (B, H, T, T) forward's kernel uses
+        (probes), with the window and ALiBi's bias where the spec has them. With sinks they miss the
+        sink column: see attention_probabilities."""
         q, k, _, _ = self.project(x)
-        return causal_scores(q, k, self.head_dim ** -0.5, self.softcap)
+        mask = score_mask(q.shape[-2], self.window, self.alibi_slopes, x.device)
+        return causal_scores(q, k, self.head_dim ** -0.5, self.softcap, mask)
 
     def attention_probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, T, T) attention weights on the keys (probes); with sinks they sum to less than 1."""
@@ -115,12 +129,13 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v, gate = self.project(x)
+        mask = score_mask(x.shape[1], self.window, self.alibi_slopes, x.device)
         dropout = self.dropout if self.training else 0.0
         if hasattr(self, "sinks") or self.softcap:  # SDPA has neither
             out = explicit_causal_attention(q, k, v, self.head_dim ** -0.5, dropout, getattr(self, "sinks", None),
-                                            self.softcap)
+                                            self.softcap, mask)
         else:
-            out = causal_attention(q, k, v, self.head_dim ** -0.5, dropout, self.sdpa_pad)
+            out = causal_attention(q, k, v, self.head_dim ** -0.5, dropout, self.sdpa_pad, mask)
         if self.gate_dim:
             if getattr(self, "probing", False):  # probes.py reads the gate's openness
                 self.last_gate = torch.sigmoid(gate)
@@ -155,8 +170,9 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, n_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(n_heads * self.v_head_dim, d_model, bias=spec.attention_bias)
-        self.rotary = RotaryEmbedding(self.qk_rope_head_dim, rope_theta, spec.rope_scaling, spec.rope_scaling_factor,
-                                      max_len)
+        if self.qk_rope_head_dim:  # 0: no decoupled rotary key, no positions
+            self.rotary = RotaryEmbedding(self.qk_rope_head_dim, rope_theta, spec.rope_scaling,
+                                          spec.rope_scaling_factor, max_len)
 
     def project(self, x: torch.Tensor):
         """x (B, T, d_model) -> q, k (B, H, T, qk_head_dim) and v (B, H, T, v_head_dim), RoPE applied."""
@@ -173,9 +189,13 @@ class MultiHeadLatentAttention(nn.Module):
         kv = kv.view(batch, length, self.n_heads, self.qk_nope_head_dim + self.v_head_dim).transpose(1, 2)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
 
-        cos, sin = self.rotary(length, x.device)
-        q_rot = apply_rotary(q_rot, cos, sin)
-        k_rot = apply_rotary(k_rot.unsqueeze(1), cos, sin).expand(-1, self.n_heads, -1, -1)
+        k_rot = k_rot.unsqueeze(1)
+        if hasattr(self, "rotary"):
+            cos, sin = self.rotary(length, x.device)
+            q_rot, k_rot = apply_rotary(q_rot, cos, sin), apply_rotary(k_rot, cos, sin)
+        k_rot = k_rot.expand(-1, self.n_heads, -1, -1)
+        if not self.qk_rope_head_dim:
+            return q_nope, k_nope, v
         if self.qk_nope_head_dim:
             return torch.cat((q_nope, q_rot), dim=-1), torch.cat((k_nope, k_rot), dim=-1), v
         return q_rot, k_rot, v

@@ -35,8 +35,9 @@ def _positive_or_full(value) -> str | None:
     return f"must be a positive integer or '{FULL_RANK}'"
 
 
-def _positive_even(value) -> str | None:
-    return _positive(value) or (None if value % 2 == 0 else "must be even (RoPE rotates pairs)")
+def _even(value) -> str | None:
+    # 0: no rotary dims at all (MLA without decoupled RoPE)
+    return _non_negative(value) or (None if value % 2 == 0 else "must be even (RoPE rotates pairs)")
 
 
 def _output_gate(value) -> str | None:
@@ -50,6 +51,13 @@ def _rope_scaling(value) -> str | None:
 
 
 OUTPUT_GATES = ("none", "headwise", "elementwise")  # --output_gate (attention/modulated.py: gate_width)
+POSITIONS = ("rope", "none", "alibi")  # the `positions` knob: RoPE, NoPE (no position signal), ALiBi
+
+
+def _position_kind(value) -> str | None:
+    return None if value in POSITIONS else f"allowed: {', '.join(POSITIONS)}"
+
+
 FULL_RANK = "full"  # --q_lora_rank=full: a full-rank q_proj instead of the variant's low-rank query
 
 
@@ -76,8 +84,8 @@ KNOBS: dict[str, Knob] = {k.name: k for k in [
     Knob("q_lora_rank", int | None, None, "query rank, or 'full' for a full-rank q_proj; None: the variant's",
          _positive_or_full, cli_type=int | str, aliases={FULL_RANK: None}),
     Knob("kv_lora_rank", int | None, None, "rank of the key/value latent; None: the variant's", _positive),
-    Knob("qk_rope_head_dim", int | None, None, "rotary dims per query/key head (even); None: the variant's",
-         _positive_even),
+    Knob("qk_rope_head_dim", int | None, None, "rotary dims per query/key head (even; 0: no RoPE, "
+         "then qk_nope_head_dim > 0); None: the variant's", _even),
     Knob("qk_nope_head_dim", int, 0, "non-rotary dims per query/key head; None: the variant's", _non_negative),
     Knob("v_head_dim", int | None, None, "value dims per head; None: the variant's", _positive),
     # every kind
@@ -92,6 +100,13 @@ KNOBS: dict[str, Knob] = {k.name: k for k in [
          "None: the variant's"),
     Knob("attn_softcap", float, 0.0, "soft-cap the attention logits to cap * tanh(logit / cap) (Gemma 2), 0: off; "
          "None: the variant's", _non_negative),
+    # positions and windows (multi-head attention)
+    Knob("positions", str, "rope", "position signal: rope, none (NoPE) or alibi (Bloom's linear bias); "
+         "None: the variant's", _position_kind),
+    Knob("window", int, 0, "sliding window: each query sees itself and the window-1 keys before it "
+         "(Mistral); 0: full causal; None: the variant's", _non_negative),
+    Knob("global_every", int, 0, "with a window, every Nth layer (N, 2N, ..) attends to all keys, "
+         "the others are local (Gemma 2: 2); 0: every layer local; None: the variant's", _non_negative),
 ]}
 
 
@@ -125,6 +140,13 @@ class AttentionSpec:
         """Head dims left None filled in for this model size (the kind's rule)."""
         return KINDS[self.kind].resolve(self, d_model // n_heads, n_heads)
 
+    def for_layer(self, layer: int) -> "AttentionSpec":
+        """The spec of layer `layer` (0-based): with a window and global_every N, layers N-1, 2N-1, ..
+        are global (Gemma 2, N=2: local, global, local, ..), the others keep the window."""
+        if self.window and self.global_every and (layer + 1) % self.global_every == 0:
+            return replace(self, window=0)
+        return self
+
 
 # --- kinds ---------------------------------------------------------------------------------------
 
@@ -146,23 +168,37 @@ def _mha_resolve(spec, head_dim, n_heads):
 
 
 def _mha_refuse(spec, head_dim, n_heads):
-    if head_dim % 2:
+    if head_dim % 2 and spec.positions == "rope":
         return f"head dim {head_dim} (d_model/n_heads) must be even for RoPE"
     if n_heads % spec.n_kv_heads:
         return f"--n_kv_heads={spec.n_kv_heads}: --n_heads={n_heads} must divide by it"
+    if spec.rope_scaling and spec.positions != "rope":
+        return f"--rope_scaling: only with --positions=rope, not {spec.positions}"
+    if spec.global_every and not spec.window:
+        return "--global_every: needs a --window (without one every layer is global)"
     return None
 
 
 def _mla_resolve(spec, head_dim, n_heads):
-    return replace(spec, qk_rope_head_dim=spec.qk_rope_head_dim or head_dim, v_head_dim=spec.v_head_dim or head_dim)
+    rope = head_dim if spec.qk_rope_head_dim is None else spec.qk_rope_head_dim
+    return replace(spec, qk_rope_head_dim=rope, v_head_dim=spec.v_head_dim or head_dim)
+
+
+def _mla_refuse(spec, head_dim, n_heads):
+    if spec.qk_rope_head_dim == 0 and spec.qk_nope_head_dim == 0:
+        return "--qk_rope_head_dim=0: needs --qk_nope_head_dim > 0 (queries and keys need some dims)"
+    if spec.qk_rope_head_dim == 0 and spec.rope_scaling:
+        return "--rope_scaling: only with RoPE, not with --qk_rope_head_dim=0"
+    return None
 
 
 KINDS: dict[str, Kind] = {k.name: k for k in [
     Kind("mha", "multi-head attention (MHA/GQA/MQA)", "attention.modules:MultiHeadAttention",
          ("n_kv_heads", "qk_norm", "attention_bias", "rope_scaling", "rope_scaling_factor",
-          "output_gate", "attention_sinks", "attn_softcap"),
+          "output_gate", "attention_sinks", "attn_softcap", "positions", "window", "global_every"),
          "transformers LlamaAttention (num_key_value_heads); Qwen3Attention with qk_norm; Qwen3NextAttention with "
-         "an element-wise gate; GptOssAttention with sinks; Gemma2Attention with a soft-cap",
+         "an element-wise gate; GptOssAttention with sinks; Gemma2Attention with a soft-cap; MistralAttention with "
+         "a window; BloomAttention with ALiBi",
          resolve=_mha_resolve,
          head_dims=lambda spec, head_dim: (head_dim, head_dim),
          # K and V of each key/value head
@@ -176,7 +212,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
          head_dims=lambda spec, head_dim: (spec.qk_nope_head_dim + spec.qk_rope_head_dim, spec.v_head_dim),
          # the compressed latent plus the one rotary key shared by all heads (DeepSeek-V2's cache)
          kv_cache_values=lambda spec, head_dim, n_heads: spec.kv_lora_rank + spec.qk_rope_head_dim,
-         refuse=lambda spec, head_dim, n_heads: None),
+         refuse=_mla_refuse),
 ]}
 
 
@@ -211,6 +247,9 @@ FAMILIES: dict[str, Family] = {
     "gate": Family("Gated", "#17becf", "GnBu"),
     "sinks": Family("Sinks", "#bcbd22", "YlGn"),
     "softcap": Family("Soft-cap", "#393b79", "BuPu"),
+    "window": Family("Window", "#aec7e8", "Blues"),
+    "positions": Family("Positions", "#ffbb78", "Oranges"),
+    "mla_v3": Family("MLA (V3)", "#98df8a", "Greens"),
 }
 OTHER_FAMILY = Family("Other", "#7f7f7f", "Greys")
 
@@ -251,4 +290,21 @@ VARIANTS: dict[str, AttentionSpec] = {spec.name: spec for spec in [
     AttentionSpec(name="gated_headwise", family="gate", n_kv_heads=2, qk_norm=True, output_gate="headwise"),
     AttentionSpec(name="sinks", family="sinks", n_kv_heads=2, attention_sinks=True),  # gpt-oss-style, with GQA
     AttentionSpec(name="softcap", family="softcap", attn_softcap=50.0),  # Gemma-2-style logit soft-cap 50
+    # Windows: sizes for the smoke sweep's 64 tokens (a quarter of the context); at the seed's 512
+    # tokens a Mistral-like ratio would be larger -- sweep --window to ask.
+    AttentionSpec(name="swa", family="window", window=16),  # Mistral-style: every layer local
+    AttentionSpec(name="local_global", family="window", window=16, global_every=2),  # Gemma 2: local, global, ..
+    AttentionSpec(name="nope", family="positions", positions="none"),  # no position signal at all
+    AttentionSpec(name="alibi", family="positions", positions="alibi"),  # Bloom / MPT
+    # DeepSeek-V3's proportions at head dim 64 (V3: qk_nope 128, qk_rope 64, v 128 at 128 heads,
+    # d_model 7168, q_lora 1536, kv_lora 512): per-head dims halved (V3's 128-dim heads -> our 64),
+    # ranks the same fraction of d_model, rounded to 16: q 1536/7168 x 512 = 110 -> 112,
+    # kv 512/7168 x 512 = 37 -> 32.
+    AttentionSpec(name="mla_v3", family="mla_v3", kind="mla", q_lora_rank=112, kv_lora_rank=32,
+                  qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64),
+    # MLA without the decoupled rotary key: mla_v3's 96 query/key dims all from the latent, no
+    # positions at all (RoPE cannot pass through the latent, DeepSeek-V2 section 2.1.3); caches the
+    # latent alone.
+    AttentionSpec(name="mla_norope", family="mla_v3", kind="mla", q_lora_rank=112, kv_lora_rank=32,
+                  qk_nope_head_dim=96, qk_rope_head_dim=0, v_head_dim=64),
 ]}

@@ -19,7 +19,8 @@ D_MODEL, N_HEADS, THETA = 512, 8, 10000.0  # the seed's size: the reference sees
 SHAPES = [(1, 1), (2, 17), (3, 32)]  # (batch, length)
 TOL = 1e-5  # relative error, float32
 
-MLA_CASES = {name: spec for name, spec in VARIANTS.items() if spec.is_latent}
+# (qk_rope_head_dim 0, e.g. mla_norope: the reference needs empty cos/sin, tests/test_attention_zoo_windows.py)
+MLA_CASES = {name: spec for name, spec in VARIANTS.items() if spec.is_latent and spec.qk_rope_head_dim != 0}
 # The named variants all have qk_nope_head_dim = 0; these exercise the non-rotary query/key path
 # (low-rank and full-rank query, with and without scaling and bias).
 MLA_CASES["lora_medium+nope16"] = VARIANTS["lora_medium"].with_overrides(qk_nope_head_dim=16)
