@@ -2,12 +2,11 @@
 dry run as that machine would run it: without wandb, datasets or sweeps installed (an import of
 any of them fails here), with the token cache shipped warm, and with an output folder from which
 only 8 files, at most two folders deep, come back."""
+import json
 import re
 import subprocess
 import sys
 import tarfile
-
-import json
 
 from config import TrainConfig
 from data import load_tokens
@@ -135,3 +134,14 @@ def test_sections_that_would_end_past_the_deadline_are_skipped(tmp_path):
     total = int(re.search(r"dry run\): (\d+) s in all", proc.stdout).group(1))
     assert total < 30
     assert sorted(p.name for p in out.iterdir()) == ["results.tar.gz", "summary.txt"]  # no headline section ran
+
+
+def test_perf_md_names_the_token_cache_a_gpu_run_must_carry():
+    """docs/PERF.md's device-tool invocation lists the token-cache files to `carry`; their names
+    hash the data settings, so a change of those must change PERF.md too, or the GPU run misses
+    its cache and needs `datasets`, which that machine lacks."""
+    from data import token_cache_paths
+
+    expected = [str(path.relative_to(ROOT)) for path in token_cache_paths(TrainConfig())]
+    perf = (ROOT / "docs" / "PERF.md").read_text()
+    assert f"`carry` | `{json.dumps(expected)}`" in perf, expected
