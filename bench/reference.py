@@ -132,12 +132,14 @@ class SeedMoE(MoE):
 
 def has_reference(spec: AttentionSpec) -> bool:
     """The seed-style twins cover the seed's kinds only: MLA, and MHA with a key/value head per
-    query head and no QK-norm, output gate, sinks or soft-cap (the zoo's kinds have none here yet)."""
+    query head, RoPE on every key, and no QK-norm, output gate, sinks, soft-cap or window (the
+    zoo's kinds have none here yet)."""
     return spec.kind == "mla" or (spec.n_kv_heads is None and not spec.qk_norm and not _modulated(spec))
 
 
 def _modulated(spec: AttentionSpec) -> bool:
-    return spec.output_gate != "none" or spec.attention_sinks or bool(spec.attn_softcap)
+    return (spec.output_gate != "none" or spec.attention_sinks or bool(spec.attn_softcap)
+            or spec.positions != "rope" or bool(spec.window))
 
 
 def build_reference(cfg: ModelConfig) -> MoELM:
@@ -145,8 +147,8 @@ def build_reference(cfg: ModelConfig) -> MoELM:
     tree (and so every parameter name, shape and order) is unchanged: it loads our state dict."""
     spec = cfg.attention.resolved(cfg.d_model, cfg.n_heads)
     if spec.kind == "mha" and (spec.n_kv_heads != cfg.n_heads or spec.qk_norm or _modulated(spec)):
-        raise ValueError(f"{spec.name}: the seed-style reference has no grouped-query, QK-norm, gated, sink or "
-                         "soft-capped attention")
+        raise ValueError(f"{spec.name}: the seed-style reference has no grouped-query, QK-norm, gated, sink, "
+                         "soft-capped, windowed, ALiBi or NoPE attention")
     model = MoELM(cfg)
     attention = SeedMLA if cfg.attention.is_latent else SeedMHA
     for layer in model.layers:

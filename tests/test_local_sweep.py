@@ -259,13 +259,13 @@ def test_values_that_fail_only_together_are_named_together(capsys, tmp_path, fak
 
 def test_random_and_bayes_values_are_checked_one_by_one(capsys, tmp_path, fake):
     sweep = write_sweep(tmp_path / "bad.yaml", fake, {
-        "attention": {"values": ["baseline", "nope"]},
+        "attention": {"values": ["baseline", "flash_magic"]},
         "lr": {"distribution": "uniform", "min": -0.1, "max": 0.01},
         "d_model": {"value": 64},
         "n_heads": {"values": [4, 5]},
     }, method="random")
     line = refuse(capsys, tmp_path, [sweep, "--count", "3"])
-    assert "attention=nope" in line and "lr=-0.1 (--lr=-0.1: must be 0 or greater)" in line
+    assert "attention=flash_magic" in line and "lr=-0.1 (--lr=-0.1: must be 0 or greater)" in line
     assert "n_heads=5" in line and "n_heads=4" not in line
 
 

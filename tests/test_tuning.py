@@ -108,7 +108,7 @@ def test_variant_lr_sets_attention_and_lr_and_refuses_disagreement():
         with pytest.raises(ConfigError, match="expected VARIANT@LR"):
             config_from_values({"variant_lr": bad})
     with pytest.raises(ConfigError, match="unknown attention variant"):
-        config_from_values({"variant_lr": "nope@0.1"})
+        config_from_values({"variant_lr": "flash_magic@0.1"})
 
 
 # --- choosing each variant's lr (stage 1) ------------------------------------------------------
