@@ -294,6 +294,10 @@ VARIANTS: dict[str, AttentionSpec] = {spec.name: spec for spec in [
     # tokens a Mistral-like ratio would be larger -- sweep --window to ask.
     AttentionSpec(name="swa", family="window", window=16),  # Mistral-style: every layer local
     AttentionSpec(name="local_global", family="window", window=16, global_every=2),  # Gemma 2: local, global, ..
+    # the published designs that combine them (layer_types of transformers' GptOssConfig / Gemma2Config:
+    # sliding, full, sliding, ..): gpt-oss's sinks + GQA on every layer, Gemma 2's soft-cap 50 on every layer
+    AttentionSpec(name="gptoss", family="sinks", n_kv_heads=2, attention_sinks=True, window=16, global_every=2),
+    AttentionSpec(name="gemma2", family="softcap", attn_softcap=50.0, window=16, global_every=2),
     AttentionSpec(name="nope", family="positions", positions="none"),  # no position signal at all
     AttentionSpec(name="alibi", family="positions", positions="alibi"),  # Bloom / MPT
     # DeepSeek-V3's proportions at head dim 64 (V3: qk_nope 128, qk_rope 64, v 128 at 128 heads,
