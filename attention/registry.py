@@ -307,4 +307,10 @@ VARIANTS: dict[str, AttentionSpec] = {spec.name: spec for spec in [
     # latent alone.
     AttentionSpec(name="mla_norope", family="mla_v3", kind="mla", q_lora_rank=112, kv_lora_rank=32,
                   qk_nope_head_dim=96, qk_rope_head_dim=0, v_head_dim=64),
+    # options combined as published designs combine them; both alternate sliding and full layers as
+    # transformers' GptOssConfig / Gemma2Config layer_types do (sliding, full, sliding, ..)
+    AttentionSpec(name="gptoss", family="sinks", n_kv_heads=2, attention_sinks=True, window=16,
+                  global_every=2),  # gpt-oss: sinks and GQA on every layer
+    AttentionSpec(name="gemma2", family="softcap", attn_softcap=50.0, window=16,
+                  global_every=2),  # Gemma 2: the logit soft-cap 50 on every layer
 ]}

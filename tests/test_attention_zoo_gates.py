@@ -94,20 +94,26 @@ def test_qwen3_next_comparison_sees_the_gate():
 
 # --- sinks vs GptOssAttention ----------------------------------------------------------------------
 
+def layer_type(spec) -> str:
+    """The transformers layer type of a one-layer reference: its eager attention takes the window
+    only from the mask it is handed (tests/test_attention_zoo_windows.py: with_sliding_window_mask)."""
+    return "sliding_attention" if spec.window else "full_attention"
+
+
 def gpt_oss_reference(spec):
     from transformers.models.gpt_oss.configuration_gpt_oss import GptOssConfig
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssAttention, GptOssRotaryEmbedding
 
-    # full attention on every layer (no window) and plain RoPE (gpt-oss ships YaRN)
+    # one layer, full attention or (spec.window) a sliding one, and plain RoPE (gpt-oss ships YaRN)
     config = GptOssConfig(
         hidden_size=D_MODEL, num_attention_heads=N_HEADS, num_key_value_heads=spec.n_kv_heads or N_HEADS,
         head_dim=HEAD_DIM, attention_bias=spec.attention_bias, attention_dropout=0.0,
-        rope_parameters=rope_parameters(spec), layer_types=["full_attention"], num_hidden_layers=1,
-        max_position_embeddings=4096,
+        rope_parameters=rope_parameters(spec), layer_types=[layer_type(spec)], num_hidden_layers=1,
+        max_position_embeddings=4096, sliding_window=spec.window or None,
     )
     config._attn_implementation = "eager"
     ref, rotary = GptOssAttention(config, layer_idx=0), GptOssRotaryEmbedding(config)
-    assert ref.sliding_window is None and rotary.attention_scaling == 1.0
+    assert ref.sliding_window == (spec.window or None) and rotary.attention_scaling == 1.0
     assert rotary.rope_type == ("linear" if spec.rope_scaling else "default")
     return ref.eval(), rotary
 
@@ -152,11 +158,12 @@ def gemma2_reference(spec):
         hidden_size=D_MODEL, num_attention_heads=N_HEADS, num_key_value_heads=spec.n_kv_heads or N_HEADS,
         head_dim=HEAD_DIM, query_pre_attn_scalar=HEAD_DIM, attn_logit_softcapping=spec.attn_softcap,
         attention_bias=spec.attention_bias, attention_dropout=0.0, rope_parameters=rope_parameters(spec),
-        layer_types=["full_attention"], num_hidden_layers=1, max_position_embeddings=4096,
+        layer_types=[layer_type(spec)], num_hidden_layers=1, max_position_embeddings=4096,
+        sliding_window=spec.window or None,
     )
     config._attn_implementation = "eager"
     ref, rotary = Gemma2Attention(config, layer_idx=0), Gemma2RotaryEmbedding(config)
-    assert ref.sliding_window is None and rotary.attention_scaling == 1.0
+    assert ref.sliding_window == (spec.window or None) and rotary.attention_scaling == 1.0
     assert ref.scaling == pytest.approx(HEAD_DIM ** -0.5, rel=1e-12)
     assert ref.attn_logit_softcapping == spec.attn_softcap
     return ref.eval(), rotary
@@ -193,7 +200,8 @@ def test_gemma2_comparison_sees_the_cap():
 # --- the head-wise gate, and everything combined, vs an explicit float64 attention -------------
 
 def explicit_attention(x, params, spec):
-    """Float64 causal attention written from the definitions, every option at once. q_proj's rows
+    """Float64 causal attention written from the definitions, every option at once (a window and ALiBi
+    too). q_proj's rows
     are, head after head, [query (head_dim), gate (head_dim element-wise, 1 head-wise)]."""
     batch, length, _ = x.shape
     n_kv = spec.n_kv_heads or N_HEADS
@@ -220,14 +228,21 @@ def explicit_attention(x, params, spec):
     v = proj("v_proj", x).view(batch, length, n_kv, HEAD_DIM)
     if spec.qk_norm:
         q, k = rms_norm(q, params["q_norm.weight"]), rms_norm(k, params["k_norm.weight"])
-    q, k, v = rope(q.transpose(1, 2)), rope(k.transpose(1, 2)), v.transpose(1, 2)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if spec.positions == "rope":
+        q, k = rope(q), rope(k)
+    query, key = torch.arange(length)[:, None], torch.arange(length)[None]
+    visible = (key <= query) & ((key > query - spec.window) if spec.window else True)  # causal, the window
+    distance = (query - key).double()
     out = torch.zeros(batch, N_HEADS, length, HEAD_DIM, dtype=torch.float64)
     for h in range(N_HEADS):
         kv = h // (N_HEADS // n_kv)  # consecutive query heads share a key/value head
         logits = q[:, h] @ k[:, kv].transpose(-1, -2) / math.sqrt(HEAD_DIM)
         if spec.attn_softcap:
             logits = spec.attn_softcap * torch.tanh(logits / spec.attn_softcap)
-        weights = torch.exp(logits) * torch.ones(length, length, dtype=torch.float64).tril()  # causal
+        if spec.positions == "alibi":  # Press et al.: head h of H (a power of two) gets slope 2^(-8(h+1)/H)
+            logits = logits - 2.0 ** (-8.0 * (h + 1) / N_HEADS) * distance
+        weights = torch.exp(logits) * visible
         denominator = weights.sum(-1, keepdim=True)
         if spec.attention_sinks:
             denominator = denominator + torch.exp(params["sinks"][h])
@@ -252,7 +267,11 @@ EXPLICIT_CASES = {
 
 @pytest.mark.parametrize("name", list(EXPLICIT_CASES))
 def test_gates_sinks_and_softcap_match_the_explicit_float64_attention(name):
-    spec = EXPLICIT_CASES[name]
+    assert_matches_explicit_attention(EXPLICIT_CASES[name])
+
+
+def assert_matches_explicit_attention(spec):
+    """Outputs, input and parameter gradients of our module equal explicit_attention's, at SHAPES."""
     ours = build(spec, seed=67)
     gen = torch.Generator().manual_seed(71)
     for batch, length in SHAPES:

@@ -35,7 +35,6 @@ ROOT = Path(__file__).resolve().parent.parent
 def mistral_reference(spec):
     """MistralAttention whose every call gets the mask transformers builds for its sliding window
     (its eager attention only adds the mask it is given; the window lives in the mask)."""
-    from transformers.masking_utils import create_sliding_window_causal_mask
     from transformers.models.mistral.configuration_mistral import MistralConfig
     from transformers.models.mistral.modeling_mistral import MistralAttention, MistralRotaryEmbedding
 
@@ -50,6 +49,14 @@ def mistral_reference(spec):
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             old = getattr(ref, name)
             setattr(ref, name, torch.nn.Linear(old.in_features, old.out_features, bias=True))
+    return with_sliding_window_mask(ref, config).eval(), rotary
+
+
+def with_sliding_window_mask(ref, config):
+    """`ref` (a transformers attention module) called with the mask transformers builds for
+    config.sliding_window instead of the plain causal one the tests hand it."""
+    from transformers.masking_utils import create_sliding_window_causal_mask
+
     forward = ref.forward
 
     def windowed(x, position_embeddings, _plain_causal_mask):
@@ -59,7 +66,7 @@ def mistral_reference(spec):
         return forward(x, position_embeddings, mask)
 
     ref.forward = windowed
-    return ref.eval(), rotary
+    return ref
 
 
 WINDOW_CASES = {
@@ -267,9 +274,12 @@ REACH_CASES = {"window3": VARIANTS["baseline"].with_overrides(window=3),
 
 @pytest.mark.parametrize("name", list(REACH_CASES))
 def test_outputs_see_only_the_past_and_only_the_window(name):
+    assert_sees_only_the_past_and_the_window(REACH_CASES[name])
+
+
+def assert_sees_only_the_past_and_the_window(spec):
     """Position t depends on tokens t-window+1..t only: changing later tokens never changes it,
     changing tokens older than the window never does either, changing the window's own does."""
-    spec = REACH_CASES[name]
     module = build_attention(spec, 64, 4, dropout=0.0).eval()
     randomize_(module, seed=2)
     gen = torch.Generator().manual_seed(4)
