@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from attention.registry import FULL_RANK, KINDS, KNOBS, VARIANTS, AttentionSpec, kinds_with, knob_help
+from attention.registry import KINDS, KNOBS, VARIANTS, AttentionSpec, kinds_with, knob_help
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CORPUS = str(ROOT / "corpus" / "corpus.txt.gz")

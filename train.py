@@ -170,7 +170,7 @@ def check_sweep_agrees(cfg: TrainConfig, sweep_values: dict) -> None:
 
 # Settings a resumed run may change: where things are written and how often it checkpoints.
 RESUME_MAY_CHANGE = ("resume", "checkpoint_every", "checkpoint_artifact", "results_dir", "cache_dir", "dry_run",
-                     "probes")  # probes only add measurements at evaluations; training is the same
+                     "probes", "eval_test")  # these only add measurements; training is the same
 
 
 def checkpoint_dir(checkpoints: Path, run_name: str, run_id: str) -> Path:

@@ -5,7 +5,6 @@ new seeds, with every other parameter as the original runs had it (read from the
     python local_sweep.py reports/<group>/more_seeds.yaml
     python -m analysis.report --results results/<group> --results results/<new group> --out ...
 """
-import math
 
 import yaml
 
@@ -15,7 +14,7 @@ from analysis.stats import MAX_SEEDS, SeedNeed
 PLAN_YAML = "more_seeds.yaml"
 BASELINE = "baseline"
 # Not swept values: the variant and seed are the grid; where records go is the agent's business.
-NOT_PARAMETERS = BOOKKEEPING | {"project"}
+NOT_PARAMETERS = BOOKKEEPING - {"trust_remote_code"}  # a hub tokenizer may need it to load at all
 
 
 class PlanError(ValueError):

@@ -36,7 +36,7 @@ import yaml
 
 import record
 from analysis import stats, tables
-from analysis.runs import RUNNING, Run, SourceError, load_path, load_wandb
+from analysis.runs import BOOKKEEPING, RUNNING, Run, SourceError, load_path, load_wandb
 
 BASELINE = tables.BASELINE
 STAGE2_NAME = "stage2.yaml"
@@ -45,8 +45,8 @@ CURVES_PNG = "lr_curves.png"
 # What stage 1 may vary besides the tuned lr; anything else varying is another experiment.
 STAGE1_VARIES = ("attention", "lr", "seed")
 # Config keys that say where or how a run was kept, not what it computed: never copied into stage 2.
-NOT_COPIED = {"attention", "lr", "seed", "variant_lr", "eval_test", "results_dir", "group", "project",
-              "checkpoint_every", "resume", "dry_run", "processes", "vocab_size"}
+# (analysis.runs.BOOKKEEPING, but trust_remote_code: a hub tokenizer may need it to load at all.)
+NOT_COPIED = (BOOKKEEPING - {"trust_remote_code"}) | {"lr", "variant_lr", "eval_test", "vocab_size"}
 
 
 @dataclass

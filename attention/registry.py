@@ -44,9 +44,16 @@ def _output_gate(value) -> str | None:
     return None if value in OUTPUT_GATES else f"allowed: {', '.join(OUTPUT_GATES)}"
 
 
-def _rope_scaling(value) -> str | None:
-    from .rope import ROPE_SCALINGS  # torch; only reached when a run names a scaling
+# How a RoPE scaling type maps integer positions to the (fractional) positions that get rotated
+# (attention/rope.py applies it). Linear scaling ("position interpolation") divides positions by
+# the factor. Another type is one more entry here. Plain data, so validating a variant that uses
+# one needs no torch.
+ROPE_SCALINGS = {
+    "linear": lambda positions, factor: positions / factor,
+}
 
+
+def _rope_scaling(value) -> str | None:
     return None if value in ROPE_SCALINGS else f"allowed: {', '.join(ROPE_SCALINGS)}"
 
 

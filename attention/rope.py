@@ -4,12 +4,7 @@
 import torch
 from torch import nn
 
-# How a scaling type maps integer positions to the (fractional) positions that get rotated.
-# Linear scaling ("position interpolation") divides positions by the factor. Another type is
-# one more entry here.
-ROPE_SCALINGS = {
-    "linear": lambda positions, factor: positions / factor,
-}
+from .registry import ROPE_SCALINGS  # scaling type -> how positions map (plain data, no torch)
 
 
 def rope_tables(dim: int, theta: float, scaling: str | None, factor: float, length: int,

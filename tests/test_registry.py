@@ -27,6 +27,15 @@ def test_the_registry_and_the_analysis_import_without_torch():
     assert out.stdout.strip() == "False"
 
 
+def test_validating_every_variant_needs_no_torch():
+    """localsweep checks every run of a sweep before it starts one, and the analysis builds configs:
+    neither may pay for importing torch, also for variants with RoPE scaling (rope_small)."""
+    code = ("import sys; from config import TrainConfig; from attention.registry import VARIANTS; "
+            "[TrainConfig(attention=name).validate() for name in VARIANTS]; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_every_variant_names_a_kind_and_a_family_and_every_kind_a_module():
     for spec in VARIANTS.values():
         assert spec.kind in KINDS and spec.family in FAMILIES, spec.name
