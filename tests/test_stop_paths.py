@@ -296,10 +296,13 @@ def test_only_the_main_process_prints_the_error_line(monkeypatch, capsys, rank, 
 def test_a_run_local_sweeps_hyperband_stops_ends_stopped_with_exit_0(tmp_path, corpus):
     """Two runs from one init (seed 0), val/loss every step: lr=0.01 learns, lr=0 keeps its initial
     loss. Hyperband (min_iter 2, eta 3) at band 2: threshold = the first run's loss at step 2,
-    below the second's constant loss: the second is stopped, through the stop file + SIGTERM."""
+    below the second's constant loss: the second is stopped, through the stop file + SIGTERM.
+    (local_sweep polls the running run's W&B file once a second: 300 steps with 8 evaluation
+    batches each keep the run going long enough to be seen on an idle machine, where 60 steps of
+    one batch ended before the first poll.)"""
     constants = {"attention": "baseline", "seed": 0, "d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64,
-                 "n_experts": 4, "top_k": 2, "seq_len": 32, "batch_size": 4, "steps": 60, "eval_every": 1,
-                 "eval_batches": 1, "warmup_steps": 0, "dataset": str(corpus), "cache_dir": str(tmp_path / "cache")}
+                 "n_experts": 4, "top_k": 2, "seq_len": 32, "batch_size": 4, "steps": 300, "eval_every": 1,
+                 "eval_batches": 8, "warmup_steps": 0, "dataset": str(corpus), "cache_dir": str(tmp_path / "cache")}
     sweep = tmp_path / "hb.yaml"
     sweep.write_text(yaml.safe_dump({
         "program": str(ROOT / "train.py"), "method": "grid", "metric": {"name": "val/loss", "goal": "minimize"},
