@@ -47,6 +47,16 @@ def causal_scores(q, k, scale: float, softcap: float = 0.0, mask=None) -> torch.
     return scores.masked_fill(future, float("-inf"))
 
 
+def attention_weights(scores: torch.Tensor, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax over the keys of (B, H, T, T) scores, in float32 (as Gemma2's eager attention); with
+    sinks, each head's sink logit is one more column of the softmax, dropped after it (gpt-oss), so
+    the weights on the keys sum to less than 1."""
+    if sinks is None:
+        return torch.softmax(scores, dim=-1, dtype=torch.float32)
+    sink_column = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    return torch.softmax(torch.cat((scores, sink_column), dim=-1), dim=-1, dtype=torch.float32)[..., :-1]
+
+
 def explicit_causal_attention(q, k, v, scale: float, dropout: float, sinks: torch.Tensor | None = None,
                               softcap: float = 0.0, mask=None) -> torch.Tensor:
     """(B, H, T, d) queries, (B, H_kv, T, d) keys/values -> (B, T, H * d), with an explicit softmax:
@@ -57,13 +67,7 @@ def explicit_causal_attention(q, k, v, scale: float, dropout: float, sinks: torc
     if groups > 1:  # grouped-query: each key/value head serves `groups` consecutive query heads
         v = v.repeat_interleave(groups, dim=1)
     length = q.shape[-2]
-    if sinks is not None:
-        sink_column = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
-        scores = torch.cat((scores, sink_column), dim=-1)
-    # softmax in float32 (as Gemma2's eager attention), back to the values' dtype; the sink is dropped
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
-    if sinks is not None:
-        probs = probs[..., :-1]
+    probs = attention_weights(scores, sinks).to(v.dtype)
     probs = F.dropout(probs, p=dropout) if dropout else probs
     out = probs @ v
     batch, heads, _, v_dim = out.shape

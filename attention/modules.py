@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modulated import apply_output_gate, causal_scores, explicit_causal_attention, gate_width
+from .modulated import apply_output_gate, attention_weights, causal_scores, explicit_causal_attention, gate_width
 from .positions import alibi_slopes, score_mask
 from .rope import RotaryEmbedding, apply_rotary
 from .registry import AttentionSpec
@@ -121,11 +121,7 @@ class MultiHeadAttention(nn.Module):
 
     def attention_probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, T, T) attention weights on the keys (probes); with sinks they sum to less than 1."""
-        scores = self.attention_scores(x)
-        if not hasattr(self, "sinks"):
-            return torch.softmax(scores, dim=-1, dtype=torch.float32)
-        sink_column = self.sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
-        return torch.softmax(torch.cat((scores, sink_column), dim=-1), dim=-1, dtype=torch.float32)[..., :-1]
+        return attention_weights(self.attention_scores(x), getattr(self, "sinks", None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v, gate = self.project(x)
