@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from analysis import stats  # noqa: E402
-from analysis.runs import FAMILIES, Run  # noqa: E402
+from analysis.runs import FAMILIES, Run, configuration, varying_settings  # noqa: E402
 from analysis.tables import BASELINE, FAMILY_LABELS  # noqa: E402
 from record import PROBE_KEYS  # noqa: E402
 from attention.registry import FAMILIES as FAMILY_REGISTRY, OTHER_FAMILY  # noqa: E402
@@ -226,44 +226,46 @@ def _difference_to_baseline(runs: list[Run], baseline_runs: list[Run]) -> list:
 
 def curves_figure(runs: list[Run], path: Path, title: str) -> Path:
     ok = [r for r in runs if r.succeeded]
-    by_variant: dict = {}
+    varying = varying_settings(ok)
+    by_config: dict = {}  # by configuration: a variant at two lrs is two curves
     for run in ok:
-        by_variant.setdefault(run.variant, []).append(run)
-    family_of = {v: members[0].family for v, members in by_variant.items()}
+        by_config.setdefault(configuration(run, varying), []).append(run)
+    family_of = {v: members[0].family for v, members in by_config.items()}
     families = _family_order(set(family_of.values()))
-    order = sorted(by_variant, key=lambda v: (families.index(family_of[v]), v))
+    order = sorted(by_config, key=lambda v: (families.index(family_of[v]), v))
     colors = {}
     for family in families:
         members = [v for v in order if family_of[v] == family]
         shades = plt.get_cmap(FAMILY_SHADES.get(family, "Greys"))(np.linspace(0.5, 0.95, max(len(members), 1)))
         colors.update({v: FAMILY_COLORS.get(family) if len(members) == 1 else shades[i] for i, v in enumerate(members)})
 
-    several_seeds = any(len(members) > 1 for members in by_variant.values())
-    baseline_runs = by_variant.get(BASELINE, [])
+    several_seeds = any(len(members) > 1 for members in by_config.values())
+    is_baseline = {v: members[0].variant == BASELINE for v, members in by_config.items()}
     panels = [("train_history", "train/loss", "Train loss per step", "Train loss"),
               ("eval_history", "val/loss", "Validation loss per evaluation", "Validation loss")]
-    if baseline_runs:
+    if any(is_baseline.values()):
         panels.append(("diff", "diff", "Validation loss minus baseline (same seed)", "Δ validation loss"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels) + 2.2, 5.6), squeeze=False)
     for ax, (history, key, panel_title, y_label) in zip(axes[0], panels):
-        for variant in order:
-            members = by_variant[variant]
+        for config in order:
+            members = by_config[config]
             if history == "diff":
-                if variant == BASELINE:
+                paired_with = stats.baseline_configuration(config, ok, BASELINE)
+                if is_baseline[config] or paired_with is None:
                     continue
-                histories = _difference_to_baseline(members, baseline_runs)
+                histories = _difference_to_baseline(members, by_config[paired_with])
             else:
                 histories = [getattr(run, history) for run in members]
             steps, mean, low, high = _curve(histories, key)
             if not len(steps):
                 continue
-            is_base = variant == BASELINE
-            ax.plot(steps, mean, color=colors[variant], linewidth=2.4 if is_base else 1.3,
+            is_base = is_baseline[config]
+            ax.plot(steps, mean, color=colors[config], linewidth=2.4 if is_base else 1.3,
                     linestyle="--" if is_base else "-", marker="o" if history != "train_history" else None,
-                    markersize=3, label=f"{variant} (n={len(members)})" if several_seeds else variant,
+                    markersize=3, label=f"{config} (n={len(members)})" if several_seeds else config,
                     zorder=4 if is_base else 3)
             if len(members) > 1:
-                ax.fill_between(steps, low, high, color=colors[variant], alpha=0.12, linewidth=0)
+                ax.fill_between(steps, low, high, color=colors[config], alpha=0.12, linewidth=0)
         if history == "diff":
             ax.axhline(0, color=FAMILY_COLORS["baseline"], linestyle="--", linewidth=1.5)
         ax.set(xlabel="Step", ylabel=y_label, title=panel_title)

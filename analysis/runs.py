@@ -114,6 +114,12 @@ def configuration(run: Run, varying: list[str]) -> str:
                                     if run.config.get(key) is not None)])
 
 
+def run_label(run: Run, varying: list[str]) -> str:
+    """A run by name, with its values of the varying settings (`rope_small-s0 lr=0.01`): two runs
+    of one variant and seed at two learning rates are two lines, not one name twice."""
+    return " ".join([run.name, *configuration(run, varying).split(" ")[1:]])
+
+
 def family_of(variant: str) -> str:
     if variant in VARIANT_FAMILIES:
         return VARIANT_FAMILIES[variant]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from analysis import stats
 from analysis.fairness import Audit
-from analysis.runs import RUNNING, Run, configuration, varying_settings
+from analysis.runs import RUNNING, Run, configuration, run_label, varying_settings
 from attention.registry import FAMILIES, OTHER_FAMILY
 
 FAMILY_LABELS = {**{name: family.label for name, family in FAMILIES.items()}, "other": OTHER_FAMILY.label}
@@ -89,11 +89,13 @@ def success_rate(runs: list[Run]) -> Section:
 def top5(runs: list[Run]) -> Section:
     columns = ["rank", "run", "val_loss", "val_accuracy", "time_min", "memory_gb", "params_m"]
     rows, lines = [], [] if by_loss(runs) else [NOTHING_TO_RANK]
+    varying = varying_settings(runs)
     for rank, r in enumerate(by_loss(runs)[:5], 1):
-        lines.append(f"{rank}. **{r.name}**: Loss={fmt(r.val_loss, '.4f')}, Acc={fmt(r.val_accuracy, '.4f')}, "
+        name = run_label(r, varying)
+        lines.append(f"{rank}. **{name}**: Loss={fmt(r.val_loss, '.4f')}, Acc={fmt(r.val_accuracy, '.4f')}, "
                      f"Time={fmt(r.time_min, '.1f')}min, Memory={fmt(r.memory_gb, '.1f')}GB, "
                      f"Params={fmt(r.params_m, '.1f')}M")
-        rows.append([rank, r.name, r.val_loss, r.val_accuracy, r.time_min, r.memory_gb, r.params_m])
+        rows.append([rank, name, r.val_loss, r.val_accuracy, r.time_min, r.memory_gb, r.params_m])
     return Section("top5", "Top 5 Configurations by Validation Loss", lines, columns, rows)
 
 

@@ -602,3 +602,37 @@ def test_pareto_front_by_hand():
     points = [(16384, 7.80), (4096, 7.85), (2048, 7.95), (4096, 7.90), (10240, 7.82), (16384, 7.79)]
     # (4096, 7.90) loses to (4096, 7.85); (16384, 7.80) to (16384, 7.79); (10240, 7.82) survives
     assert pareto_front(points) == [(2048, 7.95), (4096, 7.85), (10240, 7.82), (16384, 7.79)]
+
+
+def test_top5_and_the_learning_curves_tell_two_lrs_of_one_variant_apart(tmp_path, monkeypatch):
+    """A real sweep over lr names both runs of a variant and seed `rope_small-s1` (the record's file
+    gets the run id): the top-5 list and the curves' legend must still say which lr each is, and
+    the difference panel pairs each lr with the baseline at the same lr."""
+    records = []
+    for lr, shift in ((1e-3, 0.0), (3e-3, 0.5)):
+        for v, per_seed in EFFECTS.items():
+            for s, d in per_seed.items():
+                rec = make_record(v, s, 7.80 + shift + SEED_OFFSET[s] + d, config={"lr": lr})
+                rec["run_id"] += f"-{lr}"
+                records.append(rec)
+    for rec in records:  # same run name, two files, as write_record names them
+        path = tmp_path / rec["group"] / f"{rec['run_name']}-{rec['run_id']}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rec))
+    runs = load_path(tmp_path)
+    top = section(runs, "top5")
+    assert top.lines[0].startswith("1. **rope_small-s2 lr=0.001**:"), top.lines[0]
+    assert [row[1] for row in top.rows][:2] == ["rope_small-s2 lr=0.001", "rope_small-s0 lr=0.001"]
+
+    from analysis import plots
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    plots.curves_figure(runs, tmp_path / "curves.png", "t")
+    (figure,) = figures
+    legend = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert sorted(legend) == sorted(f"{v} lr={lr} (n=3)" for v in EFFECTS for lr in (0.001, 0.003))
+    diff_panel = figure.axes[2]
+    finals = {line.get_label(): line.get_ydata()[-1] for line in diff_panel.get_lines() if "lr=" in line.get_label()}
+    for lr in (0.001, 0.003):  # the paired difference at the last step is the planted effect, per lr
+        assert finals[f"rope_small lr={lr} (n=3)"] == pytest.approx(statistics.fmean(EFFECTS["rope_small"].values()))
+    plots.plt.close(figure)
