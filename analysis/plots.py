@@ -315,20 +315,23 @@ def probes_figure(runs: list[Run], path: Path, title: str) -> Path | None:
     keys = [k for k in PROBE_KEYS if any(k in r.probes for r in measured)]
     if not keys:
         return None
-    variants = sorted({r.variant for r in measured},
-                      key=lambda v: (v != BASELINE, _family_order([r.family for r in measured]).index(
-                          next(r.family for r in measured if r.variant == v)), v))
+    varying = varying_settings(measured)
+    by_config: dict = {}  # by configuration: a variant at two lrs is two rows
+    for run in measured:
+        by_config.setdefault(configuration(run, varying), []).append(run)
+    families = _family_order([r.family for r in measured])
+    variants = sorted(by_config, key=lambda v: (by_config[v][0].variant != BASELINE,
+                                                families.index(by_config[v][0].family), v))
     columns = min(3, len(keys))
     rows = -(-len(keys) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 0.28 * len(variants) * rows + 2.2 * rows),
                              squeeze=False)
     for ax, key in zip(axes.flat, keys):
         for y, variant in enumerate(variants):
-            values = [r.probes[key] for r in measured if r.variant == variant and key in r.probes]
+            values = [r.probes[key] for r in by_config[variant] if key in r.probes]
             if not values:
                 continue
-            family = next(r.family for r in measured if r.variant == variant)
-            color = FAMILY_COLORS.get(family, FAMILY_COLORS["other"])
+            color = FAMILY_COLORS.get(by_config[variant][0].family, FAMILY_COLORS["other"])
             ax.scatter(values, [y] * len(values), s=18, color=color, alpha=0.75, zorder=3)
             ax.plot([np.mean(values)] * 2, [y - 0.3, y + 0.3], color=color, linewidth=2)
         ax.set_yticks(range(len(variants)), variants, fontsize=8)

@@ -604,7 +604,7 @@ def test_pareto_front_by_hand():
     assert pareto_front(points) == [(2048, 7.95), (4096, 7.85), (10240, 7.82), (16384, 7.79)]
 
 
-def test_top5_and_the_learning_curves_tell_two_lrs_of_one_variant_apart(tmp_path, monkeypatch):
+def test_top5_curves_and_probes_tell_two_lrs_of_one_variant_apart(tmp_path, monkeypatch):
     """A real sweep over lr names both runs of a variant and seed `rope_small-s1` (the record's file
     gets the run id): the top-5 list and the curves' legend must still say which lr each is, and
     the difference panel pairs each lr with the baseline at the same lr."""
@@ -615,6 +615,8 @@ def test_top5_and_the_learning_curves_tell_two_lrs_of_one_variant_apart(tmp_path
                 rec = make_record(v, s, 7.80 + shift + SEED_OFFSET[s] + d, config={"lr": lr})
                 rec["run_id"] += f"-{lr}"
                 records.append(rec)
+    for rec in records:  # a probe that differs by lr only: 1.0 at lr 1e-3, 2.0 at 3e-3
+        rec["summary"]["probe/attn_entropy"] = 1.0 if rec["config"]["lr"] == 1e-3 else 2.0
     for rec in records:  # same run name, two files, as write_record names them
         path = tmp_path / rec["group"] / f"{rec['run_name']}-{rec['run_id']}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -635,4 +637,12 @@ def test_top5_and_the_learning_curves_tell_two_lrs_of_one_variant_apart(tmp_path
     finals = {line.get_label(): line.get_ydata()[-1] for line in diff_panel.get_lines() if "lr=" in line.get_label()}
     for lr in (0.001, 0.003):  # the paired difference at the last step is the planted effect, per lr
         assert finals[f"rope_small lr={lr} (n=3)"] == pytest.approx(statistics.fmean(EFFECTS["rope_small"].values()))
+    plots.plt.close(figure)
+    plots.probes_figure(runs, tmp_path / "probes.png", "t")
+    figure = figures[-1]
+    (panel,) = [ax for ax in figure.axes if ax.get_visible()]
+    rows = [tick.get_text() for tick in panel.get_yticklabels()]
+    assert rows[:2] == ["baseline lr=0.001", "baseline lr=0.003"] and len(rows) == 8
+    means = {rows[round(line.get_ydata().mean())]: line.get_xdata()[0] for line in panel.get_lines()}
+    assert means == {row: 1.0 if row.endswith("lr=0.001") else 2.0 for row in rows}
     plots.plt.close(figure)
