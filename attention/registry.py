@@ -195,6 +195,11 @@ class AttentionSpec:
                  for name in KNOBS if isinstance(value := getattr(self, name), Relative)}
         return KINDS[self.kind].resolve(replace(self, **sizes), d_model // n_heads, n_heads)
 
+    def knob_values(self) -> dict:
+        """The kind's knobs and their values: what --dry_run, the record and the W&B config show of
+        a resolved spec (integers where the variant's sizes are relative)."""
+        return {name: getattr(self, name) for name in KINDS[self.kind].knobs}
+
     def for_layer(self, layer: int) -> "AttentionSpec":
         """The spec of layer `layer` (0-based): with a window and global_every N, layers N-1, 2N-1, ..
         are global (Gemma 2, N=2: local, global, local, ..), the others keep the window."""
@@ -320,7 +325,8 @@ def _mla(name, family, q, kv, rope, v, bias=False, factor=None):
 # The seed's 13 (DESIGN.md section 3; columns: q_lora_rank, kv_lora_rank, qk_rope_head_dim,
 # v_head_dim, bias, factor), then the zoo. Sizes are relative (above): at the seed's size (d_model
 # 512, 8 heads of 64 dims) they are the seed's absolute numbers -- lora_small's q 512/16 = 32,
-# kv 512/8 = 64, rope and v 64 -- and at the smoke size (d_model 64, 4 heads of 16) a quarter of them.
+# kv 512/8 = 64, rope and v 64 -- and at the smoke size (d_model 64, 4 heads of 16) ranks an eighth
+# of them and per-head dims a quarter (lora_small: q 4, kv 8, rope 16, v 16).
 # n_kv_heads stays absolute: 2 key/value heads fit 4 and 8 query heads, where a fraction of n_heads
 # would turn gqa into mqa at 4 heads.
 VARIANTS: dict[str, AttentionSpec] = {spec.name: spec for spec in [
