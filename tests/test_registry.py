@@ -79,8 +79,11 @@ def test_a_variant_defined_in_a_test_only_runs_end_to_end(tmp_path, monkeypatch)
     corpus = small_corpus(tmp_path / "corpus")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    wandb_config = {}  # what train.py adds to the W&B run's config
+    monkeypatch.setattr(train.Tracker, "update_config", lambda self, values: wandb_config.update(values))
     for name in ("baseline", spec.name):
         assert train.main(tiny_args(tmp_path, corpus, attention=name, group="g")) == 0
+    assert wandb_config["attention_spec"]["n_kv_heads"] == 1  # the last run's, resolved
     record = read_record(tmp_path / "results", "g", f"{spec.name}-s0")
     assert record["family"] == "qknorm" and record["config"]["attention"] == spec.name
     assert record["attention_spec"]["n_kv_heads"] == 1 and record["attention_spec"]["qk_norm"] is True
