@@ -113,13 +113,13 @@ class TrainConfig:
     # --- derived ---------------------------------------------------------------------------
 
     def attention_spec(self) -> AttentionSpec:
-        """The named variant with any knob overrides applied, and head dims resolved."""
+        """The named variant with any knob overrides applied, and its sizes resolved (integers)."""
         changes = {}
         for name in ATTENTION_KNOBS:
             value = getattr(self, name)
             if value is not None:
                 changes[name] = KNOBS[name].aliases.get(value, value) if isinstance(value, str) else value
-        return VARIANTS[self.attention].with_overrides(**changes).resolved(self.d_model, self.n_heads)
+        return VARIANTS[self.attention].with_overrides(**changes).resolved(self.d_model, self.n_heads, self.seq_len)
 
     @property
     def family(self) -> str:

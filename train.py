@@ -52,11 +52,13 @@ class Stopped(Exception):
 
 def describe_model(cfg: TrainConfig, vocab_size: int) -> dict:
     """Sizes, FLOPs and KV cache of the configured model, built on the meta device (no memory, no
-    data). The KV cache is per generated token, at a context of seq_len (kv_cache_context)."""
+    data). The KV cache is per generated token, at a context of seq_len (kv_cache_context);
+    attention_spec: the variant's knobs with its sizes resolved for this model."""
     with torch.device("meta"):
         model = MoELM(ModelConfig.from_train_config(cfg, vocab_size))
     params = count_parameters(model)
-    return {"attention": cfg.attention, "family": cfg.family, "params_total": params["total"],
+    return {"attention": cfg.attention, "family": cfg.family, "attention_spec": cfg.attention_spec().knob_values(),
+            "params_total": params["total"],
             "params_attention": params["attention"], "flops_per_token": flops_per_token(model),
             "kv_cache_bytes_per_token": kv_cache_bytes_per_token(model.cfg), "kv_cache_context": cfg.seq_len}
 
@@ -414,6 +416,8 @@ class Run:
         results = {
             "schema": record.SCHEMA, "run_id": self.run_id, "run_name": self.cfg.run_name, "group": self.group,
             "attention": self.cfg.attention, "family": self.cfg.family, "seed": self.cfg.seed,
+            # the variant's knobs resolved for this model size (its sizes may be relative)
+            "attention_spec": self.cfg.attention_spec().knob_values(),
             "status": self.status, "error": self.error, "config": self.cfg.to_dict(), "summary": self.summary,
             "history": self.history,
         }
@@ -445,7 +449,8 @@ class Run:
         world, rank = accelerator.num_processes, accelerator.process_index
         if cfg.batch_size % world:
             raise ConfigError(f"--batch_size={cfg.batch_size} does not split over {world} processes")
-        tracker.update_config({"vocab_size": vocab_size, "processes": world, "group": self.group})
+        tracker.update_config({"vocab_size": vocab_size, "processes": world, "group": self.group,
+                               "attention_spec": cfg.attention_spec().knob_values()})
         # what time and memory are measured on; the report's audit flags compared runs where it differs
         self.summary.update({record.HARDWARE_PROCESSES: world, record.HARDWARE_DEVICE: device_name(accelerator.device)})
 

@@ -22,6 +22,7 @@ FAMILIES = tuple(FAMILY_REGISTRY)  # attention/registry.py, in its order
 BOOKKEEPING = {"attention", "family", "seed", "results_dir", "group", "project", "run_name", "cache_dir",
                "checkpoint_every", "checkpoint_artifact", "resume", "dry_run", "compile", "trust_remote_code",
                "processes",  # how many GPUs shared each (global) batch; train.py adds it to the W&B config
+               "attention_spec",  # the variant's resolved knobs, which train.py adds to the W&B config
                # tuning's stage 2: variant_lr is attention + lr in one value (both are in the config),
                # eval_test adds a test evaluation after training without changing it
                "variant_lr", "eval_test",

@@ -20,11 +20,12 @@ def __getattr__(name):
 def build_attention(spec: AttentionSpec, d_model: int, n_heads: int, dropout: float = 0.0,
                     rope_theta: float = 10000.0, max_len: int = 0, sdpa_pad: str = "auto"):
     """The module of the spec's kind (KINDS[kind].module), for this model size. max_len: build the
-    RoPE tables for this many positions now (the model's seq_len) rather than on the first forward;
+    RoPE tables for this many positions now (the model's seq_len) rather than on the first forward,
+    and resolve a window relative to the context (registry.OfContext) at it;
     sdpa_pad: see attention.modules.causal_attention."""
     module_name, class_name = KINDS[spec.kind].module.split(":")
     module = getattr(importlib.import_module(module_name), class_name)
-    return module(spec.resolved(d_model, n_heads), d_model, n_heads, dropout, rope_theta, max_len, sdpa_pad)
+    return module(spec.resolved(d_model, n_heads, max_len or None), d_model, n_heads, dropout, rope_theta, max_len, sdpa_pad)
 
 
 __all__ = [

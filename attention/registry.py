@@ -15,6 +15,7 @@ knobs in KNOBS and one Kind in KINDS naming the module, its knobs, its per-token
 score/value dims (FLOPs), the combinations it refuses and its reference; (3) its test in
 tests/test_attention.py against that reference (weights copied; outputs and gradients).
 """
+import math
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -80,6 +81,7 @@ class Knob:
     rule: Callable[[object], str | None] | None = None  # value -> why it is invalid, or None
     cli_type: object = None  # what --name accepts, when it is more than `type` (q_lora_rank: 'full')
     aliases: dict = field(default_factory=dict)  # command-line words meaning a spec value ('full' -> None)
+    step: int = 1  # a relative size (below) resolves to a multiple of this: 2 for rotary dims (pairs)
 
 
 KNOBS: dict[str, Knob] = {k.name: k for k in [
@@ -92,7 +94,7 @@ KNOBS: dict[str, Knob] = {k.name: k for k in [
          _positive_or_full, cli_type=int | str, aliases={FULL_RANK: None}),
     Knob("kv_lora_rank", int | None, None, "rank of the key/value latent; None: the variant's", _positive),
     Knob("qk_rope_head_dim", int | None, None, "rotary dims per query/key head (even; 0: no RoPE, "
-         "then qk_nope_head_dim > 0); None: the variant's", _even),
+         "then qk_nope_head_dim > 0); None: the variant's", _even, step=2),
     Knob("qk_nope_head_dim", int, 0, "non-rotary dims per query/key head; None: the variant's", _non_negative),
     Knob("v_head_dim", int | None, None, "value dims per head; None: the variant's", _positive),
     # every kind
@@ -117,13 +119,56 @@ KNOBS: dict[str, Knob] = {k.name: k for k in [
 ]}
 
 
+# --- sizes relative to the model ------------------------------------------------------------------
+# A variant's sizes scale with the model it is trained in, so the smoke sweep's variants are the GPU
+# sweep's designs shrunk, not other designs: per-head dims are multiples of the head dim
+# (d_model / n_heads), ranks fractions of d_model, windows fractions of the context (seq_len).
+# Only VARIANTS entries use these; AttentionSpec.resolved turns them into integers: the nearest
+# multiple of the knob's step (2 for rotary dims, else 1), halves rounded up, and at least one step.
+# The command line's knobs stay absolute integers and override them.
+
+@dataclass(frozen=True)
+class Relative:
+    fraction: float
+
+    def exact(self, d_model: int, n_heads: int, seq_len: int | None) -> float:
+        raise NotImplementedError
+
+    def size(self, d_model: int, n_heads: int, seq_len: int | None, step: int = 1) -> int:
+        return max(step, step * math.floor(self.exact(d_model, n_heads, seq_len) / step + 0.5))
+
+
+class PerHead(Relative):
+    """A per-head dim as a multiple of the head dim: PerHead(1.5) is 96 at the seed's 64-dim heads."""
+
+    def exact(self, d_model, n_heads, seq_len):
+        return self.fraction * d_model / n_heads
+
+
+class OfModel(Relative):
+    """A rank as a fraction of d_model: OfModel(1/8) is 64 at the seed's d_model 512."""
+
+    def exact(self, d_model, n_heads, seq_len):
+        return self.fraction * d_model
+
+
+class OfContext(Relative):
+    """A window as a fraction of the context: OfContext(1/4) is 128 at the seed's 512 tokens."""
+
+    def exact(self, d_model, n_heads, seq_len):
+        if seq_len is None:
+            raise ValueError(f"a size of {self.fraction} of the context needs the context length (seq_len)")
+        return self.fraction * seq_len
+
+
 # --- the spec of one variant -----------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class AttentionSpec:
     """Which attention a layer gets: a kind and its knob values. The model size (d_model, n_heads)
-    comes from the training config, so one spec works at the seed's size and at a laptop's; head
-    dims a spec leaves None are resolved from it (`resolved`)."""
+    comes from the training config, so one spec works at the seed's size and at a laptop's: relative
+    sizes (PerHead, OfModel, OfContext) and head dims a spec leaves None are resolved from it
+    (`resolved`)."""
     name: str
     family: str  # how the report groups variants: a key of FAMILIES
     kind: str = "mha"  # a key of KINDS
@@ -143,9 +188,17 @@ class AttentionSpec:
             changes.setdefault("rope_scaling", "linear")
         return replace(self, **changes)
 
-    def resolved(self, d_model: int, n_heads: int) -> "AttentionSpec":
-        """Head dims left None filled in for this model size (the kind's rule)."""
-        return KINDS[self.kind].resolve(self, d_model // n_heads, n_heads)
+    def resolved(self, d_model: int, n_heads: int, seq_len: int | None = None) -> "AttentionSpec":
+        """Every size an integer for this model size: relative sizes resolved (seq_len: the context,
+        needed by a relative window only), then head dims left None filled in (the kind's rule)."""
+        sizes = {name: value.size(d_model, n_heads, seq_len, KNOBS[name].step)
+                 for name in KNOBS if isinstance(value := getattr(self, name), Relative)}
+        return KINDS[self.kind].resolve(replace(self, **sizes), d_model // n_heads, n_heads)
+
+    def knob_values(self) -> dict:
+        """The kind's knobs and their values: what --dry_run, the record and the W&B config show of
+        a resolved spec (integers where the variant's sizes are relative)."""
+        return {name: getattr(self, name) for name in KINDS[self.kind].knobs}
 
     def for_layer(self, layer: int) -> "AttentionSpec":
         """The spec of layer `layer` (0-based): with a window and global_every N, layers N-1, 2N-1, ..
@@ -270,22 +323,29 @@ def _mla(name, family, q, kv, rope, v, bias=False, factor=None):
 
 
 # The seed's 13 (DESIGN.md section 3; columns: q_lora_rank, kv_lora_rank, qk_rope_head_dim,
-# v_head_dim, bias, factor), then the zoo. n_kv_heads of the GQA variants is for the seed's 8 heads
-# (Llama 2/3-style: 4 queries share a key/value head).
+# v_head_dim, bias, factor), then the zoo. Sizes are relative (above): at the seed's size (d_model
+# 512, 8 heads of 64 dims) they are the seed's absolute numbers -- lora_small's q 512/16 = 32,
+# kv 512/8 = 64, rope and v 64 -- and at the smoke size (d_model 64, 4 heads of 16) ranks an eighth
+# of them and per-head dims a quarter (lora_small: q 4, kv 8, rope 16, v 16).
+# n_kv_heads stays absolute: 2 key/value heads fit 4 and 8 query heads, where a fraction of n_heads
+# would turn gqa into mqa at 4 heads.
 VARIANTS: dict[str, AttentionSpec] = {spec.name: spec for spec in [
     AttentionSpec(name="baseline", family="baseline"),
-    _mla("lora_small", "lora", 32, 64, 64, 64),
-    _mla("lora_medium", "lora", 64, 128, 64, 64),
-    _mla("lora_large", "lora", 128, 256, 64, 64),
-    _mla("lora_xl", "lora", 256, 512, 64, 64),
-    _mla("enhanced_small", "enhanced", 32, 64, 32, 48, bias=True, factor=1.5),
-    _mla("enhanced_medium", "enhanced", 64, 128, 64, 96, bias=True, factor=2.0),
-    _mla("enhanced_large", "enhanced", 128, 256, 128, 192, bias=True, factor=2.5),
-    _mla("enhanced_xl", "enhanced", 256, 512, 128, 192, bias=True, factor=3.0),
-    _mla("rope_only", "rope", None, 64, 64, 96, factor=2.0),
-    _mla("rope_small", "rope", None, 64, 32, 48, factor=1.5),
-    _mla("rope_large", "rope", None, 64, 128, 192, factor=2.5),
-    _mla("bias_only", "bias", None, 64, 64, 64, bias=True),
+    _mla("lora_small", "lora", OfModel(1 / 16), OfModel(1 / 8), PerHead(1), PerHead(1)),
+    _mla("lora_medium", "lora", OfModel(1 / 8), OfModel(1 / 4), PerHead(1), PerHead(1)),
+    _mla("lora_large", "lora", OfModel(1 / 4), OfModel(1 / 2), PerHead(1), PerHead(1)),
+    _mla("lora_xl", "lora", OfModel(1 / 2), OfModel(1), PerHead(1), PerHead(1)),
+    _mla("enhanced_small", "enhanced", OfModel(1 / 16), OfModel(1 / 8), PerHead(0.5), PerHead(0.75), bias=True,
+         factor=1.5),
+    _mla("enhanced_medium", "enhanced", OfModel(1 / 8), OfModel(1 / 4), PerHead(1), PerHead(1.5), bias=True,
+         factor=2.0),
+    _mla("enhanced_large", "enhanced", OfModel(1 / 4), OfModel(1 / 2), PerHead(2), PerHead(3), bias=True,
+         factor=2.5),
+    _mla("enhanced_xl", "enhanced", OfModel(1 / 2), OfModel(1), PerHead(2), PerHead(3), bias=True, factor=3.0),
+    _mla("rope_only", "rope", None, OfModel(1 / 8), PerHead(1), PerHead(1.5), factor=2.0),
+    _mla("rope_small", "rope", None, OfModel(1 / 8), PerHead(0.5), PerHead(0.75), factor=1.5),
+    _mla("rope_large", "rope", None, OfModel(1 / 8), PerHead(2), PerHead(3), factor=2.5),
+    _mla("bias_only", "bias", None, OfModel(1 / 8), PerHead(1), PerHead(1), bias=True),
     # the zoo
     AttentionSpec(name="gqa", family="gqa", n_kv_heads=2),  # Llama-style grouped-query
     AttentionSpec(name="mqa", family="gqa", n_kv_heads=1),  # multi-query: one key/value head
@@ -297,27 +357,30 @@ VARIANTS: dict[str, AttentionSpec] = {spec.name: spec for spec in [
     AttentionSpec(name="gated_headwise", family="gate", n_kv_heads=2, qk_norm=True, output_gate="headwise"),
     AttentionSpec(name="sinks", family="sinks", n_kv_heads=2, attention_sinks=True),  # gpt-oss-style, with GQA
     AttentionSpec(name="softcap", family="softcap", attn_softcap=50.0),  # Gemma-2-style logit soft-cap 50
-    # Windows: sizes for the smoke sweep's 64 tokens (a quarter of the context); at the seed's 512
-    # tokens a Mistral-like ratio would be larger -- sweep --window to ask.
-    AttentionSpec(name="swa", family="window", window=16),  # Mistral-style: every layer local
-    AttentionSpec(name="local_global", family="window", window=16, global_every=2),  # Gemma 2: local, global, ..
+    # Windows: a quarter of the context (16 of smoke's 64 tokens, 128 of the seed's 512); sweep
+    # --window (absolute) to ask about others.
+    AttentionSpec(name="swa", family="window", window=OfContext(1 / 4)),  # Mistral-style: every layer local
+    AttentionSpec(name="local_global", family="window", window=OfContext(1 / 4),
+                  global_every=2),  # Gemma 2: local, global, ..
     AttentionSpec(name="nope", family="positions", positions="none"),  # no position signal at all
     AttentionSpec(name="alibi", family="positions", positions="alibi"),  # Bloom / MPT
-    # DeepSeek-V3's proportions at head dim 64 (V3: qk_nope 128, qk_rope 64, v 128 at 128 heads,
-    # d_model 7168, q_lora 1536, kv_lora 512): per-head dims halved (V3's 128-dim heads -> our 64),
-    # ranks the same fraction of d_model, rounded to 16: q 1536/7168 x 512 = 110 -> 112,
-    # kv 512/7168 x 512 = 37 -> 32.
-    AttentionSpec(name="mla_v3", family="mla_v3", kind="mla", q_lora_rank=112, kv_lora_rank=32,
-                  qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64),
-    # MLA without the decoupled rotary key: mla_v3's 96 query/key dims all from the latent, no
+    # DeepSeek-V3's proportions (V3: qk_nope 128, qk_rope 64, v 128 at 128 heads of 128 dims,
+    # d_model 7168, q_lora 1536, kv_lora 512): per-head dims as multiples of the head dim (nope 1,
+    # rope 1/2, v 1), ranks the same fraction of d_model, as first rounded to 16 at d_model 512:
+    # q 1536/7168 x 512 = 110 -> 112 = 7/32 of d_model, kv 512/7168 x 512 = 37 -> 32 = 1/16.
+    AttentionSpec(name="mla_v3", family="mla_v3", kind="mla", q_lora_rank=OfModel(7 / 32),
+                  kv_lora_rank=OfModel(1 / 16), qk_nope_head_dim=PerHead(1), qk_rope_head_dim=PerHead(0.5),
+                  v_head_dim=PerHead(1)),
+    # MLA without the decoupled rotary key: mla_v3's 1.5 head dims of query/key all from the latent, no
     # positions at all (RoPE cannot pass through the latent, DeepSeek-V2 section 2.1.3); caches the
     # latent alone.
-    AttentionSpec(name="mla_norope", family="mla_v3", kind="mla", q_lora_rank=112, kv_lora_rank=32,
-                  qk_nope_head_dim=96, qk_rope_head_dim=0, v_head_dim=64),
+    AttentionSpec(name="mla_norope", family="mla_v3", kind="mla", q_lora_rank=OfModel(7 / 32),
+                  kv_lora_rank=OfModel(1 / 16), qk_nope_head_dim=PerHead(1.5), qk_rope_head_dim=0,
+                  v_head_dim=PerHead(1)),
     # options combined as published designs combine them; both alternate sliding and full layers as
     # transformers' GptOssConfig / Gemma2Config layer_types do (sliding, full, sliding, ..)
-    AttentionSpec(name="gptoss", family="sinks", n_kv_heads=2, attention_sinks=True, window=16,
+    AttentionSpec(name="gptoss", family="sinks", n_kv_heads=2, attention_sinks=True, window=OfContext(1 / 4),
                   global_every=2),  # gpt-oss: sinks and GQA on every layer
-    AttentionSpec(name="gemma2", family="softcap", attn_softcap=50.0, window=16,
+    AttentionSpec(name="gemma2", family="softcap", attn_softcap=50.0, window=OfContext(1 / 4),
                   global_every=2),  # Gemma 2: the logit soft-cap 50 on every layer
 ]}

@@ -145,15 +145,15 @@ def _modulated(spec: AttentionSpec) -> bool:
 def build_reference(cfg: ModelConfig) -> MoELM:
     """The model with its attention, MoE and norms swapped for the seed-style modules. The module
     tree (and so every parameter name, shape and order) is unchanged: it loads our state dict."""
-    spec = cfg.attention.resolved(cfg.d_model, cfg.n_heads)
+    spec = cfg.attention.resolved(cfg.d_model, cfg.n_heads, cfg.seq_len)
     if spec.kind == "mha" and (spec.n_kv_heads != cfg.n_heads or spec.qk_norm or _modulated(spec)):
         raise ValueError(f"{spec.name}: the seed-style reference has no grouped-query, QK-norm, gated, sink, "
                          "soft-capped, windowed, ALiBi or NoPE attention")
     model = MoELM(cfg)
-    attention = SeedMLA if cfg.attention.is_latent else SeedMHA
+    attention = SeedMLA if spec.is_latent else SeedMHA
     for layer in model.layers:
         layer.input_layernorm = SeedRMSNorm(cfg.d_model)
-        layer.self_attn = attention(cfg.attention, cfg.d_model, cfg.n_heads, cfg.dropout, cfg.rope_theta)
+        layer.self_attn = attention(spec, cfg.d_model, cfg.n_heads, cfg.dropout, cfg.rope_theta)
         layer.post_attention_layernorm = SeedRMSNorm(cfg.d_model)
         layer.mlp = SeedMoE(cfg.d_model, cfg.d_ff, cfg.n_experts, cfg.top_k, cfg.router_noise_std)
     model.norm = SeedRMSNorm(cfg.d_model)

@@ -20,12 +20,16 @@ SHAPES = [(1, 1), (2, 17), (3, 32)]  # (batch, length)
 TOL = 1e-5  # relative error, float32
 
 # (qk_rope_head_dim 0, e.g. mla_norope: the reference needs empty cos/sin, tests/test_attention_zoo_windows.py)
-MLA_CASES = {name: spec for name, spec in VARIANTS.items() if spec.is_latent and spec.qk_rope_head_dim != 0}
-# The named variants all have qk_nope_head_dim = 0; these exercise the non-rotary query/key path
+# Specs resolved at the seed's size (variants' sizes are relative to the model), so the reference's
+# config gets the integers our module is built with.
+MLA_CASES = {name: spec.resolved(D_MODEL, N_HEADS) for name, spec in VARIANTS.items()
+             if spec.is_latent and spec.qk_rope_head_dim != 0}
+# The seed's named variants have qk_nope_head_dim = 0; these exercise the non-rotary query/key path
 # (low-rank and full-rank query, with and without scaling and bias).
-MLA_CASES["lora_medium+nope16"] = VARIANTS["lora_medium"].with_overrides(qk_nope_head_dim=16)
-MLA_CASES["rope_only+nope16"] = VARIANTS["rope_only"].with_overrides(qk_nope_head_dim=16)
-MLA_CASES["enhanced_small+nope24"] = VARIANTS["enhanced_small"].with_overrides(qk_nope_head_dim=24)
+MLA_CASES["lora_medium+nope16"] = VARIANTS["lora_medium"].with_overrides(qk_nope_head_dim=16).resolved(D_MODEL, N_HEADS)
+MLA_CASES["rope_only+nope16"] = VARIANTS["rope_only"].with_overrides(qk_nope_head_dim=16).resolved(D_MODEL, N_HEADS)
+MLA_CASES["enhanced_small+nope24"] = VARIANTS["enhanced_small"].with_overrides(qk_nope_head_dim=24).resolved(
+    D_MODEL, N_HEADS)
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -142,7 +146,7 @@ def test_mla_matches_deepseek_v3(name):
 
 def test_mla_comparison_catches_a_wrong_rope_factor():
     """Negative control: the comparison is sharp enough to see a RoPE scaling mismatch."""
-    spec = VARIANTS["rope_only"]  # linear factor 2.0
+    spec = MLA_CASES["rope_only"]  # linear factor 2.0
     ours, _, _ = ours_and_reference(spec.with_overrides(rope_scaling_factor=1.0))
     ref, rotary = deepseek_reference(spec)
     ref.load_state_dict(ours.state_dict(), strict=True)
@@ -338,7 +342,8 @@ def test_explicit_reference_sees_rope_scaling():
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_attention_is_causal(name):
     d_model, n_heads, length = 64, 4, 12
-    module = build_attention(VARIANTS[name], d_model, n_heads, dropout=0.0).eval()
+    # max_len: a window that is a quarter of the context is 3 of these 12 tokens
+    module = build_attention(VARIANTS[name], d_model, n_heads, dropout=0.0, max_len=length).eval()
     randomize_(module, seed=2)
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(2, length, d_model, generator=gen)

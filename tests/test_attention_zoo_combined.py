@@ -47,8 +47,11 @@ def test_named_variants_alternate_sliding_and_full_layers_as_transformers_does(n
 
 # --- sinks + window vs GptOssAttention's sliding layer ----------------------------------------------
 
+# The named windows are a quarter of the context (attention/registry.py): 16 of a 64-token one.
+GPTOSS, GEMMA2 = (VARIANTS[name].resolved(D_MODEL, N_HEADS, seq_len=64) for name in ("gptoss", "gemma2"))
+
 SINK_WINDOW_CASES = {
-    "gptoss (local layer)": VARIANTS["gptoss"].for_layer(0),  # window 16: shorter than SHAPES' 17 and 32
+    "gptoss (local layer)": GPTOSS.for_layer(0),  # window 16: shorter than SHAPES' 17 and 32
     "sinks+window5+mha+bias+linear1.5": VARIANTS["gptoss"].for_layer(0).with_overrides(
         window=5, n_kv_heads=8, attention_bias=True, rope_scaling_factor=1.5),
 }
@@ -67,7 +70,7 @@ def test_sinks_with_a_window_match_gpt_oss_sliding_layer(name):
 # --- soft-cap + window vs Gemma2Attention's sliding layer ------------------------------------------
 
 SOFTCAP_WINDOW_CASES = {
-    "gemma2 (local layer)": VARIANTS["gemma2"].for_layer(0),
+    "gemma2 (local layer)": GEMMA2.for_layer(0),
     "softcap1.5+window5+gqa": VARIANTS["gemma2"].for_layer(0).with_overrides(attn_softcap=1.5, window=5,
                                                                               n_kv_heads=2),
 }
@@ -106,7 +109,7 @@ EXPLICIT_COMBINED_CASES = {
     "elementwise gate+window5": VARIANTS["gated"].with_overrides(window=5),
     "headwise gate+window5+mqa": VARIANTS["baseline"].with_overrides(output_gate="headwise", window=5, n_kv_heads=1),
     "softcap2+alibi+window6": VARIANTS["alibi"].with_overrides(attn_softcap=2.0, window=6),
-    "gptoss local layer": VARIANTS["gptoss"].for_layer(0),
+    "gptoss local layer": GPTOSS.for_layer(0),
 }
 
 
@@ -180,10 +183,10 @@ def test_probe_probabilities_are_the_references_attention_weights():
     # gemma2: K and V x 4 heads x 16 x 2 B = 256 per layer; 256 x 16/64 = 64 + 256
     ("gemma2", dict(SMOKE, seq_len=64), 320),
     # the seed's size (512, 8 layers, 8 heads of 64, L = 512). gptoss: 2 x 2 x 64 x 2 B = 512 per
-    # layer; 4 local x 512 x 16/512 = 64, 4 global x 512 = 2048
-    ("gptoss", dict(d_model=512, n_layers=8, n_heads=8, seq_len=512), 2112),
-    # gemma2: 2 x 8 x 64 x 2 B = 2048 per layer; 4 local x 64 = 256, 4 global x 2048 = 8192
-    ("gemma2", dict(d_model=512, n_layers=8, n_heads=8, seq_len=512), 8448),
+    # layer; the window a quarter of 512 = 128: 4 local x 512 x 128/512 = 512, 4 global x 512 = 2048
+    ("gptoss", dict(d_model=512, n_layers=8, n_heads=8, seq_len=512), 2560),
+    # gemma2: 2 x 8 x 64 x 2 B = 2048 per layer; 4 local x 512 = 2048, 4 global x 2048 = 8192
+    ("gemma2", dict(d_model=512, n_layers=8, n_heads=8, seq_len=512), 10240),
 ])
 def test_kv_cache_of_the_combined_variants(name, size, expected):
     assert kv_cache_bytes_per_token(ModelConfig(attention=VARIANTS[name], **size)) == expected

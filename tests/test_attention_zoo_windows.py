@@ -69,8 +69,11 @@ def with_sliding_window_mask(ref, config):
     return ref
 
 
+# The named windows are a quarter of the context (attention/registry.py): 16 of a 64-token one.
+SWA = VARIANTS["swa"].resolved(D_MODEL, N_HEADS, seq_len=64)
+
 WINDOW_CASES = {
-    "swa": VARIANTS["swa"],  # 16: shorter than 17 and 32 of SHAPES
+    "swa": SWA,  # 16: shorter than 17 and 32 of SHAPES
     "window5+gqa2+linear2+bias": VARIANTS["baseline"].with_overrides(window=5, n_kv_heads=2, rope_scaling_factor=2.0,
                                                                       attention_bias=True),
     "window1+mqa": VARIANTS["mqa"].with_overrides(window=1),  # each token sees only itself
@@ -91,7 +94,7 @@ def test_window_comparison_sees_the_window():
     """Negative control: Mistral with the window differs from our full attention at length 32."""
     ours = build_attention(VARIANTS["baseline"], D_MODEL, N_HEADS, dropout=0.0, rope_theta=THETA).eval()
     randomize_(ours, seed=41)
-    ref, rotary = mistral_reference(VARIANTS["swa"])
+    ref, rotary = mistral_reference(SWA)
     ref.load_state_dict(ours.state_dict(), strict=True)
     x = torch.randn(2, 32, D_MODEL, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -111,7 +114,7 @@ def test_local_global_layers_are_mistral_and_baseline_in_turn():
     for index, layer in enumerate(model.layers):
         module = layer.self_attn.eval()
         randomize_(module, seed=index)
-        windowed = build_attention(VARIANTS["swa"], 64, 4).eval()
+        windowed = build_attention(VARIANTS["swa"], 64, 4, max_len=64).eval()
         full = build_attention(VARIANTS["baseline"], 64, 4).eval()
         windowed.load_state_dict(module.state_dict(), strict=True)
         full.load_state_dict(module.state_dict(), strict=True)
@@ -230,6 +233,7 @@ def test_alibi_reference_sees_the_bias():
 @pytest.mark.parametrize("spec", [VARIANTS["mla_v3"], VARIANTS["mla_v3"].with_overrides(rope_scaling_factor=2.0)],
                          ids=["mla_v3", "mla_v3+linear2"])
 def test_mla_v3_matches_deepseek_v3(spec):
+    spec = spec.resolved(D_MODEL, N_HEADS)  # the seed's size
     assert spec.qk_nope_head_dim == 64 and spec.qk_rope_head_dim == 32 and spec.v_head_dim == 64
     ours, ref, rotary = ours_and_reference(spec, seed=67)
     assert_equivalent(ours, ref, rotary, seed=71)
@@ -249,6 +253,8 @@ class NoRotation(torch.nn.Module):
 def test_mla_without_decoupled_rope_matches_deepseek_v3(spec):
     from transformers.models.deepseek_v3.configuration_deepseek_v3 import DeepseekV3Config
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
+
+    spec = spec.resolved(D_MODEL, N_HEADS)  # the seed's size
 
     ours = build_attention(spec, D_MODEL, N_HEADS, dropout=0.0, rope_theta=THETA).eval()
     assert ours.qk_rope_head_dim == 0 and not hasattr(ours, "rotary")
@@ -304,17 +310,19 @@ def assert_sees_only_the_past_and_the_window(spec):
 SMOKE = dict(d_model=64, n_layers=2, n_heads=4, d_ff=64, n_experts=4, top_k=2, vocab_size=97)
 
 
-@pytest.mark.parametrize("name, seq_len, expected", [
+@pytest.mark.parametrize("name, window, seq_len, expected", [
     # per layer, full: K and V x 4 heads x 16 dims x 2 B = 256 B/token; 2 layers = 512
-    ("baseline", 64, 512),
-    ("swa", 64, 128),  # each layer keeps 16 of 64 tokens: 2 x 256 x 16/64
-    ("swa", 16, 512),  # the window covers the whole context: no saving
-    ("swa", 8, 512),
-    ("local_global", 64, 320),  # local 256 x 16/64 = 64, global 256
-    ("alibi", 64, 512), ("nope", 64, 512),  # positions change no cache
+    ("baseline", None, 64, 512),
+    ("swa", None, 64, 128),  # each layer keeps 16 of 64 tokens (a quarter): 2 x 256 x 16/64
+    ("swa", None, 16, 128),  # a quarter of any context: 4 of 16
+    ("swa", 16, 16, 512),  # a window (--window=16) that covers the whole context: no saving
+    ("swa", 16, 8, 512),
+    ("local_global", None, 64, 320),  # local 256 x 16/64 = 64, global 256
+    ("alibi", None, 64, 512), ("nope", None, 64, 512),  # positions change no cache
 ])
-def test_kv_cache_per_token_at_the_context(name, seq_len, expected):
-    assert kv_cache_bytes_per_token(ModelConfig(attention=VARIANTS[name], seq_len=seq_len, **SMOKE)) == expected
+def test_kv_cache_per_token_at_the_context(name, window, seq_len, expected):
+    spec = VARIANTS[name] if window is None else VARIANTS[name].with_overrides(window=window)
+    assert kv_cache_bytes_per_token(ModelConfig(attention=spec, seq_len=seq_len, **SMOKE)) == expected
 
 
 def test_kv_cache_at_the_seeds_size():
@@ -323,8 +331,8 @@ def test_kv_cache_at_the_seeds_size():
     assert kv_cache_bytes_per_token(ModelConfig(attention=VARIANTS["mla_v3"], **seed)) == 1024
     # mla_norope: the latent alone, 32 values x 2 B x 8 layers
     assert kv_cache_bytes_per_token(ModelConfig(attention=VARIANTS["mla_norope"], **seed)) == 512
-    # local_global, window 16 of 512: 4 local layers x 2048 x 16/512 + 4 global x 2048 = 256 + 8192
-    assert kv_cache_bytes_per_token(ModelConfig(attention=VARIANTS["local_global"], **seed)) == 8448
+    # local_global, window 128 (a quarter) of 512: 4 local layers x 2048 x 128/512 + 4 global x 2048 = 2048 + 8192
+    assert kv_cache_bytes_per_token(ModelConfig(attention=VARIANTS["local_global"], **seed)) == 10240
     # a window that leaves a fraction of a byte is rounded: 2048 x 8 layers x 5/512 = 160 exactly;
     # window 7 with 1 layer at 100 tokens: 2048 x 7/100 = 143.36 -> 143
     spec = VARIANTS["swa"].with_overrides(window=7)
@@ -383,9 +391,9 @@ def test_probe_scores_give_the_references_attention_weights():
 
     x = torch.randn(2, 24, D_MODEL, generator=torch.Generator().manual_seed(83))
     positions = torch.arange(24)[None].expand(2, -1)
-    swa = build_attention(VARIANTS["swa"], D_MODEL, N_HEADS, rope_theta=THETA).eval()
+    swa = build_attention(SWA, D_MODEL, N_HEADS, rope_theta=THETA).eval()
     randomize_(swa, seed=89)
-    ref, rotary = mistral_reference(VARIANTS["swa"])
+    ref, rotary = mistral_reference(SWA)
     ref.load_state_dict(swa.state_dict(), strict=True)
     alibi = build_attention(VARIANTS["alibi"].with_overrides(attention_bias=True, window=6), D_MODEL, N_HEADS).eval()
     randomize_(alibi, seed=97)

@@ -3,6 +3,7 @@ dense reference, the balance loss by hand, causality of the whole model, no dead
 `train.py --dry_run` for all 13 variants."""
 import json
 import math
+from fractions import Fraction
 import os
 import subprocess
 import sys
@@ -48,7 +49,10 @@ SEED_REPORT_MILLIONS = {"rope_small": 162.6, "lora_small": 162.6, "bias_only": 1
 
 
 def test_registry_matches_the_design_table():
-    """The seed's 13 come first, as DESIGN.md has them; the zoo's variants follow (and may grow)."""
+    """The seed's 13 come first, as DESIGN.md has them at the seed's size; the zoo's variants follow
+    (and may grow). Their sizes are relative (attention/registry.py): at the smoke size (d_model 64,
+    4 heads of 16 dims) every rank is the table's divided by 8 (d_model 512 -> 64) and every head
+    dim divided by 4 (64 -> 16)."""
     assert list(VARIANTS)[:len(TABLE)] == list(TABLE)
     assert {TABLE[name][0] for name in TABLE} <= set(FAMILIES)
     assert {spec.family for spec in VARIANTS.values()} <= set(FAMILIES)
@@ -65,17 +69,32 @@ def test_registry_matches_the_design_table():
             assert not spec.is_latent
             continue
         assert spec.is_latent
-        assert (spec.q_lora_rank, spec.kv_lora_rank, spec.qk_rope_head_dim, spec.v_head_dim) == (q, kv, rope, v)
+        seed, smoke = spec.resolved(512, 8), spec.resolved(64, 4)
+        assert (seed.q_lora_rank, seed.kv_lora_rank, seed.qk_rope_head_dim, seed.v_head_dim) == (q, kv, rope, v)
+        assert (smoke.q_lora_rank, smoke.kv_lora_rank, smoke.qk_rope_head_dim, smoke.v_head_dim) == (
+            q and q // 8, kv // 8, rope // 4, v // 4), name
 
 
 # --- counting by hand ------------------------------------------------------------------------------
 
+def table_dims(name: str, d: int, heads: int) -> tuple:
+    """The table's (q_lora_rank, kv_lora_rank, qk_rope_head_dim, v_head_dim) scaled from the seed's
+    size to this one: ranks with d_model (512), head dims with the head dim (64). Integral at the
+    sizes these tests use."""
+    _, q_lora, kv, rope, v, _, _ = TABLE[name]
+    rank, head = Fraction(d, 512), Fraction(d // heads, 64)
+    scaled = (q_lora and q_lora * rank, kv * rank, rope * head, v * head)
+    assert all(x is None or x.denominator == 1 for x in scaled), (name, d, heads)
+    return tuple(x and int(x) for x in scaled)
+
+
 def attention_counts(name: str, d: int, heads: int, nope: int = 0) -> tuple[int, int]:
     """(parameters, matmul weights) of one attention layer, from the table's dims alone."""
-    _, q_lora, kv, rope, v, bias, _ = TABLE[name]
+    bias = TABLE[name][5]
     if name == "baseline":
         weights = 4 * d * d  # q_proj, k_proj, v_proj, o_proj: d x d each, no bias
         return weights, weights
+    q_lora, kv, rope, v = table_dims(name, d, heads)
     qk = nope + rope
     if q_lora is None:
         q_weights, q_other = d * heads * qk, 0  # q_proj, never a bias
@@ -108,7 +127,8 @@ def hand_flops(name, d_model, n_layers, n_heads, d_ff, n_experts, top_k, vocab_s
     if name == "baseline":
         qk = v = d_model // n_heads
     else:
-        qk, v = nope + TABLE[name][3], TABLE[name][4]
+        _, _, rope, v = table_dims(name, d_model, n_heads)
+        qk = nope + rope
     return 6 * (n_layers * per_layer + vocab_size * d_model) + 6 * n_layers * seq_len * n_heads * (qk + v)
 
 
@@ -265,6 +285,9 @@ def test_dry_run_reports_the_hand_counts(name, recipe, capsys, monkeypatch):
     attention, _ = attention_counts(name, SEED["d_model"], SEED["n_heads"])
     assert record["params_attention"] == SEED["n_layers"] * attention
     assert record["flops_per_token"] == hand_flops(name, **SEED)
+    if name != "baseline":  # the resolved sizes, as integers: the table's at the seed's size
+        spec = record["attention_spec"]
+        assert (spec["q_lora_rank"], spec["kv_lora_rank"], spec["qk_rope_head_dim"], spec["v_head_dim"]) == TABLE[name][1:5]
 
 
 # --- the MoE layer -------------------------------------------------------------------------------
