@@ -13,7 +13,8 @@ Adding a kind: (1) its module, a file in attention/ with a class built as
 (B, T, d_model), parameter names as in the `transformers` class it is checked against; (2) its new
 knobs in KNOBS and one Kind in KINDS naming the module, its knobs, its per-token KV cache, its
 score/value dims (FLOPs), the combinations it refuses and its reference; (3) its test in
-tests/test_attention.py against that reference (weights copied; outputs and gradients).
+tests/test_attention.py against that reference (weights copied; outputs and gradients); (4) its
+plain twin in bench/reference.py (REFERENCE_KNOBS), which bench/ times it against.
 """
 import math
 from dataclasses import dataclass, field, replace

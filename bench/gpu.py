@@ -56,10 +56,11 @@ SECTIONS = [
     ("scan", 40, "sequence-length scan, batch 4, 512 to 16384: time, memory, where the reference runs out"),
     ("choices", 20, "the fast path's switches (pad for flash, grouped experts) on unequal head dims"),
     ("peak", 10, "the bf16 matmul peak, n = 4096, 8192, 16384"),
+    ("zoo", 40, "the zoo's variants (sweeps/zoo.yaml) at the seed's fast setup, ours vs reference, where time is left"),
 ]
 # Printed characters per section in the summary (all of it is in the archive).
-SUMMARY_SHARE = {"env": 400, "check": 1800, "train": 1000, "main": 3800, "compile": 600, "scan": 1200,
-                 "choices": 500, "peak": 300}
+SUMMARY_SHARE = {"env": 400, "check": 1800, "train": 1000, "main": 3000, "compile": 600, "scan": 1000,
+                 "choices": 500, "peak": 300, "zoo": 900}
 
 SEED_TRAIN_ARGS = "--recipe=seed --attention=baseline --seed=0 --group=gpu"
 TINY_TRAIN_ARGS = ("--d_model=64 --n_layers=1 --n_heads=2 --d_ff=64 --n_experts=2 --top_k=1 --seq_len=32 "
@@ -74,6 +75,8 @@ def section_commands(args, scratch: Path) -> dict[str, list[str]]:
     extra = DRY_STEP_ARGS if args.dry_run else []
     step = [py, "-m", "bench.step", "--device", dev]
     scan_lens = "32,64" if args.dry_run else "512,1024,2048,4096,8192,16384"
+    zoo = (",".join(v for v in sweep_variants("zoo.yaml").split(",") if v != "baseline")
+           if args.zoo_variants == "zoo" else args.zoo_variants)
     train_args = shlex.split(args.train_args if args.train_args is not None else
                              SEED_TRAIN_ARGS + (" " + TINY_TRAIN_ARGS if args.dry_run else ""))
     env_probe = (
@@ -90,7 +93,8 @@ def section_commands(args, scratch: Path) -> dict[str, list[str]]:
         "check": [py, "-m", "bench.check", "--device", dev, "--variants", args.variants]
                  + (["--preset", "tiny"] if args.dry_run else []),
         "train": [py, "train.py", *train_args, f"--results_dir={scratch / 'train'}"],
-        "main": step + ["--preset", "gpu", "--variants", args.variants,
+        "main": step + ["--preset", "gpu", "--variants", sweep_variants("fast.yaml") if args.variants == "all" else
+                        args.variants,
                         "--title", "main: the seed's fast setup, every variant, ours vs reference"] + extra,
         "compile": step + ["--preset", "gpu", "--variants", "baseline,enhanced_medium", "--impls", "ours",
                            "--compile", "on", "--title", "compile: torch.compile (eager rows: main)"] + extra,
@@ -101,7 +105,19 @@ def section_commands(args, scratch: Path) -> dict[str, list[str]]:
                            "--sdpa_pad", "auto,never", "--moe_matmul", "auto,loop",
                            "--title", "choices: fast-path switches (auto = pad + grouped on CUDA bf16)"] + extra,
         "peak": step + ["--preset", "gpu", "--peak_only"] + extra,
+        # fewer timed steps than main, so more of the zoo fits in its budget (the cases that do not
+        # are recorded as skipped); the baseline it is compared with is main's
+        "zoo": step + ["--preset", "gpu", "--variants", zoo, "--warmup", "2", "--repeats", "5",
+                       "--title", "zoo: the zoo's variants, the seed's fast setup, ours vs reference"] + extra,
     }
+
+
+def sweep_variants(name: str) -> str:
+    """The attention values of sweeps/<name>, comma-joined: one home for which variants a section
+    times (fast.yaml: the seed's 13; zoo.yaml: the baseline and the zoo)."""
+    import yaml
+
+    return ",".join(yaml.safe_load((ROOT / "sweeps" / name).read_text())["parameters"]["attention"]["values"])
 
 
 def run_section(name: str, cmd: list[str], budget: int, scratch: Path, env: dict) -> dict:
@@ -199,7 +215,10 @@ def main(argv=None) -> int:
                    help="where the archive and headline tables go (default: $OUT, else bench/results/gpu-<date>)")
     p.add_argument("--dry_run", action="store_true", help="on the CPU with tiny sizes: every section, in minutes")
     p.add_argument("--device", default=None, help="cuda (default), or cpu (the default with --dry_run)")
-    p.add_argument("--variants", default="all", help="variants for check and main (comma list, or all)")
+    p.add_argument("--variants", default="all", help="variants for check and main (comma list, or all: check "
+                   "every variant, main sweeps/fast.yaml's 13)")
+    p.add_argument("--zoo_variants", default="zoo", help="variants for the zoo section (comma list, or zoo: "
+                   "sweeps/zoo.yaml's, less the baseline that main times)")
     p.add_argument("--sections", default=",".join(name for name, _, _ in SECTIONS),
                    help="which sections to run (comma list; they run in the order of SECTIONS)")
     p.add_argument("--train_args", default=None,

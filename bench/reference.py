@@ -1,8 +1,13 @@
-"""A seed-style implementation of the same model, for benchmarks only: what the seed's code did,
-at the same dims, with the same parameter names, so it loads our state dict unchanged.
+"""A seed-style implementation of the same model, for benchmarks and as the fast path's check:
+what the seed's code did, at the same dims, with the same parameter names, so it loads our state
+dict unchanged.
 
 - attention: eager, explicit softmax over a materialised (T, T) causal mask, RoPE tables
-  recomputed on every call;
+  recomputed on every call; the zoo's options written out the plain way, without the model's
+  helpers (attention/modulated.py, attention/positions.py), so a bug there shows: keys and values
+  repeat_interleave'd for grouped-query, RMSNorm on q and k, the tanh soft-cap, the window as a
+  second triangle of the mask, ALiBi's slopes as the paper's code computes them, the sink logit
+  concatenated before the softmax, the sigmoid output gate, and the local/global layer pattern;
 - MoE: a Python loop over experts, each computing on the tokens whose top-k includes it, found with
   a boolean mask (a host sync per expert on GPU), outputs accumulated by masked assignment;
 - RMSNorm written out (mean of squares, rsqrt);
@@ -10,13 +15,16 @@ at the same dims, with the same parameter names, so it loads our state dict unch
 
 Everything else -- embedding, blocks, LM head, router, loss -- is the model's own code, so the
 comparison isolates the fast path. `tests/test_perf.py` checks that both compute the same loss and
-gradients.
+gradients for every variant.
 """
+import math
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attention import AttentionSpec
+from attention import KINDS, AttentionSpec
 from attention.rope import ROPE_SCALINGS
 from model import MoE, ModelConfig, MoELM
 
@@ -47,13 +55,41 @@ def seed_rope(x, theta: float, spec: AttentionSpec):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def seed_attention(q, k, v, scale: float, dropout: float, training: bool):
-    """Explicit softmax over a materialised causal mask: O(T^2) memory per head."""
+def press_alibi_slopes(n_heads: int) -> list[float]:
+    """ALiBi's head slopes as the paper's code writes them (Press et al., ofirpress/attention_with_linear_biases):
+    a geometric sequence starting at 2^(-8/n) for a power of two n; otherwise the closest power of
+    two's slopes, then every other slope of twice as many heads."""
+    def power_of_2(n):
+        start = 2 ** (-2 ** -(math.log2(n) - 3))
+        return [start * start ** i for i in range(n)]
+
+    if math.log2(n_heads).is_integer():
+        return power_of_2(n_heads)
+    closest = 2 ** math.floor(math.log2(n_heads))
+    return power_of_2(closest) + power_of_2(2 * closest)[0::2][:n_heads - closest]
+
+
+def seed_attention(q, k, v, scale: float, dropout: float, training: bool, window: int = 0, softcap: float = 0.0,
+                   bias=None, sinks=None):
+    """Explicit softmax over a materialised causal mask: O(T^2) memory per head. Options, each
+    written out: soft-capped logits (cap * tanh(s / cap), before the mask), a sliding window (query
+    t sees keys t-window+1..t), an additive bias (ALiBi), a sink logit per head as one more softmax
+    column that is dropped afterwards."""
     length = q.shape[-2]
     scores = (q @ k.transpose(-2, -1)) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    if bias is not None:
+        scores = scores + bias
     mask = torch.triu(torch.ones(length, length, device=q.device), diagonal=1).bool()
+    if window:
+        mask = mask | torch.tril(torch.ones(length, length, device=q.device), diagonal=-window).bool()
     scores = scores.masked_fill(mask, float("-inf"))
-    probs = F.softmax(scores.float(), dim=-1).to(q.dtype)
+    if sinks is not None:
+        sink_column = sinks.view(1, -1, 1, 1).expand(scores.shape[0], -1, length, 1).to(scores.dtype)
+        probs = F.softmax(torch.cat((scores, sink_column), dim=-1).float(), dim=-1)[..., :length].to(q.dtype)
+    else:
+        probs = F.softmax(scores.float(), dim=-1).to(q.dtype)
     probs = F.dropout(probs, p=dropout, training=training)
     out = probs @ v
     batch, heads, _, v_dim = out.shape
@@ -61,23 +97,50 @@ def seed_attention(q, k, v, scale: float, dropout: float, training: bool):
 
 
 class SeedMHA(nn.Module):
+    """Multi-head attention and every option the model's has: grouped-query (keys and values
+    repeat_interleave'd to the query heads), QK-norm, RoPE / none / ALiBi, a window, a soft-cap,
+    sinks, a head-wise or element-wise output gate (Qwen3-Next's layout: each head's slice of
+    q_proj is [query, gate])."""
+
     def __init__(self, spec: AttentionSpec, d_model: int, n_heads: int, dropout: float, rope_theta: float):
         super().__init__()
         self.spec, self.n_heads, self.head_dim = spec, n_heads, d_model // n_heads
+        self.n_kv_heads = spec.n_kv_heads
         self.dropout, self.rope_theta = dropout, rope_theta
         self.qk_head_dim = self.v_head_dim = self.head_dim
-        self.q_proj = nn.Linear(d_model, d_model, bias=spec.attention_bias)
-        self.k_proj = nn.Linear(d_model, d_model, bias=spec.attention_bias)
-        self.v_proj = nn.Linear(d_model, d_model, bias=spec.attention_bias)
+        self.gate_dim = {"none": 0, "headwise": 1, "elementwise": self.head_dim}[spec.output_gate]
+        kv_dim = self.n_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(d_model, n_heads * (self.head_dim + self.gate_dim), bias=spec.attention_bias)
+        self.k_proj = nn.Linear(d_model, kv_dim, bias=spec.attention_bias)
+        self.v_proj = nn.Linear(d_model, kv_dim, bias=spec.attention_bias)
         self.o_proj = nn.Linear(d_model, d_model, bias=spec.attention_bias)
+        if spec.qk_norm:
+            self.q_norm, self.k_norm = SeedRMSNorm(self.head_dim), SeedRMSNorm(self.head_dim)
+        if spec.attention_sinks:
+            self.sinks = nn.Parameter(torch.zeros(n_heads))
 
     def forward(self, x):
         batch, length, _ = x.shape
-        heads = (batch, length, self.n_heads, self.head_dim)
-        q = seed_rope(self.q_proj(x).view(heads).transpose(1, 2), self.rope_theta, self.spec)
-        k = seed_rope(self.k_proj(x).view(heads).transpose(1, 2), self.rope_theta, self.spec)
-        v = self.v_proj(x).view(heads).transpose(1, 2)
-        return self.o_proj(seed_attention(q, k, v, self.head_dim ** -0.5, self.dropout, self.training))
+        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim + self.gate_dim)
+        q, gate = q[..., :self.head_dim], q[..., self.head_dim:]
+        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim)
+        if self.spec.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.spec.positions == "rope":
+            q, k = seed_rope(q, self.rope_theta, self.spec), seed_rope(k, self.rope_theta, self.spec)
+        groups = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        bias = None
+        if self.spec.positions == "alibi":  # Bloom's form: slope x key position (softmax ignores a row constant)
+            slopes = torch.tensor(press_alibi_slopes(self.n_heads), device=x.device)
+            bias = slopes.view(-1, 1, 1) * torch.arange(length, device=x.device, dtype=torch.float32).view(1, 1, -1)
+        out = seed_attention(q, k, v, self.head_dim ** -0.5, self.dropout, self.training, self.spec.window,
+                             self.spec.attn_softcap, bias, getattr(self, "sinks", None))
+        if self.gate_dim:
+            out = (out.view(batch, length, self.n_heads, self.head_dim) * torch.sigmoid(gate)).flatten(2)
+        return self.o_proj(out)
 
 
 class SeedMLA(nn.Module):
@@ -106,9 +169,12 @@ class SeedMLA(nn.Module):
         kv = self.kv_b_proj(self.kv_a_layernorm(latent))
         kv = kv.view(batch, length, self.n_heads, self.nope + self.v_head_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.v_head_dim], dim=-1)
-        q_rot = seed_rope(q_rot, self.rope_theta, self.spec)
-        k_rot = seed_rope(k_rot.unsqueeze(1), self.rope_theta, self.spec).expand(-1, self.n_heads, -1, -1)
-        q, k = torch.cat((q_nope, q_rot), dim=-1), torch.cat((k_nope, k_rot), dim=-1)
+        if self.rope:  # 0: no decoupled rotary key (mla_norope), the scores use the latent's dims only
+            q_rot = seed_rope(q_rot, self.rope_theta, self.spec)
+            k_rot = seed_rope(k_rot.unsqueeze(1), self.rope_theta, self.spec).expand(-1, self.n_heads, -1, -1)
+            q, k = torch.cat((q_nope, q_rot), dim=-1), torch.cat((k_nope, k_rot), dim=-1)
+        else:
+            q, k = q_nope, k_nope
         return self.o_proj(seed_attention(q, k, v, self.qk_head_dim ** -0.5, self.dropout, self.training))
 
 
@@ -131,29 +197,44 @@ class SeedMoE(MoE):
 
 
 def has_reference(spec: AttentionSpec) -> bool:
-    """The seed-style twins cover the seed's kinds only: MLA, and MHA with a key/value head per
-    query head, RoPE on every key, and no QK-norm, output gate, sinks, soft-cap or window (the
-    zoo's kinds have none here yet)."""
-    return spec.kind == "mla" or (spec.n_kv_heads is None and not spec.qk_norm and not _modulated(spec))
+    """Whether the seed-style reference covers this spec's kind and every knob that kind has. It
+    reads the kind only, so a variant's unresolved spec (VARIANTS[name]) answers the same as the
+    resolved one. A kind or knob added without its reference here makes it False (and
+    tests/test_perf.py fail)."""
+    covered = REFERENCE_KNOBS.get(spec.kind)
+    return covered is not None and set(KINDS[spec.kind].knobs) <= covered
 
 
-def _modulated(spec: AttentionSpec) -> bool:
-    return (spec.output_gate != "none" or spec.attention_sinks or bool(spec.attn_softcap)
-            or spec.positions != "rope" or bool(spec.window))
+# The knobs each reference module implements (a new knob of a kind needs its plain form here).
+REFERENCE_KNOBS = {
+    "mha": {"n_kv_heads", "qk_norm", "attention_bias", "rope_scaling", "rope_scaling_factor", "output_gate",
+            "attention_sinks", "attn_softcap", "positions", "window", "global_every"},
+    "mla": {"q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "attention_bias",
+            "rope_scaling", "rope_scaling_factor"},
+}
+SEED_MODULES = {"mha": SeedMHA, "mla": SeedMLA}
+
+
+def layer_window(spec: AttentionSpec, layer: int) -> int:
+    """The window of layer `layer` (0-based), written from the published pattern rather than taken
+    from AttentionSpec.for_layer: with global_every N, layers N, 2N, .. counted from 1 are global
+    (Gemma 2 and gpt-oss, N = 2: sliding, full, sliding, full, ..)."""
+    is_global = spec.global_every > 0 and (layer + 1) % spec.global_every == 0
+    return 0 if is_global else spec.window
 
 
 def build_reference(cfg: ModelConfig) -> MoELM:
     """The model with its attention, MoE and norms swapped for the seed-style modules. The module
     tree (and so every parameter name, shape and order) is unchanged: it loads our state dict."""
     spec = cfg.attention.resolved(cfg.d_model, cfg.n_heads, cfg.seq_len)
-    if spec.kind == "mha" and (spec.n_kv_heads != cfg.n_heads or spec.qk_norm or _modulated(spec)):
-        raise ValueError(f"{spec.name}: the seed-style reference has no grouped-query, QK-norm, gated, sink, "
-                         "soft-capped, windowed, ALiBi or NoPE attention")
+    if not has_reference(spec):
+        raise ValueError(f"{spec.name}: the seed-style reference has no {spec.kind!r} attention (or not all "
+                         "of its knobs): add it to bench/reference.py")
     model = MoELM(cfg)
-    attention = SeedMLA if spec.is_latent else SeedMHA
-    for layer in model.layers:
+    for i, layer in enumerate(model.layers):
         layer.input_layernorm = SeedRMSNorm(cfg.d_model)
-        layer.self_attn = attention(spec, cfg.d_model, cfg.n_heads, cfg.dropout, cfg.rope_theta)
+        layer_spec = replace(spec, window=layer_window(spec, i))
+        layer.self_attn = SEED_MODULES[spec.kind](layer_spec, cfg.d_model, cfg.n_heads, cfg.dropout, cfg.rope_theta)
         layer.post_attention_layernorm = SeedRMSNorm(cfg.d_model)
         layer.mlp = SeedMoE(cfg.d_model, cfg.d_ff, cfg.n_experts, cfg.top_k, cfg.router_noise_std)
     model.norm = SeedRMSNorm(cfg.d_model)

@@ -356,14 +356,3 @@ def test_shared_init_is_equal_with_gates_sinks_and_caps():
         init_weights(model, 5)
         prints.add(shared_parameters_fingerprint(model))
     assert len(prints) == 1
-
-
-@pytest.mark.parametrize("name", list(GATE_ATTENTION_PER_LAYER))
-def test_the_seed_style_benchmark_reference_refuses_them(name):
-    """bench/reference.py's seed-style MHA has no gate, sink or cap: it must not stand in for them
-    (the softcap variant has the baseline's parameter names, so it would load and compare wrongly)."""
-    from bench.reference import build_reference, has_reference
-
-    assert not has_reference(VARIANTS[name])
-    with pytest.raises(ValueError, match="the seed-style reference has no"):
-        build_reference(model_config(name, **SMALL))

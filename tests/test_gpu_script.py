@@ -145,3 +145,26 @@ def test_perf_md_names_the_token_cache_a_gpu_run_must_carry():
     expected = [str(path.relative_to(ROOT)) for path in token_cache_paths(TrainConfig())]
     perf = (ROOT / "docs" / "PERF.md").read_text()
     assert f"`carry` | `{json.dumps(expected)}`" in perf, expected
+
+
+def test_main_times_the_seed_variants_and_the_zoo_section_the_rest():
+    """Every variant is timed on the GPU where time allows: main the seed's 13 (sweeps/fast.yaml),
+    the last section the zoo (sweeps/zoo.yaml less the baseline main has); check covers all."""
+    import argparse
+
+    import yaml
+
+    from attention import VARIANTS
+    from bench.gpu import section_commands
+
+    def listed(name):
+        return yaml.safe_load((ROOT / "sweeps" / name).read_text())["parameters"]["attention"]["values"]
+
+    args = argparse.Namespace(device="cuda", dry_run=False, variants="all", zoo_variants="zoo", train_args=None)
+    commands = section_commands(args, ROOT)
+    after = lambda cmd, flag: cmd[cmd.index(flag) + 1]  # noqa: E731
+    main, zoo = after(commands["main"], "--variants").split(","), after(commands["zoo"], "--variants").split(",")
+    assert main == listed("fast.yaml") and len(main) == 13
+    assert zoo == [v for v in listed("zoo.yaml") if v != "baseline"]
+    assert sorted(main + zoo) == sorted(VARIANTS)
+    assert after(commands["check"], "--variants") == "all"

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import model as model_module
-from attention import VARIANTS
+from attention import VARIANTS, AttentionSpec, modulated, modules
 from bench.reference import build_reference, has_reference
 from config import TrainConfig
 from model import ModelConfig, MoELM, init_weights
@@ -61,11 +61,88 @@ def ours_and_reference(cfg: ModelConfig, seed: int = 0):
     return ours.train(), ref.train()
 
 
-@pytest.mark.parametrize("name", [n for n, spec in VARIANTS.items() if has_reference(spec)])
+def test_every_variant_has_a_seed_style_reference():
+    """bench.step and bench.check cover every variant: none is left without its plain twin."""
+    assert [n for n, spec in VARIANTS.items() if not has_reference(spec)] == []
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_fast_path_matches_seed_style_reference(name):
     ours, ref = ours_and_reference(small_config(name))
     ids = torch.randint(0, SMALL["vocab_size"], (3, SMALL["seq_len"] + 1), generator=torch.Generator().manual_seed(1))
     assert_same_step(ours, ref, ids)
+
+
+# At init the scaled logits are ~0.03, where a cap of 50 is the identity to ~1e-7: the soft-capped
+# variants are also compared with a cap the logits reach. (SMALL's 24 tokens exceed the windows'
+# 16, so the window and the local/global pattern act.)
+SHARP = {"softcap": dict(attn_softcap=0.05), "gemma2": dict(attn_softcap=0.05)}
+
+
+@pytest.mark.parametrize("name", list(SHARP))
+def test_soft_cap_that_bites_matches_the_reference(name):
+    ours, ref = ours_and_reference(small_config(name, **SHARP[name]))
+    ids = torch.randint(0, SMALL["vocab_size"], (2, SMALL["seq_len"] + 1), generator=torch.Generator().manual_seed(6))
+    assert_same_step(ours, ref, ids)
+
+
+def _tiled_kv(causal_attention):
+    """Grouped-query with keys/values tiled (head h uses kv head h % H_kv) instead of Llama's
+    interleave (h // group): a plausible layout bug."""
+    def attention(q, k, v, *args, **kwargs):
+        repeats = q.shape[1] // k.shape[1]
+        return causal_attention(q, k.repeat(1, repeats, 1, 1), v.repeat(1, repeats, 1, 1), *args, **kwargs)
+    return attention
+
+
+def _window_one_longer(score_mask):
+    return lambda length, window, slopes, device: score_mask(length, window + 1 if window else 0, slopes, device)
+
+
+def _sinks_negated(attention_weights):
+    return lambda scores, sinks=None: attention_weights(scores, None if sinks is None else -sinks)
+
+
+def _every_layer_local(spec, layer):
+    return spec
+
+
+# (variant, extra knobs, the module attribute a bug is put into, the bug): each one a mistake the
+# model's helpers could make, which the reference -- written without them -- must catch.
+BUGS = [
+    ("gqa", {}, modules, "causal_attention", _tiled_kv),
+    ("swa", {}, modules, "score_mask", _window_one_longer),
+    ("alibi", {}, modules, "alibi_slopes", lambda slopes: lambda n: slopes(n).flip(0)),
+    ("sinks", {}, modulated, "attention_weights", _sinks_negated),
+    ("gated", {}, modules, "apply_output_gate", lambda gate: lambda out, g: gate(out, 2 * g)),
+    ("softcap", SHARP["softcap"], modulated, "causal_scores",
+     lambda scores: lambda q, k, scale, softcap=0.0, mask=None: scores(q, k, scale, 2 * softcap, mask)),
+    ("local_global", {}, AttentionSpec, "for_layer", lambda for_layer: _every_layer_local),
+]
+
+
+@pytest.mark.parametrize("name,knobs,owner,attribute,bug", BUGS, ids=[b[0] for b in BUGS])
+def test_reference_catches_a_bug_in_the_zoo_helpers(name, knobs, owner, attribute, bug, monkeypatch):
+    """Negative controls: with one of the model's helpers broken, the comparison fails."""
+    monkeypatch.setattr(owner, attribute, bug(getattr(owner, attribute)))
+    ours, ref = ours_and_reference(small_config(name, **knobs))
+    ids = torch.randint(0, SMALL["vocab_size"], (2, SMALL["seq_len"] + 1), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(AssertionError):
+        assert_same_step(ours, ref, ids)
+
+
+def test_reference_refuses_a_knob_it_does_not_implement(monkeypatch):
+    """A knob added to a kind without its plain form in bench/reference.py: no reference (so
+    test_every_variant_has_a_seed_style_reference fails), and building one says why."""
+    from dataclasses import replace
+
+    import attention.registry
+
+    mha = attention.registry.KINDS["mha"]
+    monkeypatch.setitem(attention.registry.KINDS, "mha", replace(mha, knobs=(*mha.knobs, "new_knob")))
+    assert not has_reference(VARIANTS["baseline"])
+    with pytest.raises(ValueError, match="the seed-style reference has no 'mha' attention"):
+        build_reference(small_config("baseline"))
 
 
 @pytest.mark.parametrize("sdpa_pad,moe_matmul", [("never", "loop"), ("always", "grouped"), ("never", "grouped")])

@@ -1,5 +1,5 @@
 """The sweep YAMLs in sweeps/: W&B's own schema accepts them, the seed's enumerate its 13 variants and
-zoo_smoke the rest, every value they can hand out passes train.py's config validation, and their
+zoo_smoke and zoo the rest, every value they can hand out passes train.py's config validation, and their
 commands follow the W&B
 agent's rules (macros, `accelerate launch` items)."""
 import math
@@ -27,7 +27,7 @@ def fixed(config: dict) -> dict:
 
 def test_the_four_sweeps_are_there_and_nothing_else():
     assert set(NAMES) == {"fast.yaml", "smoke.yaml", "seeds.yaml", "fast_multigpu.yaml", "zoo_smoke.yaml",
-                          "tune.yaml", "tune_smoke.yaml"}
+                          "zoo.yaml", "tune.yaml", "tune_smoke.yaml"}
     assert sorted(p.name for p in (ROOT / "sweeps").iterdir()) == sorted(NAMES)  # no other file either
     # sweeps/ holds YAML only: a package named `sweeps` here would shadow W&B's engine
     assert not (ROOT / "sweeps" / "__init__.py").exists()
@@ -72,10 +72,14 @@ def test_the_seed_sweeps_enumerate_exactly_the_seed_variants_in_order(name):
     assert load(name)["parameters"]["attention"]["values"] == SEED_VARIANTS
 
 
-def test_zoo_smoke_is_smoke_with_the_baseline_and_every_zoo_variant():
-    assert load("zoo_smoke.yaml")["parameters"]["attention"]["values"] == \
-        ["baseline"] + [name for name in VARIANTS if name not in SEED_VARIANTS]
-    assert fixed(load("zoo_smoke.yaml")) == fixed(load("smoke.yaml"))
+@pytest.mark.parametrize("name,twin", [("zoo_smoke.yaml", "smoke.yaml"), ("zoo.yaml", "fast.yaml")])
+def test_zoo_sweeps_list_the_baseline_and_every_zoo_variant_at_their_twins_settings(name, twin):
+    """zoo_smoke at smoke's laptop size and recipe, zoo at fast's GPU size, recipe and data; each on
+    seeds 0-2, so every zoo variant gets a paired verdict against the baseline."""
+    assert load(name)["parameters"]["attention"]["values"] == \
+        ["baseline"] + [variant for variant in VARIANTS if variant not in SEED_VARIANTS]
+    assert fixed(load(name)) == {k: v for k, v in fixed(load(twin)).items() if k != "seed"}  # fast: seed 0 only
+    assert load(name)["parameters"]["seed"] == {"values": [0, 1, 2]}
 
 
 @pytest.mark.parametrize("name", NAMES)
