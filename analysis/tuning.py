@@ -150,11 +150,10 @@ def shared_lr_of(choices: dict[str, Choice], shared_lr: float | None = None) -> 
 # --- stage 2 as a sweep YAML ------------------------------------------------------------------
 
 def fixed_settings(runs: list[Run]) -> dict:
-    """The settings every stage-1 run shared (those not at train.py's default), to fix in stage 2;
+    """The settings every stage-1 run shared (those not at the defaults of its recipe), to fix in stage 2;
     refuses a stage 1 that varied anything but attention, lr and seed."""
-    from config import FIELD_TYPES, TrainConfig
+    from config import FIELD_TYPES, RECIPES, TrainConfig
 
-    defaults = TrainConfig().to_dict()
     values: dict = {}
     for run in runs:
         for key, value in run.config.items():
@@ -165,6 +164,9 @@ def fixed_settings(runs: list[Run]) -> dict:
         raise SourceError(f"stage 1 varied {', '.join(varied)} besides {', '.join(STAGE1_VARIES)}: "
                           f"the protocol tunes the lr alone")
     fixed = {k: json.loads(next(iter(v))) for k, v in values.items() if k not in NOT_COPIED}
+    # a value at the default of the recipe stage 1 ran (--recipe=seed sets some) needs no saying;
+    # one at train.py's plain default may still differ from what that recipe would set
+    defaults = {**TrainConfig().to_dict(), **RECIPES.get(fixed.get("recipe"), {})}
     return {k: v for k, v in fixed.items() if v != defaults.get(k)}
 
 

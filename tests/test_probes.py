@@ -225,6 +225,15 @@ def test_probes_change_no_training_step_run_only_in_evaluate_and_are_recorded(tm
     monkeypatch.setattr(train.Run, "evaluate", watched_evaluate)
     monkeypatch.setattr(Probes, "_add", lambda self, *a: (measured_in.append(in_evaluate[0]), add(self, *a))[1])
 
+    final_weights = []
+    loop = train.Run._loop
+
+    def kept_loop(self, model, *args, **kwargs):  # the weights as training left them
+        loop(self, model, *args, **kwargs)
+        final_weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    monkeypatch.setattr(train.Run, "_loop", kept_loop)
+
     def run(directory, probes_on):
         assert train.main(tiny_args(directory, corpus, attention="lora_small", n_layers=2, probes=probes_on)) == 0
         return read_record(directory / "results", "local", "lora_small-s0")
@@ -238,6 +247,9 @@ def test_probes_change_no_training_step_run_only_in_evaluate_and_are_recorded(tm
         return [(row["train/loss"], row["train/grad_norm"], row.get("val/loss")) for row in rec["history"]]
 
     assert losses(on) == losses(off)  # bit for bit
+    weights_off, weights_on = final_weights
+    assert weights_off.keys() == weights_on.keys()
+    assert all(torch.equal(weights_off[k], weights_on[k]) for k in weights_off)  # bit for bit
     assert off["summary"]["data/fingerprint"] == on["summary"]["data/fingerprint"]
     expected = {record.probe_key(name, layer) for name in record.PROBE_KEYS if name != record.PROBE_GATE_OPEN
                 for layer in (None, 0, 1)}

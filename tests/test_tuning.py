@@ -185,6 +185,22 @@ def test_stage2_is_a_valid_sweep_with_each_variant_at_its_lr_and_the_shared_one_
                                                             for s in (2, 3, 4)}
 
 
+def test_stage2_runs_train_as_stage1_did_under_the_seed_recipe_with_a_knob_set_back_to_the_default():
+    # --recipe=seed sets grad_clip 0 (config.RECIPES); stage 1 turned clipping back on at train.py's
+    # default 1.0. A stage 2 that fixes the recipe but drops grad_clip as "at the default" clips nothing.
+    stage1 = config_from_values({"recipe": "seed", "grad_clip": 1.0, "d_model": 64, "attention": "baseline"})
+    assert stage1.grad_clip == 1.0 and config_from_values({"recipe": "seed"}).grad_clip == 0.0
+    shared = {k: v for k, v in stage1.to_dict().items() if k not in ("attention", "lr", "seed")}
+    runs = [run_from_record(stage1_record(v, lr, s, 7.0 + lr, **shared))
+            for v in ("baseline", "rope_small") for lr in (0.001, 0.003) for s in (0, 1)]
+    config, _, _ = tuning.stage2_config(runs, seeds=2)
+    _, grid = grid_size_and_runs(config)
+    for values in grid:
+        resolved = config_from_values(values).to_dict()
+        differs = {k for k, v in stage1.to_dict().items() if resolved[k] != v}
+        assert differs <= {"attention", "lr", "seed", "variant_lr", "eval_test"}, differs
+
+
 def test_stage2_refuses_what_the_protocol_cannot_answer():
     runs = stage1_runs(TUNED)
     with pytest.raises(SourceError, match="not an lr of stage 1"):
