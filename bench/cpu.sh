@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU numbers of docs/PERF.md, reproduced (about 45 minutes on 2 cores).
+# The CPU numbers of docs/PERF.md, reproduced (about 55 minutes on 2 idle cores).
 #
 #     bash bench/cpu.sh [OUTDIR]          # default bench/results/cpu-<date>
 #
@@ -24,8 +24,9 @@ run() {  # run NAME ARGS...
 { lscpu | grep -E "Model name|^CPU\(s\)"; "$PY" -c "import torch; print('torch', torch.__version__)"; uptime; } \
     | tee "$OUTDIR/env.txt"
 "$PY" -m bench.step --peak_only --quiet_wait "${QUIET_WAIT:-600}" --out "$OUTDIR/peak" | tee "$OUTDIR/peak.txt"
-# 1. every variant, ours vs the seed-style reference, batch 4 (1,024 tokens a step)
-run main --variants all --batch_size 4 --title "CPU: all variants, batch 4"
+# 1. the seed's 13 variants (sweeps/fast.yaml's), ours vs the seed-style reference, batch 4 (1,024 tokens a step)
+SEED_VARIANTS=$("$PY" -c "import yaml; print(','.join(yaml.safe_load(open('sweeps/fast.yaml'))['parameters']['attention']['values']))")
+run main --variants "$SEED_VARIANTS" --batch_size 4 --title "CPU: the seed's variants, batch 4"
 # 2. MFU at batch 8 (the per-expert matmuls get twice the rows), eager and compiled
 run batch8 --variants baseline,enhanced_medium --impls ours,reference --batch_size 8 --compile both \
     --compile_variants baseline,enhanced_medium --title "CPU: batch 8, eager and torch.compile"
@@ -33,3 +34,8 @@ run batch8 --variants baseline,enhanced_medium --impls ours,reference --batch_si
 #    SDPA has no fused kernel, so both implementations materialise the scores)
 run scan --variants baseline,enhanced_medium --batch_size 1 --dropout 0 --warmup 1 --repeats 2 \
     --seq_lens 256,512,1024,2048,4096 --title "CPU: sequence-length scan, batch 1, dropout 0"
+# 4. the zoo beside the baseline (sweeps/zoo.yaml's variants), ours vs reference, at a quarter of the
+#    width and 2 layers (256d / 2L / 4H -- head dim 64 as the seed's -- / 1024ff), in one process
+ZOO_VARIANTS=$("$PY" -c "import yaml; print(','.join(yaml.safe_load(open('sweeps/zoo.yaml'))['parameters']['attention']['values']))")
+run zoo --variants "$ZOO_VARIANTS" --d_model 256 --n_layers 2 --n_heads 4 --d_ff 1024 --batch_size 4 --warmup 1 \
+    --repeats 5 --isolate no --title "CPU: the zoo, 256d/2L/4H, batch 4 x 256"
