@@ -75,7 +75,8 @@ def test_same_seed_same_history_and_fairness_fingerprints(tmp_path, corpus, monk
     zoo = train_in_process(tmp_path / "e", corpus, monkeypatch, attention="qknorm", n_kv_heads=1, seed=1)
     assert zoo["summary"]["init/shared_fingerprint"] == first["summary"]["init/shared_fingerprint"]
     assert zoo["summary"]["kv_cache/bytes_per_token"] == 1 * 2 * 1 * 16 * 2
-    assert first["summary"]["kv_cache/bytes_per_token"] == 1 * (64 + 64) * 2  # lora_small: latent 64 + rotary key 64
+    # lora_small at d_model 32, head dim 16: a latent of d_model/8 = 4 plus one rotary key of 1 head dim = 16
+    assert first["summary"]["kv_cache/bytes_per_token"] == 1 * (4 + 16) * 2
 
 
 def test_agent_contract_sweep_values_and_group(tmp_path, corpus):
