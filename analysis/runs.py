@@ -108,17 +108,21 @@ def varying_settings(runs: list[Run]) -> list[str]:
     return sorted({key for (_, key), values in by_variant.items() if len(values) > 1})
 
 
+def setting_values(run: Run, varying: list[str]) -> list[str]:
+    """The run's values of the varying settings it has, as `key=value` words."""
+    return [f"{key}={run.config[key]}" for key in varying if run.config.get(key) is not None]
+
+
 def configuration(run: Run, varying: list[str]) -> str:
     """What a run is an instance of: its variant plus its values of the varying settings (those it
     has), e.g. `rope_small lr=0.003`; just the variant when nothing varies."""
-    return " ".join([run.variant, *(f"{key}={run.config[key]}" for key in varying
-                                    if run.config.get(key) is not None)])
+    return " ".join([run.variant, *setting_values(run, varying)])
 
 
 def run_label(run: Run, varying: list[str]) -> str:
     """A run by name, with its values of the varying settings (`rope_small-s0 lr=0.01`): two runs
     of one variant and seed at two learning rates are two lines, not one name twice."""
-    return " ".join([run.name, *configuration(run, varying).split(" ")[1:]])
+    return " ".join([run.name, *setting_values(run, varying)])
 
 
 def family_of(variant: str) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from analysis import stats
 from analysis.fairness import Audit
-from analysis.runs import RUNNING, Run, configuration, run_label, varying_settings
+from analysis.runs import RUNNING, Run, configuration, run_label, setting_values, varying_settings
 from attention.registry import FAMILIES, OTHER_FAMILY
 
 FAMILY_LABELS = {**{name: family.label for name, family in FAMILIES.items()}, "other": OTHER_FAMILY.label}
@@ -62,11 +62,17 @@ def by_loss(runs: list[Run]) -> list[Run]:
 
 
 def _labeller(runs: list[Run]):
-    """A run's prose name: its variant's, plus its seed where the variant has several runs."""
+    """A run's prose name: its variant's, plus its values of the settings that vary (`lr=0.01`),
+    plus its seed where that configuration has several runs."""
+    varying = varying_settings(runs)
     count = {}
     for run in runs:
-        count[run.variant] = count.get(run.variant, 0) + 1
-    return lambda run: pretty(run.variant) + (f" (seed {run.seed})" if count[run.variant] > 1 else "")
+        count[configuration(run, varying)] = count.get(configuration(run, varying), 0) + 1
+
+    def label(run):
+        name = " ".join([pretty(run.variant), *setting_values(run, varying)])
+        return name + (f" (seed {run.seed})" if count[configuration(run, varying)] > 1 else "")
+    return label
 
 
 # --- the seed report's tables ----------------------------------------------------------------
@@ -79,7 +85,8 @@ def success_rate(runs: list[Run]) -> Section:
     failed = [r for r in done if not r.succeeded]
     if failed:
         lines += ["", "Not successful:"]
-        lines += [f"- {r.name}: {r.status}" + (f" ({r.error})" if r.error else "") for r in failed]
+        varying = varying_settings(runs)
+        lines += [f"- {run_label(r, varying)}: {r.status}" + (f" ({r.error})" if r.error else "") for r in failed]
     running = [r.name for r in runs if r.status == RUNNING]
     if running:
         lines += ["", f"Still running, not counted: {', '.join(running)}"]
@@ -163,7 +170,7 @@ def parameter_efficiency(runs: list[Run]) -> Section:
             lines.append(f"- **{title}**: {note}")
             return
         lines.append(f"- **{title}**: {label(run)} ({run.params_m:.1f}M params, {run.val_loss:.4f} loss)")
-        rows.append([title, run.name, run.params_m, run.val_loss])
+        rows.append([title, run_label(run, varying_settings(ok)), run.params_m, run.val_loss])
 
     if not ok:
         return Section("parameter_efficiency", "Parameter Efficiency", [NOTHING_TO_RANK])
@@ -207,15 +214,16 @@ def memory_usage(runs: list[Run]) -> Section:
     ok = [r for r in by_loss(runs) if (r.peak_memory_gb or r.memory_gb) is not None]
     if not ok:
         return Section("memory_usage", "Memory Usage", [NOTHING_TO_RANK])
-    label = _labeller(ok)
-    peak = {r.name: r.peak_memory_gb if r.peak_memory_gb is not None else r.memory_gb for r in ok}
-    least = min(ok, key=lambda r: peak[r.name])
-    most = max(ok, key=lambda r: peak[r.name])
-    lines = [f"- **Most Efficient**: {label(least)} ({peak[least.name]:.1f}GB memory)",
-             f"- **Highest Usage**: {label(most)} ({peak[most.name]:.1f}GB memory)",
-             f"- **Range**: {peak[least.name]:.1f}-{peak[most.name]:.1f}GB"]
+    label, varying = _labeller(ok), varying_settings(ok)
+
+    def peak(r):  # per run, not per name: two lrs of one variant and seed share a name
+        return r.peak_memory_gb if r.peak_memory_gb is not None else r.memory_gb
+    least, most = min(ok, key=peak), max(ok, key=peak)
+    lines = [f"- **Most Efficient**: {label(least)} ({peak(least):.1f}GB memory)",
+             f"- **Highest Usage**: {label(most)} ({peak(most):.1f}GB memory)",
+             f"- **Range**: {peak(least):.1f}-{peak(most):.1f}GB"]
     return Section("memory_usage", "Memory Usage", lines, ["pick", "run", "peak_memory_gb"],
-                   [["least", least.name, peak[least.name]], ["most", most.name, peak[most.name]]])
+                   [["least", run_label(least, varying), peak(least)], ["most", run_label(most, varying), peak(most)]])
 
 
 def all_runs(runs: list[Run]) -> Section:

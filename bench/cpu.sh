@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU numbers of docs/PERF.md, reproduced (about 55 minutes on 2 idle cores).
+# The CPU numbers of docs/PERF.md, reproduced (about 55 minutes on 2 idle cores, an estimate).
 #
 #     bash bench/cpu.sh [OUTDIR]          # default bench/results/cpu-<date>
 #
@@ -35,7 +35,8 @@ run batch8 --variants baseline,enhanced_medium --impls ours,reference --batch_si
 run scan --variants baseline,enhanced_medium --batch_size 1 --dropout 0 --warmup 1 --repeats 2 \
     --seq_lens 256,512,1024,2048,4096 --title "CPU: sequence-length scan, batch 1, dropout 0"
 # 4. the zoo beside the baseline (sweeps/zoo.yaml's variants), ours vs reference, at a quarter of the
-#    width and 2 layers (256d / 2L / 4H -- head dim 64 as the seed's -- / 1024ff), in one process
+#    width and 2 layers (256d / 2L / 4H / 1024ff: the seed's head dim 64, so per-head dims match the
+#    seed's while ranks and windows scale down with d_model and the context), in one process
 ZOO_VARIANTS=$("$PY" -c "import yaml; print(','.join(yaml.safe_load(open('sweeps/zoo.yaml'))['parameters']['attention']['values']))")
 run zoo --variants "$ZOO_VARIANTS" --d_model 256 --n_layers 2 --n_heads 4 --d_ff 1024 --batch_size 4 --warmup 1 \
     --repeats 5 --isolate no --title "CPU: the zoo, 256d/2L/4H, batch 4 x 256"

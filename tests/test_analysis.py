@@ -617,6 +617,13 @@ def test_top5_curves_and_probes_tell_two_lrs_of_one_variant_apart(tmp_path, monk
                 records.append(rec)
     for rec in records:  # a probe that differs by lr only: 1.0 at lr 1e-3, 2.0 at 3e-3
         rec["summary"]["probe/attn_entropy"] = 1.0 if rec["config"]["lr"] == 1e-3 else 2.0
+    for rec in records:  # peak memory differs by lr too: 1.0 GB at 1e-3, 5.0 GB at 3e-3
+        rec["summary"]["memory/peak_gb"] = 1.0 if rec["config"]["lr"] == 1e-3 else 5.0
+    records[-1]["summary"]["memory/peak_gb"] = 6.0  # enhanced_xl-s2 at lr 3e-3 the most
+    records[0]["summary"]["memory/peak_gb"] = 0.5  # baseline-s0 at lr 1e-3 the least
+    failed = make_record("rope_small", 0, 7.8, status="failed", config={"lr": 3e-3})
+    failed["run_id"] += "-failed"
+    records.append(failed)
     for rec in records:  # same run name, two files, as write_record names them
         path = tmp_path / rec["group"] / f"{rec['run_name']}-{rec['run_id']}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -625,6 +632,14 @@ def test_top5_curves_and_probes_tell_two_lrs_of_one_variant_apart(tmp_path, monk
     top = section(runs, "top5")
     assert top.lines[0].startswith("1. **rope_small-s2 lr=0.001**:"), top.lines[0]
     assert [row[1] for row in top.rows][:2] == ["rope_small-s2 lr=0.001", "rope_small-s0 lr=0.001"]
+
+    memory = section(runs, "memory_usage")
+    assert memory.rows == [["least", "baseline-s0 lr=0.001", 0.5], ["most", "enhanced_xl-s2 lr=0.003", 6.0]]
+    assert memory.lines[0] == "- **Most Efficient**: Baseline lr=0.001 (seed 0) (0.5GB memory)"
+    assert "- rope_small-s0 lr=0.003: failed (RuntimeError: boom)" in section(runs, "success_rate").lines
+    efficiency = section(runs, "parameter_efficiency")
+    assert efficiency.lines[1].startswith("- **Best Performance**: RoPE-small lr=0.001 (seed 2)")
+    assert ["Best Performance", "rope_small-s2 lr=0.001"] == efficiency.rows[0][:2]
 
     from analysis import plots
     figures = []

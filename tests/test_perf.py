@@ -22,8 +22,8 @@ from config import TrainConfig
 from model import ModelConfig, MoELM, init_weights
 
 LOSS_TOL, GRAD_TOL = 1e-5, 1e-4
-# Small, but with the variants' real head dims (the MLA dims are absolute, e.g. 128/192), two
-# layers, and enough tokens that every expert gets some.
+# Small, with the variants' head dims at this size (relative: rope_large's qk/v 32/48 at head dim
+# 16), two layers, and enough tokens that every expert gets some.
 SMALL = dict(vocab_size=97, d_model=64, n_layers=2, n_heads=4, d_ff=64, n_experts=4, top_k=2, seq_len=24,
              dropout=0.0, router_noise_std=0.0)
 
@@ -74,8 +74,8 @@ def test_fast_path_matches_seed_style_reference(name):
 
 
 # At init the scaled logits are ~0.03, where a cap of 50 is the identity to ~1e-7: the soft-capped
-# variants are also compared with a cap the logits reach. (SMALL's 24 tokens exceed the windows'
-# 16, so the window and the local/global pattern act.)
+# variants are also compared with a cap the logits reach. (The windows are a quarter of SMALL's 24
+# tokens, 6, so the window and the local/global pattern act.)
 SHARP = {"softcap": dict(attn_softcap=0.05), "gemma2": dict(attn_softcap=0.05)}
 
 
@@ -146,7 +146,7 @@ def test_reference_refuses_a_knob_it_does_not_implement(monkeypatch):
 
 
 @pytest.mark.parametrize("sdpa_pad,moe_matmul", [("never", "loop"), ("always", "grouped"), ("never", "grouped")])
-@pytest.mark.parametrize("name", ["rope_large", "enhanced_small"])  # qk 128 / v 192, qk 32 / v 48
+@pytest.mark.parametrize("name", ["rope_large", "enhanced_small"])  # unequal qk / v dims at SMALL: 32 / 48 and 8 / 12
 def test_every_fast_path_option_matches_the_reference(name, sdpa_pad, moe_matmul):
     """The switches bench/ measures (ModelConfig.sdpa_pad: pad q/k for the flash kernel or not;
     ModelConfig.moe_matmul: grouped or looped experts) are all the same function."""

@@ -62,7 +62,7 @@ def test_expert_load_shares_and_entropy_by_hand():
 
 
 def tiny_model(attention="baseline", n_layers=2, seed=0) -> MoELM:
-    cfg = ModelConfig(attention=VARIANTS[attention].resolved(32, 4), vocab_size=64, d_model=32, n_layers=n_layers,
+    cfg = ModelConfig(attention=VARIANTS[attention], vocab_size=64, d_model=32, n_layers=n_layers,
                       n_heads=4, d_ff=64, n_experts=4, top_k=2, seq_len=16)
     model = MoELM(cfg)
     init_weights(model, seed)
