@@ -10,7 +10,11 @@ Two checks over the successful runs (the ones the tables compare):
    value is then its own configuration, compared only with the baseline of the same value --
    or the runs are stage 2 of the tuning protocol (all carry variant_lr): each variant's lr is
    its tuned one by design (analysis/tuning.py).
-3. The tables compare time and memory too, so the runs must have been measured alike: the same
+3. Runs of one configuration must have run the same attention: equal `attention_spec` (the
+   variant's sizes resolved for the model; they may be relative, so an old record of a variant
+   can hold another design than a new one of the same name and settings). Runs without one
+   (records from before it existed) beside runs with one are flagged: they cannot be told apart.
+4. The tables compare time and memory too, so the runs must have been measured alike: the same
    number of processes and the same device (GPU model, or cpu). Runs that do not record them
    (older records, the seed's JSON) are left out of this check.
 """
@@ -121,6 +125,7 @@ def audit(runs: list[Run]) -> Audit:
         result.checks.append(("settings", "differ" if problems else "same",
                               "; ".join(problems) or f"{len(keys)} non-attention settings equal across runs"))
 
+    _check_attention_sizes(compared, varying, result)
     _check_hardware(compared, result)
     if result.findings:
         result.verdict = "NOT fair"
@@ -158,3 +163,25 @@ def _check_hardware(compared: list[Run], result: Audit) -> None:
         result.checks.append(("hardware", "same", f"{recorded} runs on the same processes and device"))
     else:
         result.checks.append(("hardware", "not checked", "processes and device not recorded"))
+
+
+def _check_attention_sizes(compared: list[Run], varying: list[str], result: Audit) -> None:
+    """Check 3: one attention per configuration, as resolved when each run was built."""
+    if not any(r.attention_spec for r in compared):
+        result.checks.append(("attention sizes", "not checked", "not recorded (records from before attention_spec)"))
+        return
+    problems = []
+    by_configuration: dict = {}
+    for run in compared:
+        by_configuration.setdefault(configuration(run, varying), []).append(run)
+    for label, group in sorted(by_configuration.items()):
+        missing = sorted(r.name for r in group if not r.attention_spec)
+        if missing and len(missing) < len(group):
+            problems.append(f"{label}: no attention_spec in {', '.join(missing)} (recorded before the "
+                            "variants' sizes were resolved per model), beside runs that have one")
+        values = {r.name: json.dumps(r.attention_spec, sort_keys=True) for r in group if r.attention_spec}
+        if len(set(values.values())) > 1:
+            problems.append(f"{label}: " + _describe_split("attention_spec", values, display=str))
+    result.findings += problems
+    result.checks.append(("attention sizes", "differ" if problems else "same per configuration",
+                          "; ".join(problems) or f"{len(by_configuration)} configuration(s)"))

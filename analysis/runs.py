@@ -77,6 +77,9 @@ class Run:
     # (a GPU model, or "cpu"); the fairness audit flags compared runs where they differ.
     processes: int | None = None
     device: str | None = None
+    # The variant's knobs with its sizes resolved for the run's model (train.py's attention_spec):
+    # what the run really computed. None in records from before sizes became relative.
+    attention_spec: dict | None = None
     # --probes runs: the final evaluation's mechanism probes, {"probe/attn_entropy": ..., per layer too}
     probes: dict = field(default_factory=dict)
     train_history: list = field(default_factory=list)  # [{"step": n, "train/loss": ..., ...}]
@@ -148,7 +151,7 @@ def _rows(history: list, keys: tuple) -> list:
 
 
 def _run_from_parts(*, name, variant, family, seed, status, error, run_id, group, config, summary,
-                    history, origin) -> Run:
+                    history, origin, attention_spec=None) -> Run:
     """The one place a record-shaped run (summary + history) becomes a Run, for records and W&B."""
     train, evals = _rows(history, TRAIN_KEYS), _rows(history, EVAL_KEYS)
     last_eval = evals[-1] if evals else {}
@@ -169,7 +172,7 @@ def _run_from_parts(*, name, variant, family, seed, status, error, run_id, group
     peak = number(summary.get(record.MEMORY_PEAK))
     return Run(
         name=name, variant=variant, family=family, seed=seed, status=status, error=error,
-        run_id=run_id, group=group, config=config,
+        run_id=run_id, group=group, config=config, attention_spec=attention_spec,
         val_loss=final(record.VAL_LOSS), val_accuracy=final(record.VAL_ACCURACY),
         val_perplexity=final(record.VAL_PERPLEXITY), val_loss_min=val_loss_min,
         params_total=number(summary.get(record.PARAMS_TOTAL)),
@@ -206,7 +209,7 @@ def run_from_record(record: dict, origin: str = "") -> Run:
         seed=record.get("seed", config.get("seed")), status=record.get("status") or "failed",
         error=record.get("error"), run_id=record.get("run_id"), group=record.get("group"),
         config=config, summary=record.get("summary") or {}, history=record.get("history") or [],
-        origin=origin,
+        origin=origin, attention_spec=record.get("attention_spec"),
     )
 
 
@@ -410,6 +413,7 @@ def run_from_wandb(wandb_run) -> Run:
         group=getattr(wandb_run, "group", None) or getattr(wandb_run, "sweep_name", None),
         config=config, summary=summary, history=history,
         origin="/".join(getattr(wandb_run, "path", None) or [wandb_run.id]),
+        attention_spec=config.get("attention_spec"),
     )
 
 

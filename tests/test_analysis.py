@@ -661,3 +661,53 @@ def test_top5_curves_and_probes_tell_two_lrs_of_one_variant_apart(tmp_path, monk
     means = {rows[round(line.get_ydata().mean())]: line.get_xdata()[0] for line in panel.get_lines()}
     assert means == {row: 1.0 if row.endswith("lr=0.001") else 2.0 for row in rows}
     plots.plt.close(figure)
+
+
+def with_spec(records):
+    """The records as train.py writes them now: each with its variant's resolved knobs."""
+    for rec in records:
+        rec["attention_spec"] = {"n_kv_heads": 4} if rec["attention"] == "baseline" else \
+            {"q_lora_rank": 4, "kv_lora_rank": 8, "qk_rope_head_dim": 16, "v_head_dim": 16}
+    return records
+
+
+def test_fairness_audit_flags_one_variant_run_at_two_sizes(tmp_path):
+    """Sizes are relative to the model, so an old record of lora_small at d_model 64 (absolute
+    ranks 32/64) and a new one (4/8) share a name and every setting: the audit must tell them apart."""
+    fair = with_spec(three_seed_records())
+    result = audit(load_path(write_records(tmp_path / "fair", fair)))
+    assert result.verdict == "fair", result.findings
+    assert ("attention sizes", "same per configuration", "4 configuration(s)") in result.checks
+
+    other_size = copy.deepcopy(fair)
+    next(r for r in other_size if r["run_name"] == "lora_small-s1")["attention_spec"]["kv_lora_rank"] = 64
+    result = audit(load_path(write_records(tmp_path / "sizes", other_size)))
+    assert result.verdict == "NOT fair"
+    (finding,) = result.findings
+    assert finding.startswith("lora_small: attention_spec differs:") and "lora_small-s1 has" in finding
+
+    old_record = copy.deepcopy(fair)
+    del next(r for r in old_record if r["run_name"] == "rope_small-s2")["attention_spec"]
+    (finding,) = audit(load_path(write_records(tmp_path / "old", old_record))).findings
+    assert finding.startswith("rope_small: no attention_spec in rope_small-s2")
+
+    # records from before attention_spec: nothing to compare, said so, and no verdict changed
+    result = audit(load_path(write_records(tmp_path / "before", three_seed_records())))
+    assert result.verdict == "fair" and ("attention sizes", "not checked",
+                                         "not recorded (records from before attention_spec)") in result.checks
+
+
+def test_train_py_extras_in_the_wandb_config_are_bookkeeping_not_unfairness():
+    """train.py adds vocab_size, processes, group and attention_spec to each run's W&B config;
+    attention_spec differs between variants by design, the rest are equal: the audit of W&B runs
+    is fair and reads the sizes."""
+    fakes = []
+    for rec in with_spec(three_seed_records()):
+        fake = FakeWandbRun(rec, "finished")
+        fake.config.update(vocab_size=512, processes=1, group="g1", attention_spec=rec["attention_spec"])
+        fakes.append(fake)
+    runs = [run_from_wandb(f) for f in fakes]
+    assert {r.variant: r.attention_spec["kv_lora_rank"] for r in runs if r.variant == "lora_small"} == {"lora_small": 8}
+    result = audit(runs)
+    assert result.verdict == "fair", result.findings
+    assert ("attention sizes", "same per configuration", "4 configuration(s)") in result.checks
