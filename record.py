@@ -84,7 +84,7 @@ def number(value):
     return value if math.isfinite(value) else None
 
 
-def _json_beside(path: Path, obj) -> Path:
+def _write_temp_json(path: Path, obj) -> Path:
     """obj written to a hidden temp file next to `path` (same filesystem, so a rename is atomic)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -94,7 +94,7 @@ def _json_beside(path: Path, obj) -> Path:
 
 def write_json_atomic(path: Path, obj) -> None:
     """temp file + rename in the same directory: readers see the old file or the new, never half."""
-    os.replace(_json_beside(path, obj), path)
+    os.replace(_write_temp_json(path, obj), path)
 
 
 # --- the record's file ----------------------------------------------------------------------------
@@ -111,7 +111,7 @@ def write_record(results_dir: Path, group: str, run_name: str, run_id: str, reco
     if it exists, so two runs ending at the same moment cannot both take it."""
     own, with_id = record_names(run_name, run_id)
     path = results_dir / group / own
-    tmp = _json_beside(path, record)
+    tmp = _write_temp_json(path, record)
     try:
         os.link(tmp, path)
         tmp.unlink()
