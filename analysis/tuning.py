@@ -152,7 +152,7 @@ def shared_lr_of(choices: dict[str, Choice], shared_lr: float | None = None) -> 
 def fixed_settings(runs: list[Run]) -> dict:
     """The settings every stage-1 run shared (those not at the defaults of its recipe), to fix in stage 2;
     refuses a stage 1 that varied anything but attention, lr and seed."""
-    from config import FIELD_TYPES, config_from_values
+    from config import FIELD_TYPES, RECIPES, TrainConfig
 
     values: dict = {}
     for run in runs:
@@ -166,7 +166,7 @@ def fixed_settings(runs: list[Run]) -> dict:
     fixed = {k: json.loads(next(iter(v))) for k, v in values.items() if k not in NOT_COPIED}
     # a value at the default of the recipe stage 1 ran (--recipe=seed sets some) needs no saying;
     # one at train.py's plain default may still differ from what that recipe would set
-    defaults = config_from_values({"recipe": fixed["recipe"]} if "recipe" in fixed else {}).to_dict()
+    defaults = {**TrainConfig().to_dict(), **RECIPES.get(fixed.get("recipe"), {})}
     return {k: v for k, v in fixed.items() if v != defaults.get(k)}
 
 
