@@ -179,9 +179,15 @@ def checkpoint_dir(checkpoints: Path, run_name: str, run_id: str) -> Path:
     return checkpoints / f"{run_name}-{run_id}"
 
 
+def checkpoint_config(cfg: TrainConfig) -> dict:
+    """What a checkpoint must match to be resumed: the settings, and the attention as resolved for
+    this model (a variant's sizes are relative, so one name and one config could be two designs)."""
+    return cfg.to_dict() | {"attention_spec": cfg.attention_spec().knob_values()}
+
+
 def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
     """`name=saved there, current here` for every setting (but RESUME_MAY_CHANGE) that differs."""
-    current = cfg.to_dict()
+    current = checkpoint_config(cfg)
     return [f"{name}={saved.get(name, 'unset')!r} there, {current[name]!r} here" for name in current
             if name not in RESUME_MAY_CHANGE and saved.get(name, "unset") != current[name]]
 
@@ -598,7 +604,7 @@ class Run:
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp / "state"))
         if self.is_main:
-            progress = {"step": step, "fingerprint": fingerprint, "run_id": self.run_id, "config": self.cfg.to_dict(),
+            progress = {"step": step, "fingerprint": fingerprint, "run_id": self.run_id, "config": checkpoint_config(self.cfg),
                         "elapsed": self.progress.get("elapsed", 0.0) + self.elapsed(), "history": self.history}
             write_json_atomic(tmp / "progress.json", progress)
             old = self.checkpoint_dir.with_name(self.checkpoint_dir.name + ".old")

@@ -369,3 +369,19 @@ def test_api_key_never_reaches_a_written_file(tmp_path, corpus):
     assert any(p.suffix == ".wandb" for p in files)
     for path in files:
         assert sentinel.encode() not in path.read_bytes(), path
+
+
+def test_resume_compares_the_resolved_attention_not_only_the_settings():
+    """A variant's sizes are relative to the model, so a checkpoint saved when lora_small meant
+    other sizes has the same settings but another model: resuming it must be refused with the
+    usual one line (not a shape mismatch when the weights load); one from before checkpoints
+    carried the resolved attention is refused too; the current run's own round-trips."""
+    cfg = train.TrainConfig(attention="lora_small", d_model=64, n_heads=4)
+    saved = json.loads(json.dumps(train.checkpoint_config(cfg)))  # as progress.json stores it
+    assert saved["attention_spec"]["kv_lora_rank"] == 8  # d_model 64 / 8
+    assert train.config_differences(saved, cfg) == []
+    other_sizes = saved | {"attention_spec": saved["attention_spec"] | {"kv_lora_rank": 64}}
+    (difference,) = train.config_differences(other_sizes, cfg)
+    assert difference.startswith("attention_spec=") and "'kv_lora_rank': 64" in difference
+    before = {k: v for k, v in saved.items() if k != "attention_spec"}
+    assert train.config_differences(before, cfg) == [f"attention_spec='unset' there, {saved['attention_spec']!r} here"]
