@@ -52,6 +52,10 @@ class ModelConfig:
         for name, allowed in (("sdpa_pad", SDPA_PAD_MODES), ("moe_matmul", MOE_EXPERT_MATMUL_MODES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: allowed: {', '.join(allowed)}")
+        # The one place a model's attention gets its sizes: a variant's relative sizes (head dims,
+        # ranks, a window as a share of the context) become integers for this d_model, n_heads and
+        # seq_len; everything built from this config (modules, FLOPs, KV cache, bench's twin) reads them.
+        object.__setattr__(self, "attention", self.attention.resolved(self.d_model, self.n_heads, self.seq_len))
 
     @classmethod
     def from_train_config(cls, cfg, vocab_size: int, **fast_paths) -> "ModelConfig":
@@ -424,7 +428,7 @@ def flops_per_token(model: MoELM) -> int:
             active += param.numel() // cfg.n_experts * cfg.top_k
         elif param.dim() == 2:  # every Linear weight, and the embedding as the LM head
             active += param.numel()
-    spec = cfg.attention.resolved(cfg.d_model, cfg.n_heads, cfg.seq_len)
+    spec = cfg.attention
     qk_head_dim, v_head_dim = KINDS[spec.kind].head_dims(spec, cfg.d_model // cfg.n_heads)
     scores_and_values = cfg.n_layers * cfg.seq_len * cfg.n_heads * (qk_head_dim + v_head_dim)
     return 6 * active + 6 * scores_and_values
@@ -443,7 +447,7 @@ def kv_cache_bytes_per_token(cfg: ModelConfig) -> int:
     context = cfg.seq_len
     total = 0  # bytes cached over all layers at context L
     for layer in range(cfg.n_layers):
-        spec = cfg.attention.resolved(cfg.d_model, cfg.n_heads, cfg.seq_len).for_layer(layer)
+        spec = cfg.attention.for_layer(layer)
         per_token = KINDS[spec.kind].kv_cache_values(spec, cfg.d_model // cfg.n_heads, cfg.n_heads)
         total += per_token * KV_CACHE_BYTES_PER_VALUE * (min(spec.window, context) if spec.window else context)
     return round(total / context)

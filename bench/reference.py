@@ -226,7 +226,7 @@ def layer_window(spec: AttentionSpec, layer: int) -> int:
 def build_reference(cfg: ModelConfig) -> MoELM:
     """The model with its attention, MoE and norms swapped for the seed-style modules. The module
     tree (and so every parameter name, shape and order) is unchanged: it loads our state dict."""
-    spec = cfg.attention.resolved(cfg.d_model, cfg.n_heads, cfg.seq_len)
+    spec = cfg.attention  # resolved by ModelConfig
     if not has_reference(spec):
         raise ValueError(f"{spec.name}: the seed-style reference has no {spec.kind!r} attention (or not all "
                          "of its knobs): add it to bench/reference.py")
