@@ -25,7 +25,7 @@ run() {  # run NAME ARGS...
     | tee "$OUTDIR/env.txt"
 "$PY" -m bench.step --peak_only --quiet_wait "${QUIET_WAIT:-600}" --out "$OUTDIR/peak" | tee "$OUTDIR/peak.txt"
 # 1. the seed's 13 variants (sweeps/fast.yaml's), ours vs the seed-style reference, batch 4 (1,024 tokens a step)
-SEED_VARIANTS=$("$PY" -c "import yaml; print(','.join(yaml.safe_load(open('sweeps/fast.yaml'))['parameters']['attention']['values']))")
+SEED_VARIANTS=$("$PY" -c "from bench.gpu import sweep_variants; print(sweep_variants('fast.yaml'))")
 run main --variants "$SEED_VARIANTS" --batch_size 4 --title "CPU: the seed's variants, batch 4"
 # 2. MFU at batch 8 (the per-expert matmuls get twice the rows), eager and compiled
 run batch8 --variants baseline,enhanced_medium --impls ours,reference --batch_size 8 --compile both \
@@ -37,6 +37,6 @@ run scan --variants baseline,enhanced_medium --batch_size 1 --dropout 0 --warmup
 # 4. the zoo beside the baseline (sweeps/zoo.yaml's variants), ours vs reference, at a quarter of the
 #    width and 2 layers (256d / 2L / 4H / 1024ff: the seed's head dim 64, so per-head dims match the
 #    seed's while ranks and windows scale down with d_model and the context), in one process
-ZOO_VARIANTS=$("$PY" -c "import yaml; print(','.join(yaml.safe_load(open('sweeps/zoo.yaml'))['parameters']['attention']['values']))")
+ZOO_VARIANTS=$("$PY" -c "from bench.gpu import sweep_variants; print(sweep_variants('zoo.yaml'))")
 run zoo --variants "$ZOO_VARIANTS" --d_model 256 --n_layers 2 --n_heads 4 --d_ff 1024 --batch_size 4 --warmup 1 \
     --repeats 5 --isolate no --title "CPU: the zoo, 256d/2L/4H, batch 4 x 256"
