@@ -415,7 +415,9 @@ def flops_per_token(model: MoELM) -> int:
     """Training FLOPs per token: 6 x (matmul weights a token actually passes through) for forward
     and backward, plus 6 x n_layers x seq_len x n_heads x (qk_head_dim + v_head_dim) for the
     attention scores and the weighted sum of values (the PaLM/nanoGPT convention: the full
-    seq_len x seq_len products, no discount for the causal mask).
+    seq_len x seq_len products, no discount for the causal mask). A sliding-window layer counts
+    min(window, seq_len) keys per query instead of seq_len: what a kernel that skips the keys
+    outside the window computes (our explicit-mask path computes them all and masks them).
 
     Matmul weights per token: every attention projection, the router, top_k of the n_experts
     experts, and the tied LM head (vocab x d_model). Embedding lookups, norms and biases are not
@@ -430,7 +432,8 @@ def flops_per_token(model: MoELM) -> int:
             active += param.numel()
     spec = cfg.attention
     qk_head_dim, v_head_dim = KINDS[spec.kind].head_dims(spec, cfg.d_model // cfg.n_heads)
-    scores_and_values = cfg.n_layers * cfg.seq_len * cfg.n_heads * (qk_head_dim + v_head_dim)
+    keys = sum(min(cfg.attention.for_layer(layer).window or cfg.seq_len, cfg.seq_len) for layer in range(cfg.n_layers))
+    scores_and_values = keys * cfg.n_heads * (qk_head_dim + v_head_dim)
     return 6 * active + 6 * scores_and_values
 
 

@@ -247,6 +247,15 @@ def test_flops_of_grouped_query_by_hand(name):
     assert flops_per_token(meta_model(name, **SMALL_FLOPS)) == hand_flops("baseline", **SMALL_FLOPS) - delta
 
 
+@pytest.mark.parametrize("name,windowed_layers", [("swa", 2), ("local_global", 1), ("gemma2", 1)])
+def test_flops_of_a_windowed_layer_count_the_window_not_the_context(name, windowed_layers):
+    """The windows are a quarter of the context (8 of 32 tokens here): a windowed layer's scores and
+    values run over 8 keys a query, not 32; every other matmul is the baseline's (soft-cap: no weights)."""
+    head_dim, window = SMALL_FLOPS["d_model"] // SMALL_FLOPS["n_heads"], SMALL_FLOPS["seq_len"] // 4
+    saved = 6 * windowed_layers * (SMALL_FLOPS["seq_len"] - window) * SMALL_FLOPS["n_heads"] * 2 * head_dim
+    assert flops_per_token(meta_model(name, **SMALL_FLOPS)) == hand_flops("baseline", **SMALL_FLOPS) - saved
+
+
 def test_flops_count_only_top_k_experts():
     more_experts = dict(SMALL_FLOPS, n_experts=16)
     delta = flops_per_token(meta_model("baseline", **more_experts)) - flops_per_token(meta_model("baseline", **SMALL_FLOPS))
