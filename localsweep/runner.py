@@ -92,12 +92,14 @@ def wait_for(proc: subprocess.Popen, run_name: str, should_stop=None, stop_file:
     stopped_by, asked, early = None, 0, False
     while True:
         try:
-            if should_stop is None or early:
-                return proc.wait(), stopped_by, early
+            # Never a bare blocking wait: a signal the kernel hands to another thread (torch's or
+            # wandb's, preloaded for forked runs) does not interrupt the main thread's waitpid, so
+            # Ctrl-C was lost and the run trained on (the Ctrl-C tests hung so in a full suite run);
+            # a timed wait returns to Python between polls, where the handler raises.
             try:
                 return proc.wait(timeout=POLL_S), stopped_by, early
             except subprocess.TimeoutExpired:
-                if stopped_by is None and should_stop():
+                if should_stop is not None and not early and stopped_by is None and should_stop():
                     early = True
                     if stop_file is not None:
                         stop_file.touch()

@@ -557,3 +557,25 @@ def test_reaching_the_metric_target_ends_the_hand_out_of_runs(tmp_path, fake):
     # and a resumed sweep stays finished
     assert run_cli("--resume", sweep_dir, "--no-report").returncode == 0
     assert len(calls(fake)) == 2
+
+
+def test_a_ctrl_c_the_kernel_hands_to_another_thread_still_stops_the_run():
+    """In a sweep that preloaded torch and wandb, the process has threads besides the main one and
+    the kernel may deliver Ctrl-C to any of them. The main thread waits for the run; it must still
+    see the signal and pass it on (a blocking waitpid never woke up: the run trained on)."""
+    import threading
+
+    from localsweep import runner
+
+    run = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    other = threading.Thread(target=lambda: (time.sleep(0.5), signal.pthread_kill(threading.get_ident(), signal.SIGINT)))
+    started = time.monotonic()
+    other.start()
+    try:
+        code, stopped_by, early = runner.wait_for(run, "sleeper")
+    finally:
+        run.kill()
+        other.join()
+    assert time.monotonic() - started < 20  # not the sleeper's 60 s
+    assert stopped_by == signal.SIGINT and not early
+    assert code == -signal.SIGINT  # the run got the Ctrl-C passed on
