@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from analysis import stats
-from analysis.runs import ATTENTION_KNOBS, BOOKKEEPING, Run, configuration, varying_settings
+from analysis.runs import ATTENTION_KNOBS, BOOKKEEPING, Run, by_configuration, configuration, varying_settings
 
 # Settings that may differ between compared runs: what is being compared (the attention and its
 # knobs, attention/registry.py's KNOBS), the seed, and bookkeeping that does not change what a run computes.
@@ -125,7 +125,7 @@ def audit(runs: list[Run]) -> Audit:
         result.checks.append(("settings", "differ" if problems else "same",
                               "; ".join(problems) or f"{len(keys)} non-attention settings equal across runs"))
 
-    _check_attention_sizes(compared, varying, result)
+    _check_attention_sizes(compared, result)
     _check_hardware(compared, result)
     if result.findings:
         result.verdict = "NOT fair"
@@ -165,16 +165,13 @@ def _check_hardware(compared: list[Run], result: Audit) -> None:
         result.checks.append(("hardware", "not checked", "processes and device not recorded"))
 
 
-def _check_attention_sizes(compared: list[Run], varying: list[str], result: Audit) -> None:
+def _check_attention_sizes(compared: list[Run], result: Audit) -> None:
     """Check 3: one attention per configuration, as resolved when each run was built."""
     if not any(r.attention_spec for r in compared):
         result.checks.append(("attention sizes", "not checked", "not recorded (records from before attention_spec)"))
         return
-    problems = []
-    by_configuration: dict = {}
-    for run in compared:
-        by_configuration.setdefault(configuration(run, varying), []).append(run)
-    for label, group in sorted(by_configuration.items()):
+    problems, groups = [], by_configuration(compared)
+    for label, group in sorted(groups.items()):
         missing = sorted(r.name for r in group if not r.attention_spec)
         if missing and len(missing) < len(group):
             problems.append(f"{label}: no attention_spec in {', '.join(missing)} (recorded before the "
@@ -184,4 +181,4 @@ def _check_attention_sizes(compared: list[Run], varying: list[str], result: Audi
             problems.append(f"{label}: " + _describe_split("attention_spec", values, display=str))
     result.findings += problems
     result.checks.append(("attention sizes", "differ" if problems else "same per configuration",
-                          "; ".join(problems) or f"{len(by_configuration)} configuration(s)"))
+                          "; ".join(problems) or f"{len(groups)} configuration(s)"))

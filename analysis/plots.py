@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from analysis import stats  # noqa: E402
-from analysis.runs import FAMILIES, Run, configuration, varying_settings  # noqa: E402
+from analysis.runs import FAMILIES, Run, by_configuration  # noqa: E402
 from analysis.tables import BASELINE, FAMILY_LABELS  # noqa: E402
 from record import PROBE_KEYS  # noqa: E402
 from attention.registry import FAMILIES as FAMILY_REGISTRY, OTHER_FAMILY  # noqa: E402
@@ -226,10 +226,7 @@ def _difference_to_baseline(runs: list[Run], baseline_runs: list[Run]) -> list:
 
 def curves_figure(runs: list[Run], path: Path, title: str) -> Path:
     ok = [r for r in runs if r.succeeded]
-    varying = varying_settings(ok)
-    by_config: dict = {}  # by configuration: a variant at two lrs is two curves
-    for run in ok:
-        by_config.setdefault(configuration(run, varying), []).append(run)
+    by_config = by_configuration(ok)  # a variant at two lrs is two curves
     family_of = {v: members[0].family for v, members in by_config.items()}
     families = _family_order(set(family_of.values()))
     order = sorted(by_config, key=lambda v: (families.index(family_of[v]), v))
@@ -315,10 +312,7 @@ def probes_figure(runs: list[Run], path: Path, title: str) -> Path | None:
     keys = [k for k in PROBE_KEYS if any(k in r.probes for r in measured)]
     if not keys:
         return None
-    varying = varying_settings(measured)
-    by_config: dict = {}  # by configuration: a variant at two lrs is two rows
-    for run in measured:
-        by_config.setdefault(configuration(run, varying), []).append(run)
+    by_config = by_configuration(measured)  # a variant at two lrs is two rows
     families = _family_order([r.family for r in measured])
     variants = sorted(by_config, key=lambda v: (by_config[v][0].variant != BASELINE,
                                                 families.index(by_config[v][0].family), v))

@@ -122,6 +122,14 @@ def configuration(run: Run, varying: list[str]) -> str:
     return " ".join([run.variant, *setting_values(run, varying)])
 
 
+def by_configuration(runs: list[Run]) -> dict[str, list[Run]]:
+    """{configuration: its runs}, the settings that vary read from these runs."""
+    varying, groups = varying_settings(runs), {}
+    for run in runs:
+        groups.setdefault(configuration(run, varying), []).append(run)
+    return groups
+
+
 def run_label(run: Run, varying: list[str]) -> str:
     """A run by name, with its values of the varying settings (`rope_small-s0 lr=0.01`): two runs
     of one variant and seed at two learning rates are two lines, not one name twice."""

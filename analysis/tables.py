@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from analysis import stats
 from analysis.fairness import Audit
-from analysis.runs import RUNNING, Run, configuration, run_label, setting_values, varying_settings
+from analysis.runs import RUNNING, Run, by_configuration, configuration, run_label, setting_values, varying_settings
 from attention.registry import FAMILIES, OTHER_FAMILY
 
 FAMILY_LABELS = {**{name: family.label for name, family in FAMILIES.items()}, "other": OTHER_FAMILY.label}
@@ -65,9 +65,7 @@ def _labeller(runs: list[Run]):
     """A run's prose name: its variant's, plus its values of the settings that vary (`lr=0.01`),
     plus its seed where that configuration has several runs."""
     varying = varying_settings(runs)
-    count = {}
-    for run in runs:
-        count[configuration(run, varying)] = count.get(configuration(run, varying), 0) + 1
+    count = {label: len(group) for label, group in by_configuration(runs).items()}
 
     def label(run):
         name = " ".join([pretty(run.variant), *setting_values(run, varying)])
@@ -162,7 +160,7 @@ def parameter_efficiency(runs: list[Run]) -> Section:
     """The seed's three picks, by rules that reproduce them (see EFFICIENCY_RULES), plus the
     Pareto front, which is what "efficient" means without a rule of thumb."""
     ok = [r for r in by_loss(runs) if r.params_m is not None]
-    label = _labeller(ok)
+    label, varying = _labeller(ok), varying_settings(ok)
     lines, rows = [], []
 
     def pick(title, run, note=""):
@@ -170,7 +168,7 @@ def parameter_efficiency(runs: list[Run]) -> Section:
             lines.append(f"- **{title}**: {note}")
             return
         lines.append(f"- **{title}**: {label(run)} ({run.params_m:.1f}M params, {run.val_loss:.4f} loss)")
-        rows.append([title, run_label(run, varying_settings(ok)), run.params_m, run.val_loss])
+        rows.append([title, run_label(run, varying), run.params_m, run.val_loss])
 
     if not ok:
         return Section("parameter_efficiency", "Parameter Efficiency", [NOTHING_TO_RANK])
