@@ -83,6 +83,58 @@ def under_agent() -> bool:
     return bool(os.environ.get("WANDB_SWEEP_ID") or os.environ.get("WANDB_SWEEP_PARAM_PATH"))
 
 
+def under_wandb_agent() -> bool:
+    """Started by the real `wandb agent` (a server's sweep), not by local_sweep.py."""
+    return bool(os.environ.get("WANDB_SWEEP_ID"))
+
+
+def run_group(group: "str | None") -> str:
+    """The W&B group and results subdirectory: --group, else the agent's sweep id, else the
+    launcher's group (local_sweep.py), else local."""
+    return group or os.environ.get("WANDB_SWEEP_ID") or os.environ.get("WANDB_RUN_GROUP") or "local"
+
+
+def wandb_dir(results_dir: Path, group: str) -> Path:
+    """Where the run's W&B files (offline-run-*, run-*) go: <results_dir>/<group>, beside its
+    records, under `wandb agent` too -- the agent sets WANDB_DIR to its own working directory
+    (wandb_agent.py), which would put them in ./wandb of wherever it was started. local_sweep.py
+    sets WANDB_DIR to its sweep's directory, the same place; a lone run honours WANDB_DIR, else
+    <results_dir>."""
+    if under_wandb_agent():
+        return results_dir / group
+    return Path(os.environ.get("WANDB_DIR") or results_dir)
+
+
+# What the SDK polled as "the server asked this run to stop" for years (RunStoppedStatus)
+RUN_STOPPED_QUERY = """
+query RunStoppedStatus($projectName: String, $entityName: String, $runId: String!) {
+    project(name: $projectName, entityName: $entityName) { run(name: $runId) { stopped } }
+}
+"""
+
+
+def server_stopped(run_id: str, project: str, timeout_s: float = 10.0) -> "bool | None":
+    """Ask the agent's W&B server whether it asked run `run_id` to stop: under `wandb agent` the
+    agent's SIGTERM for the sweep's stop and a preemption's SIGTERM look the same to the run, but
+    the server marked the run stopped before it told the agent to stop it. None when there is no
+    answer (no server reachable, no such run on it). Through the same call `wandb agent` makes for
+    its heartbeats (wandb 0.31: Api._service_api.execute_graphql); any failure is no answer."""
+    try:
+        import wandb
+
+        api = wandb.Api(timeout=timeout_s)
+        response = api._service_api.execute_graphql(
+            RUN_STOPPED_QUERY, variables={"projectName": os.environ.get("WANDB_PROJECT") or project,
+                                          "entityName": os.environ.get("WANDB_ENTITY"), "runId": run_id},
+            timeout=timeout_s)
+        run = ((response or {}).get("project") or {}).get("run")
+        return None if run is None else bool(run.get("stopped"))
+    except Exception as err:  # no answer: the caller decides without it
+        print(f"warning: could not ask the W&B server whether it stopped this run ({one_line(err)[:200]})",
+              file=sys.stderr)
+        return None
+
+
 class Tracker:
     """A thin wrapper over one wandb run (or nothing: off the main process, or with
     WANDB_MODE=disabled, where wandb is not even imported -- a GPU image without it can train)."""
@@ -101,7 +153,7 @@ class Tracker:
         # stop_fn: what W&B's SDK calls when the server asks the run to stop (the UI's stop button, a
         # sweep's early termination); its default raises KeyboardInterrupt in the main thread
         self.run = wandb.init(project=project, group=group, name=name, tags=tags, job_type="train",
-                              config=config, id=run_id, resume="allow", dir=os.environ.get("WANDB_DIR", directory),
+                              config=config, id=run_id, resume="allow", dir=directory,
                               settings=wandb.Settings(stop_fn=on_stop) if on_stop else None)
         # val/loss in the summary is the final value, as in the record (W&B's default "last"; no
         # define_metric(summary="min")); the minimum is val/loss_min in both.
@@ -310,7 +362,7 @@ class Run:
         if self.is_main and launcher and cfg.mixed_precision not in ("auto", launcher):
             print(f"warning: --mixed_precision={cfg.mixed_precision} overrides the launcher's {launcher}", file=sys.stderr)
         self.tracker = None
-        self.group = cfg.group or os.environ.get("WANDB_SWEEP_ID") or os.environ.get("WANDB_RUN_GROUP") or "local"
+        self.group = run_group(cfg.group)
         self.results_dir = Path(cfg.results_dir)
         self.progress = self._load_progress(self.results_dir / self.group / "checkpoints")
         self.run_id = (os.environ.get("WANDB_RUN_ID") or self.progress.get("run_id")
@@ -354,7 +406,8 @@ class Run:
             if self.is_main:
                 check_writable(self.results_dir)
             tracker = Tracker(self.is_main, cfg.project, self.group, cfg.run_name, [cfg.family],
-                              cfg.to_dict(), self.run_id, self.results_dir, on_stop=self.signals.request_stop)
+                              cfg.to_dict(), self.run_id, wandb_dir(self.results_dir, self.group),
+                              on_stop=self.signals.request_stop)
             self.tracker = tracker
             check_sweep_agrees(cfg, tracker.sweep_values())
             self._restore_checkpoint_artifact(tracker)
@@ -542,8 +595,7 @@ class Run:
             if stop and self.stopped_by_sweep(device, wait=True):  # the checkpoint is safe; a late request?
                 raise Stopped(f"stopped by the sweep after step {step + 1}")
             if stop:
-                raise Interrupted(f"stopped by a signal after step {step + 1}; checkpoint saved, "
-                                  f"continue with --resume")
+                raise Interrupted(f"stopped by a signal after step {step + 1}; checkpoint saved; {self.resume_hint()}")
         bar.close()
         final = self.history[-1]
         _, peak_gb = memory_gb(device)
@@ -584,16 +636,37 @@ class Run:
             results.update(with_layer_means(dict(zip(names, self.accelerator.reduce(values, "mean").tolist()))))
         return results
 
+    def resume_hint(self) -> str:
+        """What continues an interrupted run, as it is true for whoever launched it."""
+        if under_wandb_agent() and self.tracker is not None and self.tracker.online:
+            where = ("on any machine (its checkpoint is a W&B artifact)" if self.cfg.checkpoint_artifact else
+                     "on a machine with this results directory (elsewhere it starts again: --checkpoint_artifact=True)")
+            return (f"marked preempting: W&B hands run {self.run_id} out again and the agent that gets it "
+                    f"resumes from the checkpoint {where}")
+        if under_wandb_agent():  # offline: the server never hears of the preemption, so nothing requeues it
+            return (f"offline, so W&B does not hand it out again: continue with this run's options plus "
+                    f"--resume --group={self.group}")
+        if under_agent():
+            return "`local_sweep.py --resume SWEEP_ID` re-runs it from the checkpoint"
+        return "continue with --resume" + (f" --group={self.group}" if self.cfg.group else "")
+
     def stopped_by_sweep(self, device, wait: bool = False) -> bool:
         """Whether this stop is the sweep's, agreed by all processes (the main one decides). Under
-        `wandb agent` online, the agent's SIGTERM for the sweep's stop can come before the SDK has
-        polled the stop request (every 15 s, run_stopping.py): with `wait` (once the checkpoint is
-        saved) wait that long for it before taking the SIGTERM for a preemption (the agent sends
-        SIGKILL only 30 s after its SIGTERM)."""
-        online_agent = self.tracker is not None and self.tracker.online and os.environ.get("WANDB_SWEEP_ID")
-        wait_s = STOP_REQUEST_WAIT_S if (wait and self.is_main and online_agent) else 0
-        mine = float(self.is_main and self.signals.by_sweep(wait_s))
-        return self.accelerator.reduce(torch.full((), mine, device=device), "sum").item() > 0
+        `wandb agent` the agent's SIGTERM for the sweep's stop can come before the SDK has polled
+        the stop request (every 15 s, run_stopping.py), and an offline run never polls it: with
+        `wait` (once the checkpoint is saved) the main process asks the server whether it stopped
+        this run; without an answer, an online run waits STOP_REQUEST_WAIT_S for the SDK's request
+        before taking the SIGTERM for a preemption (the agent sends SIGKILL only 30 s after its
+        SIGTERM)."""
+        mine = False
+        if self.is_main:
+            mine = self.signals.by_sweep()
+            if not mine and wait and under_wandb_agent() and self.tracker is not None and self.tracker.run is not None:
+                answer = server_stopped(self.run_id, self.cfg.project)
+                if answer is None and self.tracker.online:
+                    answer = self.signals.by_sweep(STOP_REQUEST_WAIT_S)
+                mine = bool(answer)
+        return self.accelerator.reduce(torch.full((), float(mine), device=device), "sum").item() > 0
 
     def save_checkpoint(self, step: int, fingerprint: str) -> None:
         """Model, optimizer, scheduler and RNG states (Accelerate) plus our progress, written to a
@@ -632,7 +705,9 @@ def refuse(err: ConfigError, argv: list[str]) -> int:
         try:
             import wandb
 
-            run = wandb.init(config={"args": argv}, job_type="train",
+            directory = wandb_dir(Path(raw.get("results_dir") or "results"), run_group(raw.get("group")))
+            directory.mkdir(parents=True, exist_ok=True)
+            run = wandb.init(config={"args": argv}, job_type="train", dir=directory,
                              name=f"{raw.get('attention', 'invalid')}-s{raw.get('seed', '0')}")
             run.summary.update({"status": "failed", "error": str(err)})
             run.finish(exit_code=EXIT_CODES["config"])
