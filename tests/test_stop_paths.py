@@ -49,6 +49,9 @@ def sigterm():
 
 
 def offline(monkeypatch, **env):
+    import wandb
+
+    wandb.teardown()  # wandb's process-wide settings keep the environment they first saw (a sweep's run id)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     for key in ("WANDB_SWEEP_ID", "WANDB_SWEEP_PARAM_PATH", "WANDB_RUN_ID", record.STOP_FILE_ENV,
@@ -188,9 +191,12 @@ def test_preempted_under_an_agent_marks_preempting_and_resumes_elsewhere_from_th
     results = tmp_path / "results"
     first = read_record(results, "sweep123", "baseline-s0")
     assert first["status"] == "interrupted"
+    # offline, the server never hears of the preemption: no requeue, so the run says how to continue
+    assert first["error"].endswith("offline, so W&B does not hand it out again: continue with this run's "
+                                   "options plus --resume --group=sweep123")
     checkpoint = results / "sweep123" / "checkpoints" / f"baseline-s0-{first['run_id']}"
     assert json.loads((checkpoint / "progress.json").read_text())["step"] == 3  # kept
-    logged, records = wandb_side(results, first["run_id"])
+    logged, records = wandb_side(results / "sweep123", first["run_id"])  # an agent's run: beside its records
     assert logged["exit_code"] == 130
     kinds = [kind for kind, _ in records]
     assert "preempting" in kinds  # run.mark_preempting(): W&B requeues the run
@@ -217,6 +223,7 @@ def test_preemption_outside_an_agent_is_not_marked_preempting(tmp_path, corpus, 
     monkeypatch.setattr(model_module.MoELM, "forward", at_train_step(2, sigterm))
     assert train.main(tiny_args(tmp_path, corpus, steps=4)) == 130
     saved = read_record(tmp_path / "results", "local", "baseline-s0")
+    assert saved["error"].endswith("checkpoint saved; continue with --resume")
     logged, records = wandb_side(tmp_path / "results", saved["run_id"])
     assert logged["exit_code"] == 130 and "preempting" not in [kind for kind, _ in records]
     assert not any(kind == "artifact" for kind, _ in records)  # --checkpoint_artifact is opt-in

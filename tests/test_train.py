@@ -94,7 +94,7 @@ def test_agent_contract_sweep_values_and_group(tmp_path, corpus):
     record = read_record(tmp_path / "results", "swp123", "bias_only-s4")
     assert record["group"] == "swp123" and record["run_id"] == "runabc12"
     assert record["config"]["attention_bias"] is False and record["config"]["lr"] == 0.002
-    (run_dir,) = (tmp_path / "results" / "wandb").glob("offline-run-*-runabc12")
+    (run_dir,) = (tmp_path / "results" / "swp123" / "wandb").glob("offline-run-*-runabc12")  # beside the records
     logged = offline_run_contents(run_dir)
     assert logged["group"] == "swp123"
     assert logged["config"]["attention"] == "bias_only"

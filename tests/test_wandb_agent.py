@@ -146,7 +146,8 @@ def test_offline_runs_live_under_results_and_the_servers_stop_ends_one_stopped(t
     stop ends a run `stopped`, exit 0 (train.py asks the server, which marked the run stopped
     before telling the agent), so the agent counts no failure."""
     sweep_dir = tmp_path / "results"
-    server.stop_when[2] = lambda run: any(sweep_dir.glob(f"*/wandb/offline-run-*-{run.id}"))
+    # its wandb.init has begun (wherever its offline run went): train.py's signal handlers are in place
+    server.stop_when[2] = lambda run: any(tmp_path.glob(f"**/offline-run-*-{run.id}"))
     code, output, sweep_id = sweep_and_agent(tmp_path, server, processes, corpus,
                                              {"steps": {"values": [6, 100000]}, "eval_every": {"value": 3}},
                                              WANDB_MODE="offline")
