@@ -118,21 +118,30 @@ def server_stopped(run_id: str, project: str, timeout_s: float = 10.0) -> "bool 
     agent's SIGTERM for the sweep's stop and a preemption's SIGTERM look the same to the run, but
     the server marked the run stopped before it told the agent to stop it. None when there is no
     answer (no server reachable, no such run on it). Through the same call `wandb agent` makes for
-    its heartbeats (wandb 0.31: Api._service_api.execute_graphql); any failure is no answer."""
-    try:
-        import wandb
+    its heartbeats (wandb 0.31: Api._service_api.execute_graphql); any failure is no answer, and so
+    is none within timeout_s (wandb retries a lost network for minutes; a preempted machine has
+    seconds, and the record is still to be written)."""
+    answers = []
 
-        api = wandb.Api(timeout=timeout_s)
-        response = api._service_api.execute_graphql(
-            RUN_STOPPED_QUERY, variables={"projectName": os.environ.get("WANDB_PROJECT") or project,
-                                          "entityName": os.environ.get("WANDB_ENTITY"), "runId": run_id},
-            timeout=timeout_s)
-        run = ((response or {}).get("project") or {}).get("run")
-        return None if run is None else bool(run.get("stopped"))
-    except Exception as err:  # no answer: the caller decides without it
-        print(f"warning: could not ask the W&B server whether it stopped this run ({one_line(err)[:200]})",
-              file=sys.stderr)
-        return None
+    def ask():
+        try:
+            import wandb
+
+            api = wandb.Api(timeout=timeout_s)
+            response = api._service_api.execute_graphql(
+                RUN_STOPPED_QUERY, variables={"projectName": os.environ.get("WANDB_PROJECT") or project,
+                                              "entityName": os.environ.get("WANDB_ENTITY"), "runId": run_id},
+                timeout=timeout_s)
+            run = ((response or {}).get("project") or {}).get("run")
+            answers.append(None if run is None else bool(run.get("stopped")))
+        except Exception as err:  # no answer: the caller decides without it
+            print(f"warning: could not ask the W&B server whether it stopped this run ({one_line(err)[:200]})",
+                  file=sys.stderr)
+
+    thread = threading.Thread(target=ask, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return answers[0] if answers else None
 
 
 class Tracker:

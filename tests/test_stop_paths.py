@@ -359,3 +359,43 @@ def test_no_checkpoint_artifact_means_a_fresh_start_and_a_failed_download_is_an_
         tracker.restore_checkpoint("abcd", tmp_path / "ckpt")
     tracker.run = type("OfflineRun", (), {"offline": True})()
     assert tracker.restore_checkpoint("abcd", tmp_path / "ckpt") is False  # W&B cannot fetch offline
+
+
+# --- asking the agent's server whether it stopped the run -------------------------------------------
+
+class FakeApi:
+    """wandb.Api as server_stopped uses it: the agent's own GraphQL call, answering `answer`."""
+    answer, delay_s, asked = None, 0.0, []
+
+    def __init__(self, timeout=None):
+        self._service_api = self
+
+    def execute_graphql(self, query, variables=None, timeout=None):
+        FakeApi.asked.append((query.split("(")[0].split()[-1], variables))
+        time.sleep(FakeApi.delay_s)
+        return FakeApi.answer
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ({"project": {"run": {"stopped": True}}}, True), ({"project": {"run": {"stopped": False}}}, False),
+    ({"project": {"run": None}}, None), ({"project": None}, None)])
+def test_the_servers_answer_about_a_stop(monkeypatch, answer, expected):
+    import wandb
+
+    monkeypatch.setenv("WANDB_ENTITY", "team")
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    FakeApi.answer, FakeApi.delay_s, FakeApi.asked = answer, 0.0, []
+    assert train.server_stopped("abcd1234", "attnsweep") is expected
+    assert FakeApi.asked == [("RunStoppedStatus", {"projectName": "attnsweep", "entityName": "team", "runId": "abcd1234"})]
+
+
+def test_a_server_that_does_not_answer_in_time_is_no_answer(monkeypatch):
+    """wandb retries a lost network for minutes; a preempted run has seconds to write its record."""
+    import wandb
+
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    FakeApi.answer, FakeApi.delay_s = {"project": {"run": {"stopped": True}}}, 3.0
+    started = time.perf_counter()
+    assert train.server_stopped("abcd1234", "attnsweep", timeout_s=0.3) is None
+    assert time.perf_counter() - started < 2.0
