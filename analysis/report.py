@@ -3,7 +3,7 @@ optionally all of it to a W&B run of job_type "analysis".
 
     python -m analysis.report --results results/<group> --out reports/<group>
     python -m analysis.report --results architecture_search_results_fast.json --out reports/seed
-    python -m analysis.report --sweep ENTITY/PROJECT/SWEEP_ID --out reports/<sweep> [--log-to-wandb]
+    python -m analysis.report --sweep ENTITY/PROJECT/SWEEP_ID --out reports/<sweep> [--log]
     python -m analysis.report --project ENTITY/PROJECT --group SWEEP_ID --out reports/<sweep>  (a synced local_sweep)
     python -m analysis.report --project ENTITY/PROJECT --filters '{"config.steps": 50}' --out DIR
 
@@ -199,13 +199,13 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"the smallest difference in val loss worth resolving (default {stats.MIN_EFFECT}): "
                         "a comparison whose 95%% interval still holds one this large is unresolved, and the "
                         "report writes a sweep YAML with more seeds for it")
-    parser.add_argument("--log-to-wandb", action="store_true",
+    parser.add_argument("--log", "--log-to-wandb", dest="log_to_wandb", action="store_true",
                         help="also log the tables, figures and files to a W&B run of job_type 'analysis'")
     return parser
 
 
 def _load(args) -> tuple[list[Run], str, str, str | None]:
-    """(runs, source in words, the W&B project for --log-to-wandb, the group)."""
+    """(runs, source in words, the W&B project for --log, the group)."""
     if args.filters and not args.project:
         raise SourceError("--filters: only used with --project")
     if args.group and not args.project:
