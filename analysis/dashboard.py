@@ -19,6 +19,7 @@ from pathlib import Path
 import record
 from analysis import tables
 from analysis.fairness import audit
+from analysis.report import _Parser, error_exit, wandb_path  # one command-line contract for the analysis
 from analysis.runs import Run, SourceError, load_path, load_wandb, varying_settings
 
 WORKSPACE_JSON, REPORT_JSON = "workspace.json", "report.json"
@@ -150,11 +151,6 @@ def offline_project_ids():
 
 # --- the command line ---------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump: the contract for bad input
-        raise SourceError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m analysis.dashboard", description=__doc__.split("\n\n")[0])
     target = parser.add_mutually_exclusive_group(required=True)
@@ -171,15 +167,11 @@ def _parser() -> argparse.ArgumentParser:
 def _target(args) -> tuple[str, str, str, str]:
     """(entity, project, "sweep" or "group", its id)."""
     if args.sweep:
-        parts = args.sweep.split("/")
-        if len(parts) != 3 or not all(parts):
-            raise SourceError(f"--sweep {args.sweep!r}: expected ENTITY/PROJECT/SWEEP_ID")
+        parts = wandb_path("--sweep", args.sweep, "ENTITY/PROJECT/SWEEP_ID")
         if args.group:
             raise SourceError("--group: only used with --project")
         return parts[0], parts[1], "sweep", parts[2]
-    parts = args.project.split("/")
-    if len(parts) != 2 or not all(parts):
-        raise SourceError(f"--project {args.project!r}: expected ENTITY/PROJECT")
+    parts = wandb_path("--project", args.project, "ENTITY/PROJECT")
     if not args.group:
         raise SourceError("--project: needs --group GROUP (the synced local sweep's id)")
     return parts[0], parts[1], "group", args.group
@@ -223,12 +215,8 @@ def main(argv=None) -> int:
             raise RuntimeError(f"saving the dashboards to W&B failed: {exc}") from None
         print(f"workspace: {workspace.url}\nreport: {report.url}")
         return 0
-    except SourceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (SourceError, RuntimeError) as exc:
+        return error_exit(exc)
 
 
 if __name__ == "__main__":
