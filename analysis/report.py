@@ -3,7 +3,7 @@ optionally all of it to a W&B run of job_type "analysis".
 
     python -m analysis.report --results results/<group> --out reports/<group>
     python -m analysis.report --results architecture_search_results_fast.json --out reports/seed
-    python -m analysis.report --sweep ENTITY/PROJECT/SWEEP_ID --out reports/<sweep> [--log-to-wandb]
+    python -m analysis.report --sweep ENTITY/PROJECT/SWEEP_ID --out reports/<sweep> [--log]
     python -m analysis.report --project ENTITY/PROJECT --group SWEEP_ID --out reports/<sweep>  (a synced local_sweep)
     python -m analysis.report --project ENTITY/PROJECT --filters '{"config.steps": 50}' --out DIR
 
@@ -199,13 +199,21 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"the smallest difference in val loss worth resolving (default {stats.MIN_EFFECT}): "
                         "a comparison whose 95%% interval still holds one this large is unresolved, and the "
                         "report writes a sweep YAML with more seeds for it")
-    parser.add_argument("--log-to-wandb", action="store_true",
+    parser.add_argument("--log", "--log-to-wandb", dest="log_to_wandb", action="store_true",
                         help="also log the tables, figures and files to a W&B run of job_type 'analysis'")
     return parser
 
 
+def wandb_path(option: str, text: str, shape: str) -> list[str]:
+    """ENTITY/PROJECT[/SWEEP_ID] split into its parts, or one error line naming the option."""
+    parts = text.split("/")
+    if len(parts) != shape.count("/") + 1 or not all(parts):
+        raise SourceError(f"{option} {text!r}: expected {shape}")
+    return parts
+
+
 def _load(args) -> tuple[list[Run], str, str, str | None]:
-    """(runs, source in words, the W&B project for --log-to-wandb, the group)."""
+    """(runs, source in words, the W&B project for --log, the group)."""
     if args.filters and not args.project:
         raise SourceError("--filters: only used with --project")
     if args.group and not args.project:
@@ -218,14 +226,10 @@ def _load(args) -> tuple[list[Run], str, str, str | None]:
         groups = {r.group for r in runs if r.group}
         return runs, " + ".join(args.results), project, groups.pop() if len(groups) == 1 else None
     if args.sweep:
-        parts = args.sweep.split("/")
-        if len(parts) != 3 or not all(parts):
-            raise SourceError(f"--sweep {args.sweep!r}: expected ENTITY/PROJECT/SWEEP_ID")
+        parts = wandb_path("--sweep", args.sweep, "ENTITY/PROJECT/SWEEP_ID")
         project_path, filters, group, what = "/".join(parts[:2]), {"sweep": parts[2]}, parts[2], f"sweep {args.sweep}"
     else:
-        parts = args.project.split("/")
-        if len(parts) != 2 or not all(parts):
-            raise SourceError(f"--project {args.project!r}: expected ENTITY/PROJECT")
+        wandb_path("--project", args.project, "ENTITY/PROJECT")
         try:
             filters = json.loads(args.filters) if args.filters else {}
         except json.JSONDecodeError as exc:
@@ -247,6 +251,12 @@ def _load(args) -> tuple[list[Run], str, str, str | None]:
     return runs, what, project_path, group
 
 
+def error_exit(exc: Exception) -> int:
+    """One `error:` line; exit 2 for bad input (SourceError), 1 for what failed (W&B, ...)."""
+    print(f"error: {exc}", file=sys.stderr)
+    return 2 if isinstance(exc, SourceError) else 1
+
+
 def main(argv=None) -> int:
     try:
         args = _parser().parse_args(argv)
@@ -255,12 +265,8 @@ def main(argv=None) -> int:
         for path in inputs[1:]:  # build checks the first
             refuse_overwriting(Path(args.out), path)
         report = build(runs, args.out, source, inputs[0] if inputs else None, args.min_effect)
-    except SourceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (SourceError, RuntimeError) as exc:
+        return error_exit(exc)
     print(terminal_text(report))
     for path in report.files.values():
         print(f"wrote {path}")

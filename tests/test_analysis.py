@@ -544,26 +544,43 @@ def test_out_that_would_overwrite_the_input_is_refused(tmp_path, capsys):
 
 
 def test_log_to_wandb_offline(tmp_path, monkeypatch, capsys):
+    """--log: one offline W&B run of job_type analysis in the runs' group, read back from its own
+    .wandb file: the results table, the verdict tables (paired, fairness) as wandb.Tables of the
+    report's rows, every figure as an image, and the files as an artifact."""
+    from localsweep.wandb_file import history_rows, parsed_records
+
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     import wandb
     wandb.teardown()  # an earlier in-process run's wandb settings (its dir) must not carry over
-    results = write_records(tmp_path / "results", three_seed_records())
-    assert report.main(["--results", str(results), "--out", str(tmp_path / "out"), "--log-to-wandb"]) == 0
+    records = three_seed_records()
+    results = write_records(tmp_path / "results", records)
+    assert report.main(["--results", str(results), "--out", str(tmp_path / "out"), "--log"]) == 0
     assert "job_type analysis" in capsys.readouterr().out
-    run_dirs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(run_dirs) == 1
-    logged = {p.name for p in run_dirs[0].rglob("*") if p.is_file()}
-    assert any(name.endswith(".table.json") and name.startswith("seed_statistics") for name in logged)
-    assert any(name.startswith("architecture_search_comprehensive") and name.endswith(".png") for name in logged)
-    # wandb 0.31 has no reader for the offline log; protobuf keeps strings verbatim, so the run's
-    # job_type (RunRecord field 7: tag byte 0x3a, length 8) and the artifact's name and type are
-    # found in its bytes.
     wandb.teardown()  # wandb-core writes the offline log asynchronously; a CLI's exit waits for it
-    log = next(run_dirs[0].glob("run-*.wandb")).read_bytes()
-    assert b"\x3a\x08analysis" in log
-    assert b"analysis-report" in log and b"analysis-g1" in log
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    (log,) = run_dir.glob("run-*.wandb")
+    kinds = list(parsed_records(log))
+    (run,) = [r.run for kind, r in kinds if kind == "run"]
+    assert (run.job_type, run.run_group) == ("analysis", "g1")
+    logged = {}
+    for kind, r in kinds:
+        if kind == "history":
+            logged.update(history_rows(r))
+    variants = {rec["attention"] for rec in records}
+    for key, rows in (("all_runs", len(records)), ("seed_statistics", len(variants)), ("fairness", None)):
+        assert logged[f"tables/{key}/_type"] == "table-file"
+        table = json.loads((run_dir / "files" / logged[f"tables/{key}/path"]).read_text())
+        section_ = {s.key: s for s in tables.build_sections(load_path(results), audit(load_path(results)))}[key]
+        assert table["columns"] == section_.columns and len(table["data"]) == (rows or len(section_.rows))
+    verdicts = json.loads((run_dir / "files" / logged["tables/seed_statistics/path"]).read_text())
+    assert {row[0] for row in verdicts["data"]} == variants  # one paired row per variant
+    figures = {p.stem for p in (tmp_path / "out").glob("*.png")}
+    assert figures and {k.split("/")[1] for k in logged if k.startswith("figures/") and k.endswith("/_type")} == figures
+    assert all(logged[f"figures/{name}/_type"] == "image-file" for name in figures)
+    artifacts = {(r.artifact.name, r.artifact.type) for kind, r in kinds if kind == "artifact"}
+    assert ("analysis-g1", "analysis-report") in artifacts
 
 
 # --- the registry's families and the KV cache (issue 12) -------------------------------------------
