@@ -245,8 +245,9 @@ def run_case(case: dict) -> dict:
     return result
 
 
-def _child(case: dict, env: dict | None = None) -> dict:
-    cmd = [sys.executable, "-m", "bench.step", "--_case", json.dumps(dict(case, isolated=True))]
+def _child(case: dict, env: dict | None = None, module: str = "bench.step") -> dict:
+    """The case run by `python -m <module> --_case` in a fresh interpreter (bench.decode's too)."""
+    cmd = [sys.executable, "-m", module, "--_case", json.dumps(dict(case, isolated=True))]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
