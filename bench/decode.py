@@ -315,17 +315,20 @@ def main(argv=None) -> int:
         torch.set_num_threads(cases[0]["threads"])
     meta = machine_info(cases[0]["device"])
     started, rows = time.perf_counter(), []
-    for i, case in enumerate(cases, 1):
-        label = f"[{i}/{len(cases)}] {case['variant']} {case['mla_decode']} context={case['context']} batch={case['batch']}"
-        if args.time_budget and time.perf_counter() - started > args.time_budget:
-            rows.append(dict(case, status="skipped", error="over --time_budget"))
-            continue
-        try:
-            row = _child(case, module="bench.decode") if case["isolated"] else run_case(case)
-        except Exception as err:  # noqa: BLE001 -- this row only
-            row = dict(case, status="failed", error=failure_reason(err))
-        rows.append(dict(row, machine=meta["cpu"] if case["device"] == "cpu" else meta.get("gpu")))
-        print(f"{label}: {row['status']}", file=sys.stderr, flush=True)
+    try:
+        for i, case in enumerate(cases, 1):
+            label = f"[{i}/{len(cases)}] {case['variant']} {case['mla_decode']} context={case['context']} batch={case['batch']}"
+            if args.time_budget and time.perf_counter() - started > args.time_budget:
+                rows.append(dict(case, status="skipped", error="over --time_budget"))
+                continue
+            try:
+                row = _child(case, module="bench.decode") if case["isolated"] else run_case(case)
+            except Exception as err:  # noqa: BLE001 -- this row only
+                row = dict(case, status="failed", error=failure_reason(err))
+            rows.append(dict(row, machine=meta["cpu"] if case["device"] == "cpu" else meta.get("gpu")))
+            print(f"{label}: {row['status']}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # Ctrl-C, or gpu.sh's hard timeout: keep what was measured
+        rows += [dict(case, status="interrupted") for case in cases[len(rows):]]
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(rows, indent=1))
@@ -334,7 +337,7 @@ def main(argv=None) -> int:
           f"{sizes}; load average {meta['loadavg_start'][0]:.2f} -> {os.getloadavg()[0]:.2f}")
     print("limit: (weights + cache bytes a step reads) / the copy bandwidth; ratio = limit time / step time")
     print(table(rows))
-    return 0 if all(r["status"] in ("ok", "skipped") for r in rows) else 1
+    return 0 if all(r["status"] in ("ok", "skipped", "interrupted") for r in rows) else 1
 
 
 if __name__ == "__main__":
