@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:
 
 from attention import VARIANTS  # noqa: E402
 from bench.step import (PRESETS, SIZE_FIELDS, _child, _max_rss_bytes, _rss_bytes, _sync, build_model,  # noqa: E402
-                        failure_reason, forced_failure, machine_info)
+                        case_device, failure_reason, forced_failure, machine_info)
 
 MLA_DECODE_MODES = ("absorbed", "naive")
 GENERATE_TOKENS = 8
@@ -77,10 +77,7 @@ def set_mla_decode(model, mode: str) -> None:
 
 def run_case(case: dict) -> dict:
     """Build the model, measure the bandwidth, prefill, decode and time one row in this process."""
-    device = torch.device(case["device"])
-    if device.type == "cpu":
-        torch.set_num_threads(case["threads"])
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[case["dtype"]]
+    device, dtype = case_device(case)
     result = dict(case, status="ok")
     forced_failure(case["variant"])
     copy_bytes = case["copy_mb"] * 2 ** 20

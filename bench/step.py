@@ -155,12 +155,17 @@ def make_optimizer(model, case: dict, device: torch.device):
     return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)  # torch's default, as the seed
 
 
-def run_case(case: dict) -> dict:
-    """Build, warm up and time one (variant, implementation, options) case in this process."""
+def case_device(case: dict) -> tuple[torch.device, torch.dtype]:
+    """A case's device (its CPU threads set) and dtype (bench.decode's too)."""
     device = torch.device(case["device"])
     if device.type == "cpu":
         torch.set_num_threads(case["threads"])
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[case["dtype"]]
+    return device, {"fp32": torch.float32, "bf16": torch.bfloat16}[case["dtype"]]
+
+
+def run_case(case: dict) -> dict:
+    """Build, warm up and time one (variant, implementation, options) case in this process."""
+    device, dtype = case_device(case)
     result = dict(case, status="ok")
     forced_failure(case["variant"], f"{case['variant']}:{case['impl']}")
 

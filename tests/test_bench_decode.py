@@ -4,6 +4,7 @@ on a tiny training run's checkpoint (greedy tokens with the cache equal those wi
 import json
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
@@ -84,3 +85,19 @@ def test_generate_from_a_tiny_runs_checkpoint(tmp_path, monkeypatch, capsys):
     tokens = json.loads(printed.split("with the cache: ")[1].split(" (")[0])
     assert len(tokens) == 5
     assert decode.main(["--generate", "--checkpoint", str(tmp_path)]) == 2
+
+
+def test_gpu_sh_decode_section_in_its_dry_run(tmp_path):
+    """bench/gpu.sh's decode section: bench.decode under the section's time budget, its rows counted
+    in the status line and its table in the summary."""
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), str(out), "--dry_run", "--sections", "decode"],
+                          cwd=tmp_path, env=offline_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("  decode ")]
+    assert " ok " in line and "cases: 44 ok" in line  # 8 variants, 3 of them MLA twice, x 2 contexts x 2 batches
+    assert "limit tok/s" in proc.stdout
+    with tarfile.open(out / "results.tar.gz") as tar:
+        rows = json.load(tar.extractfile("gpu-results/decode.json"))
+    assert {(r["variant"], r["mla_decode"]) for r in rows if r["status"] == "ok"} >= {("mla_v3", "naive"),
+                                                                                     ("baseline", "n/a")}
