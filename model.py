@@ -258,6 +258,11 @@ class Block(nn.Module):
         moe_out, aux_loss = self.mlp(self.post_attention_layernorm(x))
         return x + self.dropout(moe_out), aux_loss
 
+    def decode(self, x: torch.Tensor, cache) -> torch.Tensor:
+        """forward's arithmetic on the tokens after those `cache` (this layer's) holds."""
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cache))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x))[0])
+
 
 class _LMHeadLoss(torch.autograd.Function):
     """Mean cross-entropy (and accuracy) of the tied LM head, computed in chunks of tokens, with
@@ -348,6 +353,24 @@ class MoELM(nn.Module):
         ce, accuracy = _LMHeadLoss.apply(hidden.flatten(0, 1), self.embed_tokens.weight, targets.flatten(),
                                          dtype, chunk, grads_needed)
         return LMOutput(aux_loss, loss=ce, accuracy=accuracy)
+
+    # --- incremental decoding: each attention kind owns its cache (attention/cache.py) ----------
+
+    def new_cache(self, batch: int, context: int, dtype=torch.float32, device=None) -> list:
+        """One empty cache per layer, made by its attention module, with room for `context` tokens
+        (a window layer: its last `window`)."""
+        return [layer.self_attn.new_cache(batch, context, dtype, device) for layer in self.layers]
+
+    def decode(self, ids: torch.Tensor, cache: list) -> torch.Tensor:
+        """ids (B, T), the tokens after those the cache holds -> their logits (B, T, vocab), in eval
+        mode the full forward's: a prompt into an empty cache (prefill), then one token at a time."""
+        x = self.embed_tokens(ids)
+        if self.cfg.embed_scale:
+            x = x * math.sqrt(self.cfg.d_model)
+        x = self.dropout(x)
+        for layer, layer_cache in zip(self.layers, cache):
+            x = layer.decode(x, layer_cache)
+        return F.linear(self.final_dropout(self.norm(x)), self.embed_tokens.weight)
 
 
 # --- initialisation: fair by construction ------------------------------------------------------
@@ -440,6 +463,19 @@ def flops_per_token(model: MoELM) -> int:
 KV_CACHE_BYTES_PER_VALUE = 2  # bf16/fp16, as a decoder would cache
 
 
+def kv_cache_bytes(cfg: ModelConfig, context: int, bytes_per_value: int = KV_CACHE_BYTES_PER_VALUE) -> int:
+    """The whole decode cache at `context` tokens, over all layers: each layer's kind says how many
+    values a token adds (MHA/GQA: K and V of each key/value head; MLA: the normalised latent plus the
+    shared rotary key), and a window layer keeps min(window, context) tokens. Counted, and exactly
+    what MoELM.new_cache's tensors hold (tests/test_decode.py)."""
+    total = 0
+    for layer in range(cfg.n_layers):
+        spec = cfg.attention.for_layer(layer)
+        per_token = KINDS[spec.kind].kv_cache_values(spec, cfg.d_model // cfg.n_heads, cfg.n_heads)
+        total += per_token * bytes_per_value * (min(spec.window, context) if spec.window else context)
+    return total
+
+
 def kv_cache_bytes_per_token(cfg: ModelConfig) -> int:
     """What a decoder caches per generated token, over all layers, at 2 bytes a value, at the
     context length cfg.seq_len (L): each layer's kind says how many values a token adds (MHA/GQA:
@@ -447,10 +483,4 @@ def kv_cache_bytes_per_token(cfg: ModelConfig) -> int:
     sliding-window layer keeps only its last min(window, L) tokens, so it is counted as
     values x min(window, L) / L per token: the whole cache at context L divided by L, rounded to
     the byte. Without a window this is the plain per-token size, whatever L."""
-    context = cfg.seq_len
-    total = 0  # bytes cached over all layers at context L
-    for layer in range(cfg.n_layers):
-        spec = cfg.attention.for_layer(layer)
-        per_token = KINDS[spec.kind].kv_cache_values(spec, cfg.d_model // cfg.n_heads, cfg.n_heads)
-        total += per_token * KV_CACHE_BYTES_PER_VALUE * (min(spec.window, context) if spec.window else context)
-    return round(total / context)
+    return round(kv_cache_bytes(cfg, cfg.seq_len) / cfg.seq_len)

@@ -161,24 +161,33 @@ def pareto_front(points: list) -> list:
                   if not any(o[0] <= p[0] and o[1] <= p[1] and o != p for o in points))
 
 
-def costs_figure(runs: list[Run], path: Path, title: str) -> Path:
-    """Loss vs parameters beside loss vs KV-cache bytes per token, each with its Pareto front."""
+def costs_figure(runs: list[Run], path: Path, title: str, decode=None) -> Path:
+    """Loss vs parameters beside loss vs KV-cache bytes per token (counted), each with its Pareto
+    front; with decode (analysis.decode.DecodeSpeeds) a third panel: loss vs measured decode
+    tokens/s at its context and batch (faster is better: its front runs the other way)."""
     data = _per_variant(runs)
+    if decode is not None:
+        for v, entry in data.items():
+            entry["decode"] = (decode.tokens_per_s.get(v, np.nan), 0.0)
     variants = sorted(data, key=lambda v: data[v]["loss"][0])
-    fig, axes = plt.subplots(1, 2, figsize=(15, 6.5), dpi=DPI)
+    fig, axes = plt.subplots(1, 3 if decode else 2, figsize=(22 if decode else 15, 6.5), dpi=DPI)
     panels = [(axes[0], "params", "Parameters (millions)", "Loss vs parameters"),
-              (axes[1], "kv_cache", "KV cache per token (bytes, all layers, 2 bytes a value)",
+              (axes[1], "kv_cache", "KV cache per token (bytes, all layers, 2 bytes a value; counted)",
                "Loss vs KV cache per token")]
+    if decode is not None:
+        panels.append((axes[2], "decode", f"Decode tokens/s at context {decode.context:,}, batch {decode.batch} "
+                       "(measured)", "Loss vs decode speed"))
     labels = []
     for ax, key, x_label, panel_title in panels:
         shown = [v for v in variants if np.isfinite(data[v][key][0]) and np.isfinite(data[v]["loss"][0])]
+        sign = -1 if key == "decode" else 1  # the front of "higher is better" is the front of -x
         for v in shown:
             ax.errorbar(data[v][key][0], data[v]["loss"][0], yerr=data[v]["loss"][1] or None, fmt="o",
                         color=FAMILY_COLORS.get(data[v]["family"], FAMILY_COLORS["other"]), markersize=8,
                         elinewidth=1, capsize=2, markeredgecolor="white", markeredgewidth=0.8, zorder=3)
-        front = pareto_front([(data[v][key][0], data[v]["loss"][0]) for v in shown])
+        front = [(sign * x, y) for x, y in pareto_front([(sign * data[v][key][0], data[v]["loss"][0]) for v in shown])]
         if front:
-            ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="#444444",
+            ax.step([p[0] for p in front], [p[1] for p in front], where="post" if sign > 0 else "pre", color="#444444",
                     linestyle="--", linewidth=1, zorder=2, label="Pareto front")
             ax.legend(loc="upper right", fontsize=9)
         ax.set(xlabel=x_label, ylabel="Validation loss", title=panel_title)

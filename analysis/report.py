@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from analysis import plots, seedplan, stats, tables
+from analysis import decode as decode_speeds, plots, seedplan, stats, tables
 from analysis.fairness import audit
 from analysis.runs import Run, SourceError, load_path, load_wandb, to_seed_schema
 
@@ -52,7 +52,7 @@ class Report:
         return self.files[REPORT]
 
 
-def _markdown(source: str, runs: list[Run], sections: dict, figures: dict) -> str:
+def _markdown(source: str, runs: list[Run], sections: dict, figures: dict, decode=None) -> str:
     seeds = sorted({r.seed for r in runs if r.seed is not None})
     variants = sorted({r.variant for r in runs})
     parts = ["# Attention architecture search: report", "",
@@ -71,6 +71,8 @@ def _markdown(source: str, runs: list[Run], sections: dict, figures: dict) -> st
                           (COMPREHENSIVE_PNG, "Comprehensive comparison (the seed's six panels)")):
         if name in figures:
             parts += [f"### {caption}", "", f"![{caption}]({name})", ""]
+            if name == COSTS_PNG and decode is not None:
+                parts += [f"The third panel: {decode.caption()}.", ""]
     parts += ["## All runs", "", sections["all_runs"].markdown(),
               f"Every run is also in `{RESULTS_JSON}` (the seed's schema, one entry per run).", ""]
     return "\n".join(parts)
@@ -84,9 +86,10 @@ def refuse_overwriting(out_dir: Path, input_path: Path | None) -> None:
 
 
 def build(runs: list[Run], out_dir, source: str, input_path: Path | None = None,
-          min_effect: float = stats.MIN_EFFECT) -> Report:
+          min_effect: float = stats.MIN_EFFECT, decode=None) -> Report:
     """Compute every table and write every file. input_path: the file read, never overwritten.
-    min_effect: the smallest difference worth resolving, in nats (the seeds-where-needed plan)."""
+    min_effect: the smallest difference worth resolving, in nats (the seeds-where-needed plan).
+    decode: measured decode speeds (analysis.decode.DecodeSpeeds) for the cost figure, or None."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise SourceError(f"--out {out_dir}: exists and is not a directory")
@@ -101,7 +104,7 @@ def build(runs: list[Run], out_dir, source: str, input_path: Path | None = None,
     if any(r.succeeded for r in runs):
         files[COMPREHENSIVE_PNG] = plots.comprehensive_figure(runs, out_dir / COMPREHENSIVE_PNG, title)
         files[CURVES_PNG] = plots.curves_figure(runs, out_dir / CURVES_PNG, "Learning curves")
-        files[COSTS_PNG] = plots.costs_figure(runs, out_dir / COSTS_PNG, "What each design costs")
+        files[COSTS_PNG] = plots.costs_figure(runs, out_dir / COSTS_PNG, "What each design costs", decode)
         differences = plots.differences_figure(runs, out_dir / DIFFERENCES_PNG,
                                                "Difference to baseline, paired by seed")
         if differences is not None:
@@ -111,7 +114,7 @@ def build(runs: list[Run], out_dir, source: str, input_path: Path | None = None,
         if probes is not None:
             files[PROBES_PNG] = probes
     files[REPORT] = out_dir / REPORT
-    files[REPORT].write_text(_markdown(source, runs, by_key, files))
+    files[REPORT].write_text(_markdown(source, runs, by_key, files, decode))
     return Report(source, runs, sections, files)
 
 
@@ -199,6 +202,11 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"the smallest difference in val loss worth resolving (default {stats.MIN_EFFECT}): "
                         "a comparison whose 95%% interval still holds one this large is unresolved, and the "
                         "report writes a sweep YAML with more seeds for it")
+    parser.add_argument("--decode", metavar="FILE", help="bench.decode's --out JSON: the cost figure adds loss "
+                        "against measured decode tokens/s")
+    parser.add_argument("--decode-context", type=int, metavar="N", help="with --decode: the context of the speeds "
+                        "(default: the longest every variant in the file has)")
+    parser.add_argument("--decode-batch", type=int, metavar="N", help="with --decode: the batch (default: the smallest)")
     parser.add_argument("--log", "--log-to-wandb", dest="log_to_wandb", action="store_true",
                         help="also log the tables, figures and files to a W&B run of job_type 'analysis'")
     return parser
@@ -264,7 +272,11 @@ def main(argv=None) -> int:
         inputs = [Path(p) for p in args.results or []]
         for path in inputs[1:]:  # build checks the first
             refuse_overwriting(Path(args.out), path)
-        report = build(runs, args.out, source, inputs[0] if inputs else None, args.min_effect)
+        if (args.decode_context or args.decode_batch) and not args.decode:
+            raise SourceError("--decode-context/--decode-batch: only used with --decode")
+        decode = (decode_speeds.speeds(decode_speeds.load(args.decode), args.decode, args.decode_context,
+                                       args.decode_batch) if args.decode else None)
+        report = build(runs, args.out, source, inputs[0] if inputs else None, args.min_effect, decode)
     except (SourceError, RuntimeError) as exc:
         return error_exit(exc)
     print(terminal_text(report))

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import LayerCache
 from .modulated import apply_output_gate, attention_weights, causal_scores, explicit_causal_attention, gate_width
 from .positions import alibi_slopes, score_mask
 from .rope import RotaryEmbedding, apply_rotary
@@ -63,6 +64,14 @@ def causal_attention(q, k, v, scale: float, dropout: float, sdpa_pad: str = "aut
     return out[..., :v_dim].transpose(1, 2).reshape(batch, length, heads * v_dim)
 
 
+def cached_attention(q, k, v, scale: float, bias=None) -> torch.Tensor:
+    """One decode step: (B, H, 1, d) queries on every cached key (B, H_kv, n, d) -- all of them in
+    the past, so no causal mask -- -> (B, 1, H * d_v). bias: ALiBi's (H, 1, n), or None."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    batch, heads, length, v_dim = out.shape
+    return out.transpose(1, 2).reshape(batch, length, heads * v_dim)
+
+
 class MultiHeadAttention(nn.Module):
     """The baseline: q, k, v, o projections, RoPE on the whole head. With n_kv_heads < n_heads,
     grouped-query attention (one key/value head per n_heads / n_kv_heads query heads; 1: multi-query);
@@ -95,9 +104,9 @@ class MultiHeadAttention(nn.Module):
         self.register_buffer("alibi_slopes", alibi_slopes(n_heads) if spec.positions == "alibi" else None,
                              persistent=False)
 
-    def project(self, x: torch.Tensor):
-        """x (B, T, d_model) -> q (B, H, T, d), k and v (B, H_kv, T, d), RoPE applied, and the output
-        gate's slice of q_proj (B, T, H, gate width; width 0 without a gate)."""
+    def project(self, x: torch.Tensor, start: int = 0):
+        """x (B, T, d_model) -> q (B, H, T, d), k and v (B, H_kv, T, d), RoPE applied (at positions
+        start, ..), and the output gate's slice of q_proj (B, T, H, gate width; width 0 without a gate)."""
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim + self.gate_dim)
         q, gate = q.split([self.head_dim, self.gate_dim], dim=-1)
@@ -107,7 +116,7 @@ class MultiHeadAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         if hasattr(self, "rotary"):
-            cos, sin = self.rotary(length, x.device)
+            cos, sin = self.rotary(length, x.device, start)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return q, k, v, gate
 
@@ -123,20 +132,54 @@ class MultiHeadAttention(nn.Module):
         """(B, H, T, T) attention weights on the keys (probes); with sinks they sum to less than 1."""
         return attention_weights(self.attention_scores(x), getattr(self, "sinks", None))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v, gate = self.project(x)
-        mask = score_mask(x.shape[1], self.window, self.alibi_slopes, x.device)
+    def new_cache(self, batch: int, context: int, dtype=torch.float32, device=None) -> LayerCache:
+        """An empty decode cache for `context` tokens: K and V of each key/value head (B, H_kv, slots,
+        d), as many slots as the context, or the window's last `window` tokens."""
+        slots = min(self.window, context) if self.window else context
+        shape = (batch, self.n_kv_heads, slots, self.head_dim)
+        return LayerCache({"k": torch.zeros(shape, dtype=dtype, device=device),
+                           "v": torch.zeros(shape, dtype=dtype, device=device)}, time_dim=2, window=self.window)
+
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        """x (B, T, d_model) -> (B, T, d_model). With a cache (new_cache), x is the tokens after
+        those it holds: a prompt into an empty cache (prefill: attention as without one), then one
+        token at a time (decode: attention on the cached keys); their keys and values join it."""
+        start = cache.length if cache is not None else 0
+        q, k, v, gate = self.project(x, start)
         dropout = self.dropout if self.training else 0.0
-        if hasattr(self, "sinks") or self.softcap:  # SDPA has neither
-            out = explicit_causal_attention(q, k, v, self.head_dim ** -0.5, dropout, getattr(self, "sinks", None),
-                                            self.softcap, mask)
+        sinks = getattr(self, "sinks", None)
+        if cache is not None and start:
+            out = self.decode_step(q, k, v, cache)
         else:
-            out = causal_attention(q, k, v, self.head_dim ** -0.5, dropout, self.sdpa_pad, mask)
+            if cache is not None:
+                cache.append(k=k, v=v)
+            mask = score_mask(x.shape[1], self.window, self.alibi_slopes, x.device)
+            if sinks is not None or self.softcap:  # SDPA has neither
+                out = explicit_causal_attention(q, k, v, self.head_dim ** -0.5, dropout, sinks, self.softcap, mask)
+            else:
+                out = causal_attention(q, k, v, self.head_dim ** -0.5, dropout, self.sdpa_pad, mask)
         if self.gate_dim:
             if getattr(self, "probing", False):  # probes.py reads the gate's openness
                 self.last_gate = torch.sigmoid(gate)
             out = apply_output_gate(out, gate)
         return self.o_proj(out)
+
+    def decode_step(self, q, k, v, cache: LayerCache) -> torch.Tensor:
+        """One token's attention on the cache, with its own key and value written in first (a window
+        keeps its last `window`: the keys this query may see)."""
+        if q.shape[2] != 1:
+            raise ValueError(f"a cache that holds tokens takes one token at a time, not {q.shape[2]}")
+        cache.append(k=k, v=v)
+        keys, values = cache.read("k"), cache.read("v")
+        bias = None
+        if self.alibi_slopes is not None:  # -slope x distance, as score_mask's
+            distance = (cache.length - 1 - cache.positions(q.device)).float()
+            bias = -self.alibi_slopes.to(q.device)[:, None, None] * distance
+        if hasattr(self, "sinks") or self.softcap:
+            mask = bias if bias is not None else torch.ones(1, keys.shape[2], dtype=torch.bool, device=q.device)
+            return explicit_causal_attention(q, keys, values, self.head_dim ** -0.5, 0.0, getattr(self, "sinks", None),
+                                             self.softcap, mask.to(q.dtype) if bias is not None else mask)
+        return cached_attention(q, keys, values, self.head_dim ** -0.5, None if bias is None else bias.to(q.dtype))
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -170,8 +213,9 @@ class MultiHeadLatentAttention(nn.Module):
             self.rotary = RotaryEmbedding(self.qk_rope_head_dim, rope_theta, spec.rope_scaling,
                                           spec.rope_scaling_factor, max_len)
 
-    def project(self, x: torch.Tensor):
-        """x (B, T, d_model) -> q, k (B, H, T, qk_head_dim) and v (B, H, T, v_head_dim), RoPE applied."""
+    def query(self, x: torch.Tensor, start: int = 0):
+        """x (B, T, d_model) -> the non-rotary and rotary query parts (B, H, T, dims), RoPE applied at
+        positions start, .."""
         batch, length, _ = x.shape
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
@@ -179,30 +223,88 @@ class MultiHeadLatentAttention(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(batch, length, self.n_heads, self.qk_head_dim).transpose(1, 2)
         q_nope, q_rot = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-
-        latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent))
-        kv = kv.view(batch, length, self.n_heads, self.qk_nope_head_dim + self.v_head_dim).transpose(1, 2)
-        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-
-        k_rot = k_rot.unsqueeze(1)
         if hasattr(self, "rotary"):
-            cos, sin = self.rotary(length, x.device)
-            q_rot, k_rot = apply_rotary(q_rot, cos, sin), apply_rotary(k_rot, cos, sin)
-        k_rot = k_rot.expand(-1, self.n_heads, -1, -1)
+            cos, sin = self.rotary(length, x.device, start)
+            q_rot = apply_rotary(q_rot, cos, sin)
+        return q_nope, q_rot
+
+    def latent(self, x: torch.Tensor, start: int = 0):
+        """x (B, T, d_model) -> what the cache keeps: the normalised latent (B, T, kv_lora_rank) and
+        the rotary key shared by all heads (B, T, qk_rope_head_dim), RoPE applied."""
+        latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        if hasattr(self, "rotary"):
+            cos, sin = self.rotary(x.shape[1], x.device, start)
+            k_rot = apply_rotary(k_rot, cos, sin)
+        return self.kv_a_layernorm(latent), k_rot
+
+    def keys_and_values(self, latent: torch.Tensor, k_rot: torch.Tensor, q_nope, q_rot):
+        """Rebuild every head's keys and values from the latent (B, n, rank) and the shared rotary
+        key (B, n, rope): -> q, k (B, H, n or T, qk_head_dim) and v (B, H, n, v_head_dim)."""
+        batch, length, _ = latent.shape
+        kv = self.kv_b_proj(latent).view(batch, length, self.n_heads, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.transpose(1, 2).split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k_rot = k_rot.unsqueeze(1).expand(-1, self.n_heads, -1, -1)
         if not self.qk_rope_head_dim:
             return q_nope, k_nope, v
         if self.qk_nope_head_dim:
             return torch.cat((q_nope, q_rot), dim=-1), torch.cat((k_nope, k_rot), dim=-1), v
         return q_rot, k_rot, v
 
+    def project(self, x: torch.Tensor):
+        """x (B, T, d_model) -> q, k (B, H, T, qk_head_dim) and v (B, H, T, v_head_dim), RoPE applied."""
+        return self.keys_and_values(*self.latent(x), *self.query(x))
+
     def attention_scores(self, x: torch.Tensor) -> torch.Tensor:
         """The scaled, causally masked pre-softmax scores (B, H, T, T) forward's kernel uses (probes)."""
         q, k, _ = self.project(x)
         return causal_scores(q, k, self.qk_head_dim ** -0.5)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.project(x)
+    # How a decode step uses the cache: "absorbed" (DeepSeek-V2 section 2.1.2: W_UK folded into the
+    # query, W_UV applied to the latent-space output, so no per-head key or value is ever rebuilt)
+    # or "naive" (every step rebuilds all keys and values from the cached latent). Same arithmetic.
+    decode_mode = "absorbed"
+
+    def new_cache(self, batch: int, context: int, dtype=torch.float32, device=None) -> LayerCache:
+        """An empty decode cache for `context` tokens: the normalised latent and the shared rotary key
+        (DeepSeek-V2's cache), (B, context, kv_lora_rank + qk_rope_head_dim) values in all."""
+        return LayerCache({"latent": torch.zeros(batch, context, self.kv_lora_rank, dtype=dtype, device=device),
+                           "k_rot": torch.zeros(batch, context, self.qk_rope_head_dim, dtype=dtype, device=device)},
+                          time_dim=1, window=0)
+
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        """x (B, T, d_model) -> (B, T, d_model); with a cache, as MultiHeadAttention.forward's."""
+        start = cache.length if cache is not None else 0
+        q_nope, q_rot = self.query(x, start)
+        latent, k_rot = self.latent(x, start)
+        if cache is not None and start:
+            if x.shape[1] != 1:
+                raise ValueError(f"a cache that holds tokens takes one token at a time, not {x.shape[1]}")
+            cache.append(latent=latent, k_rot=k_rot)
+            step = self.absorbed_step if self.decode_mode == "absorbed" else self.naive_step
+            return self.o_proj(step(q_nope, q_rot, cache.read("latent"), cache.read("k_rot")))
+        if cache is not None:
+            cache.append(latent=latent, k_rot=k_rot)
+        q, k, v = self.keys_and_values(latent, k_rot, q_nope, q_rot)
         out = causal_attention(q, k, v, self.qk_head_dim ** -0.5, self.dropout if self.training else 0.0,
                                self.sdpa_pad)
         return self.o_proj(out)
+
+    def naive_step(self, q_nope, q_rot, latent, k_rot) -> torch.Tensor:
+        q, k, v = self.keys_and_values(latent, k_rot, q_nope, q_rot)
+        return cached_attention(q, k, v, self.qk_head_dim ** -0.5)
+
+    def absorbed_step(self, q_nope, q_rot, latent, k_rot) -> torch.Tensor:
+        """Scores and the weighted sum in the latent space: q_nope.k_nope = (W_UK^T q_nope).latent
+        per head, and sum_j p_j W_UV latent_j = W_UV (sum_j p_j latent_j)."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        latent = latent.unsqueeze(1)  # (B, 1, n, rank): one latent for every head
+        scores = 0
+        if self.qk_nope_head_dim:
+            q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (B, H, 1, rank)
+            scores = q_latent @ latent.transpose(-2, -1)
+        if self.qk_rope_head_dim:
+            scores = scores + q_rot @ k_rot.unsqueeze(1).transpose(-2, -1)
+        probs = torch.softmax(scores * self.qk_head_dim ** -0.5, dim=-1, dtype=torch.float32).to(latent.dtype)
+        out_latent = probs @ latent  # (B, H, 1, rank)
+        return torch.einsum("bhtr,hvr->bthv", out_latent, w_uv).flatten(2)

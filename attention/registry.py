@@ -14,7 +14,9 @@ Adding a kind: (1) its module, a file in attention/ with a class built as
 knobs in KNOBS and one Kind in KINDS naming the module, its knobs, its per-token KV cache, its
 score/value dims (FLOPs), the combinations it refuses and its reference; (3) its test in
 tests/test_attention.py against that reference (weights copied; outputs and gradients); (4) its
-plain twin in bench/reference.py (REFERENCE_KNOBS), which bench/ times it against.
+plain twin in bench/reference.py (REFERENCE_KNOBS), which bench/ times it against; (5) its decode
+cache: `new_cache(batch, context, dtype, device)` -> an attention.cache.LayerCache holding exactly
+kv_cache_values per token, and `forward(x, cache)` (tests/test_decode.py checks every variant).
 """
 import math
 from dataclasses import dataclass, field, replace

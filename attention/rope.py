@@ -38,13 +38,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cos.shape[0] < length or self.cos.device != torch.device(device):
+    def forward(self, length: int, device, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables of positions start .. start+length-1 (start: a decode step's absolute position)."""
+        end = start + length
+        if self.cos.shape[0] < end or self.cos.device != torch.device(device):
             # Built outside inference mode even when called under it: cached inference tensors
             # would make every later training step fail ("cannot be saved for backward").
             with torch.inference_mode(False):
-                self.cos, self.sin = rope_tables(self.dim, self.theta, self.scaling, self.factor, length, device)
-        return self.cos[:length], self.sin[:length]
+                self.cos, self.sin = rope_tables(self.dim, self.theta, self.scaling, self.factor, end, device)
+        return self.cos[start:end], self.sin[start:end]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

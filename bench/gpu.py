@@ -57,10 +57,17 @@ SECTIONS = [
     ("choices", 20, "the fast path's switches (pad for flash, grouped experts) on unequal head dims"),
     ("peak", 10, "the bf16 matmul peak, n = 4096, 8192, 16384"),
     ("zoo", 40, "the zoo's variants (sweeps/zoo.yaml) at the seed's fast setup, ours vs reference, where time is left"),
+    ("decode", 90, "bench.decode: prefill and cached decode, batch 1 and 16, contexts 2k to 32k, beside the "
+                   "memory-bandwidth limit"),
 ]
 # Printed characters per section in the summary (all of it is in the archive).
 SUMMARY_SHARE = {"env": 400, "check": 1800, "train": 1000, "main": 3000, "compile": 600, "scan": 1000,
-                 "choices": 500, "peak": 300, "zoo": 900}
+                 "choices": 500, "peak": 300, "zoo": 900, "decode": 1500}
+# bench.step and bench.decode take --time_budget (no case starts past it) and --out
+BUDGETED = (["-m", "bench.step"], ["-m", "bench.decode"])
+# the decode section's variants: one of each cache design (softcap/sinks' explicit softmax would
+# materialise batch x heads x context^2 scores in the prefill, 64 GiB at 16 x 32k)
+DECODE_VARIANTS = "baseline,gqa,mqa,swa,local_global,mla_v3,lora_small,enhanced_medium"
 
 SEED_TRAIN_ARGS = "--recipe=seed --attention=baseline --seed=0 --group=gpu"
 TINY_TRAIN_ARGS = ("--d_model=64 --n_layers=1 --n_heads=2 --d_ff=64 --n_experts=2 --top_k=1 --seq_len=32 "
@@ -109,6 +116,9 @@ def section_commands(args, scratch: Path) -> dict[str, list[str]]:
         # are recorded as skipped); the baseline it is compared with is main's
         "zoo": step + ["--preset", "gpu", "--variants", zoo, "--warmup", "2", "--repeats", "5",
                        "--title", "zoo: the zoo's variants, the seed's fast setup, ours vs reference"] + extra,
+        "decode": [py, "-m", "bench.decode", "--device", dev, "--variants", DECODE_VARIANTS, "--batch", "1,16"]
+                  + (["--preset", "tiny", "--contexts", "24,40", "--copy_mb", "8", "--isolate", "no", "--threads", "2"]
+                     if args.dry_run else ["--preset", "gpu", "--dtype", "bf16", "--contexts", "2048,8192,32768"]),
     }
 
 
@@ -122,8 +132,8 @@ def sweep_variants(name: str) -> str:
 
 def run_section(name: str, cmd: list[str], budget: int, scratch: Path, env: dict) -> dict:
     """Run one section with its output in scratch/<name>.txt and .log; -> its status line's facts."""
-    if cmd[1:3] == ["-m", "bench.step"]:
-        cmd = cmd + ["--time_budget", str(budget), "--out", str(scratch / name)]
+    if cmd[1:3] in BUDGETED:
+        cmd = cmd + ["--time_budget", str(budget), "--out", str(scratch / f"{name}.json")]
         limit = budget + GRACE_S  # bench.step stops starting cases at its budget; one may run over
     else:
         limit = budget
@@ -152,15 +162,17 @@ def run_section(name: str, cmd: list[str], budget: int, scratch: Path, env: dict
                     "what it measured before is kept")
     if code == 0:
         return dict(status="ok", seconds=seconds, reason="")
-    # exit 1 from bench.step / bench.check: some case failed, the others' rows are in its table
+    # exit 1 from bench.step / bench.check / bench.decode: some case failed, the others' rows are in its table
     lines = (scratch / f"{name}.log").read_text(errors="replace").strip().splitlines()
     return dict(status=f"exit {code}", seconds=seconds, reason=(lines[-1] if lines else "")[:300])
 
 
 def case_counts(path: Path) -> str:
-    """'24 ok, 1 failed, 1 skipped' from a bench.step JSON ('' if there is none)."""
+    """'24 ok, 1 failed, 1 skipped' from a bench.step JSON, or bench.decode's list of rows ('' if
+    there is none)."""
     try:
-        results = json.loads(path.read_text())["results"]
+        results = json.loads(path.read_text())
+        results = results if isinstance(results, list) else results["results"]
     except (OSError, ValueError, KeyError, TypeError):
         return ""
     counts: dict[str, int] = {}
@@ -252,7 +264,7 @@ def main(argv=None) -> int:
             if name not in wanted:
                 continue
             left = args.deadline - (time.monotonic() - started)
-            overrun = GRACE_S + KILL_AFTER_S if commands[name][1:3] == ["-m", "bench.step"] else KILL_AFTER_S
+            overrun = GRACE_S + KILL_AFTER_S if commands[name][1:3] in BUDGETED else KILL_AFTER_S
             budget = int(min(nominal, left - overrun))
             if budget < min(MIN_SECTION_S, nominal):
                 status[name] = dict(status="skipped", seconds=0.0, reason=f"out of time ({left:.0f} s left)")

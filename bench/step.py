@@ -155,12 +155,17 @@ def make_optimizer(model, case: dict, device: torch.device):
     return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)  # torch's default, as the seed
 
 
-def run_case(case: dict) -> dict:
-    """Build, warm up and time one (variant, implementation, options) case in this process."""
+def case_device(case: dict) -> tuple[torch.device, torch.dtype]:
+    """A case's device (its CPU threads set) and dtype (bench.decode's too)."""
     device = torch.device(case["device"])
     if device.type == "cpu":
         torch.set_num_threads(case["threads"])
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[case["dtype"]]
+    return device, {"fp32": torch.float32, "bf16": torch.bfloat16}[case["dtype"]]
+
+
+def run_case(case: dict) -> dict:
+    """Build, warm up and time one (variant, implementation, options) case in this process."""
+    device, dtype = case_device(case)
     result = dict(case, status="ok")
     forced_failure(case["variant"], f"{case['variant']}:{case['impl']}")
 
@@ -245,8 +250,9 @@ def run_case(case: dict) -> dict:
     return result
 
 
-def _child(case: dict, env: dict | None = None) -> dict:
-    cmd = [sys.executable, "-m", "bench.step", "--_case", json.dumps(dict(case, isolated=True))]
+def _child(case: dict, env: dict | None = None, module: str = "bench.step") -> dict:
+    """The case run by `python -m <module> --_case` in a fresh interpreter (bench.decode's too)."""
+    cmd = [sys.executable, "-m", module, "--_case", json.dumps(dict(case, isolated=True))]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
