@@ -18,11 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import record
 from config import ConfigError, TrainConfig
 from record import one_line
 
 VALIDATION_SPLIT_SEED = 20260101  # fixed: the validation and test sets must not depend on the run's seed
 CACHE_FORMAT = 1  # bump when the tokenization code changes what it produces
+IGNORE_INDEX = -100  # a target there is not scored (loss, accuracy, gradient): F.cross_entropy's default
 
 
 # --- tokenizer ---------------------------------------------------------------------------------
@@ -180,6 +182,70 @@ def load_tokens(cfg: TrainConfig) -> tuple[np.ndarray, int]:
     tmp_meta.write_text(json.dumps({**identity, "vocab_size": vocab_size, "tokens": int(len(tokens))}))
     os.replace(tmp_meta, meta)
     return tokens, vocab_size
+
+
+# --- what frequencies alone predict: the n-gram baselines --------------------------------------
+
+NGRAM_FORMAT = 1  # bump when ngram_losses changes what it computes (the cache beside the tokens)
+UNIGRAM_ALPHA = 1.0  # add-one (Laplace) smoothing of the unigram
+
+
+def ngram_losses(train_blocks: np.ndarray, val_inputs: np.ndarray, val_targets: np.ndarray,
+                 vocab_size: int) -> dict:
+    """The mean cross-entropy (nats) of the validation targets under the training blocks' own
+    unigram and bigram counts: what a model that knows only token frequencies (unigram) or only
+    the previous token (bigram) would score, on the tokens val/loss scores.
+
+    Counts come from what training predicts: every (previous token, token) pair inside a training
+    block, i.e. its tokens but the first, each with the token before it. Smoothing, both standard:
+      unigram  P(w) = (c(w) + 1) / (N + V)                  add-one (Laplace) over the V = vocab_size tokens
+      bigram   P(w | v) = (c(v, w) + T(v) P(w)) / (c(v) + T(v))   Witten-Bell, interpolated with P(w)
+    where c(v) counts v as a previous token and T(v) the distinct tokens seen after it (a v never
+    seen as a previous token, T(v) = 0, gets P(w)). A validation target at IGNORE_INDEX is not scored.
+    """
+    blocks = np.asarray(train_blocks, dtype=np.int64)
+    previous, following = blocks[:, :-1].ravel(), blocks[:, 1:].ravel()
+    unigram = (np.bincount(following, minlength=vocab_size) + UNIGRAM_ALPHA) / (len(following) + UNIGRAM_ALPHA * vocab_size)
+    pairs, pair_counts = np.unique(previous * vocab_size + following, return_counts=True)  # sorted codes
+    context_counts = np.bincount(previous, minlength=vocab_size)  # c(v)
+    successors = np.bincount(pairs // vocab_size, minlength=vocab_size)  # T(v)
+
+    inputs, targets = np.asarray(val_inputs, dtype=np.int64).ravel(), np.asarray(val_targets, dtype=np.int64).ravel()
+    scored = targets != IGNORE_INDEX
+    inputs, targets = inputs[scored], targets[scored]
+    codes = inputs * vocab_size + targets
+    where = np.minimum(np.searchsorted(pairs, codes), len(pairs) - 1)
+    seen = np.where(pairs[where] == codes, pair_counts[where], 0)
+    p_unigram = unigram[targets]
+    p_bigram = np.where(context_counts[inputs] > 0,
+                        (seen + successors[inputs] * p_unigram) / np.maximum(context_counts[inputs] + successors[inputs], 1),
+                        p_unigram)
+    return {record.DATA_UNIGRAM_LOSS: float(-np.log(p_unigram).mean()),
+            record.DATA_BIGRAM_LOSS: float(-np.log(p_bigram).mean())}
+
+
+def cached_ngram_losses(cfg: TrainConfig, train_blocks: np.ndarray, val_pairs: list, vocab_size: int) -> dict:
+    """ngram_losses, computed once per token cache and split: cached as JSON beside the token cache,
+    under its key plus a digest of the split itself (the training blocks' and the scored validation
+    examples' tokens), so every run of a sweep reads the one file."""
+    val_inputs = np.concatenate([inputs.numpy() for inputs, _ in val_pairs])
+    val_targets = np.concatenate([targets.numpy() for _, targets in val_pairs])
+    digest = hashlib.sha256(f"{NGRAM_FORMAT}:{vocab_size}:{train_blocks.shape}".encode())
+    for array in (train_blocks, val_inputs, val_targets):
+        digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
+    tokens, _ = token_cache_paths(cfg)
+    path = tokens.with_name(f"{tokens.stem}.ngram-{digest.hexdigest()[:16]}.json")
+    if path.exists():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):  # a damaged cache is recomputed, not trusted
+            pass
+    losses = ngram_losses(train_blocks, val_inputs, val_targets, vocab_size)
+    try:
+        record.write_json_atomic(path, losses)
+    except OSError:  # an unwritable cache directory costs a recomputation next time, nothing else
+        pass
+    return losses
 
 
 # --- blocks and batches ------------------------------------------------------------------------

@@ -61,6 +61,30 @@ def probe_key(name: str, layer: int | None = None) -> str:
     return name if layer is None else f"{name}/layer{layer}"
 
 
+# Language modelling only (--task=lm): what the models learned. The validation tokens' cross-entropy
+# under the training split's own smoothed unigram and bigram counts (data.ngram_losses; the same
+# for every run of one token cache and split), and the final evaluation's context gain: mean loss
+# over early positions of each validation block minus over late ones (train.context_windows).
+DATA_UNIGRAM_LOSS, DATA_BIGRAM_LOSS = "data/unigram_loss", "data/bigram_loss"
+VAL_CONTEXT_GAIN = "val/context_gain"
+# --eval_lengths: the validation loss and accuracy at a context of L tokens, after training.
+LENGTH_PREFIX = "val_len"
+
+
+def length_keys(length: int) -> tuple[str, str]:
+    """(loss, accuracy) metric names at a context of `length` tokens: val_len128/loss, ..."""
+    return f"{LENGTH_PREFIX}{length}/loss", f"{LENGTH_PREFIX}{length}/accuracy"
+
+
+def parse_length_key(key: str) -> tuple[int, str] | None:
+    """"val_len128/loss" -> (128, "loss"); None for any other key."""
+    head, _, metric = key.partition("/")
+    digits = head.removeprefix(LENGTH_PREFIX)
+    if head == digits or not digits.isdigit() or metric not in ("loss", "accuracy"):
+        return None
+    return int(digits), metric
+
+
 PARAMS_TOTAL, PARAMS_ATTENTION, FLOPS_PER_TOKEN = "params/total", "params/attention", "flops/per_token"
 KV_CACHE_BYTES_PER_TOKEN = "kv_cache/bytes_per_token"  # at 2 bytes a value, over all layers
 INIT_FINGERPRINT, DATA_FINGERPRINT = "init/shared_fingerprint", "data/fingerprint"

@@ -1,0 +1,152 @@
+"""Section 2 of issue 18: models evaluated past the context they were built for (seq_len).
+
+- every position signal and window, whole model: evaluated at 4 x seq_len, a model equals the same
+  model whose RoPE tables were built directly at that length (attention/rope.py's rope_tables), and
+  its first seq_len positions equal the model evaluated at seq_len;
+- a windowed model (RoPE or ALiBi) is relative: past seq_len each output equals the same model run
+  on only the last tokens its layers reach, a sequence shorter than seq_len;
+- the attention modules built for a short context (max_len 8) against transformers' references at
+  lengths past it (Llama with and without linear scaling, Mistral's window, DeepSeek-V3's MLA).
+"""
+import copy
+
+import pytest
+import torch
+
+from attention import VARIANTS
+from attention.rope import RotaryEmbedding, rope_tables
+from model import ModelConfig, MoELM, init_weights
+
+SEQ_LEN, VOCAB = 16, 61
+LONG = 4 * SEQ_LEN
+
+CASES = {
+    "baseline": VARIANTS["baseline"],  # RoPE
+    "baseline+linear2": VARIANTS["baseline"].with_overrides(rope_scaling="linear", rope_scaling_factor=2.0),
+    "alibi": VARIANTS["alibi"],
+    "nope": VARIANTS["nope"],
+    "swa": VARIANTS["swa"],  # a window of seq_len / 4 on every layer
+    "local_global": VARIANTS["local_global"],
+    "lora_small": VARIANTS["lora_small"],  # MLA, decoupled RoPE key
+    "rope_small": VARIANTS["rope_small"],  # MLA with linear scaling 1.5
+}
+
+
+def tiny_model(spec, n_layers=2) -> MoELM:
+    cfg = ModelConfig(attention=spec, vocab_size=VOCAB, d_model=32, n_layers=n_layers, n_heads=2, d_ff=32,
+                      n_experts=2, top_k=1, seq_len=SEQ_LEN, dropout=0.0)
+    model = MoELM(cfg)
+    init_weights(model, seed=3)
+    with torch.no_grad():  # attention outputs far from their small init, so positions matter in the logits
+        for name, param in model.named_parameters():
+            if name.endswith("o_proj.weight"):
+                param.mul_(20)
+    return model.eval()
+
+
+def ids(length, batch=2, seed=0):
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_past_seq_len_equals_tables_built_at_that_length(name):
+    model = tiny_model(CASES[name])
+    direct = copy.deepcopy(model)
+    rotaries = [m for m in direct.modules() if isinstance(m, RotaryEmbedding)]
+    assert bool(rotaries) == (name not in ("alibi", "nope"))
+    for rotary in rotaries:
+        assert rotary.cos.shape[0] == SEQ_LEN  # built for the training context
+        rotary.cos, rotary.sin = rope_tables(rotary.dim, rotary.theta, rotary.scaling, rotary.factor, LONG)
+    x = ids(LONG)
+    with torch.no_grad():
+        long, reference = model(x).logits, direct(x).logits
+        short = model(x[:, :SEQ_LEN]).logits  # after the long call: the rebuilt tables sliced back
+    torch.testing.assert_close(long, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(long[:, :SEQ_LEN], short, rtol=1e-5, atol=1e-5)
+    # the window stays what the model was trained with (a quarter of seq_len), not of the longer call
+    windows = {layer.self_attn.window for layer in model.layers if hasattr(layer.self_attn, "window")}
+    assert windows == {"swa": {SEQ_LEN // 4}, "local_global": {SEQ_LEN // 4, 0}}.get(name, windows)
+
+
+def test_past_seq_len_check_sees_a_wrong_table():
+    """Negative control: tables built at the long length but with another scaling factor differ."""
+    model = tiny_model(CASES["baseline+linear2"])
+    wrong = copy.deepcopy(model)
+    for rotary in (m for m in wrong.modules() if isinstance(m, RotaryEmbedding)):
+        rotary.cos, rotary.sin = rope_tables(rotary.dim, rotary.theta, "linear", 1.0, LONG)
+    x = ids(LONG)
+    with torch.no_grad():
+        assert (model(x).logits - wrong(x).logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("spec", [VARIANTS["swa"], VARIANTS["alibi"].with_overrides(window=4)], ids=["swa", "alibi+window4"])
+def test_windowed_model_is_relative_past_seq_len(spec):
+    """With every layer windowed (window W), an output sees only the last n_layers x (W - 1) tokens,
+    and RoPE and ALiBi see only their distances: at any position t past seq_len, the output equals
+    that of the same model on tokens t - reach .. t alone, a sequence inside the trained length."""
+    model = tiny_model(spec)
+    window = model.layers[0].self_attn.window
+    reach = len(model.layers) * (window - 1)
+    assert window == 4 and reach + 1 < SEQ_LEN
+    x = ids(LONG, seed=1)
+    with torch.no_grad():
+        long = model(x).logits
+        for t in (SEQ_LEN, 2 * SEQ_LEN + 5, LONG - 1):
+            alone = model(x[:, t - reach:t + 1]).logits[:, -1]
+            torch.testing.assert_close(long[:, t], alone, rtol=1e-4, atol=1e-4)
+        # negative control: one token fewer of context changes the answer, so the reach is exact
+        assert (long[:, LONG - 1] - model(x[:, LONG - reach:]).logits[:, -1]).abs().max() > 1e-4
+
+
+# --- modules built for 8 positions, against the references at 17 and 32 ------------------------
+
+def _built_for_8(spec, seed):
+    from attention import build_attention
+    from test_attention import D_MODEL, N_HEADS, THETA, randomize_
+
+    ours = build_attention(spec, D_MODEL, N_HEADS, dropout=0.0, rope_theta=THETA, max_len=8).eval()
+    randomize_(ours, seed)
+    return ours
+
+
+def _check_past_8(ours, ref, rotary):
+    """The references' shapes (lengths 1, 17, 32: the tables rebuilt twice), then 17 again from the
+    32-long table; outputs within the references' tolerance."""
+    from test_attention import TOL, assert_equivalent, rel_err, run_both
+
+    assert ours.rotary.cos.shape[0] == 8
+    assert_equivalent(ours, ref, rotary, seed=71)
+    y, y_ref, *_ = run_both(ours, ref, rotary, 2, 17, seed=73)
+    assert ours.rotary.cos.shape[0] == 32 and rel_err(y, y_ref) < TOL
+
+
+@pytest.mark.parametrize("spec", [VARIANTS["baseline"], VARIANTS["baseline"].with_overrides(rope_scaling_factor=2.5)],
+                         ids=["rope", "rope+linear2.5"])
+def test_rope_past_max_len_matches_llama(spec):
+    from test_attention import llama_reference
+
+    ours = _built_for_8(spec, seed=5)
+    ref, rotary = llama_reference(spec)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    _check_past_8(ours, ref, rotary)
+
+
+def test_window_past_max_len_matches_mistral():
+    from test_attention_zoo_windows import mistral_reference
+
+    spec = VARIANTS["baseline"].with_overrides(window=5, rope_scaling_factor=2.0)
+    ours = _built_for_8(spec, seed=41)
+    ref, rotary = mistral_reference(spec)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    _check_past_8(ours, ref, rotary)
+
+
+@pytest.mark.parametrize("name", ["lora_small", "rope_small"])
+def test_mla_past_max_len_matches_deepseek_v3(name):
+    from test_attention import D_MODEL, N_HEADS, deepseek_reference
+
+    spec = VARIANTS[name].resolved(D_MODEL, N_HEADS)
+    ours = _built_for_8(spec, seed=17)
+    ref, rotary = deepseek_reference(spec)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    _check_past_8(ours, ref, rotary)
