@@ -84,6 +84,8 @@ class TrainConfig:
     eval_every: int = 10
     eval_batches: int = 10
     eval_test: bool = False  # evaluate on the test set once, after the last step (stage 2 only)
+    # context lengths to evaluate at after training, "128,256" (one length may come as an integer)
+    eval_lengths: int | str | None = None
     probes: bool = False  # mechanism probes at each evaluation (probes.py); training steps unchanged
     # stage 2 of the tuning protocol: "variant@lr" sets attention and lr together (analysis/tuning.py)
     variant_lr: str | None = None
@@ -120,6 +122,17 @@ class TrainConfig:
             if value is not None:
                 changes[name] = KNOBS[name].aliases.get(value, value) if isinstance(value, str) else value
         return VARIANTS[self.attention].with_overrides(**changes).resolved(self.d_model, self.n_heads, self.seq_len)
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        """--eval_lengths as integers, ascending, each once ("256,128" -> (128, 256)); () for None."""
+        if self.eval_lengths is None:
+            return ()
+        words = [word.strip() for word in str(self.eval_lengths).split(",")]
+        if not all(word.isdigit() and int(word) > 0 for word in words):
+            raise ConfigError(f"--eval_lengths={self.eval_lengths}: expected context lengths, integers greater "
+                              f"than 0 separated by commas, e.g. 128,256")
+        return tuple(sorted({int(word) for word in words}))
 
     @property
     def family(self) -> str:
@@ -177,6 +190,7 @@ class TrainConfig:
             raise ConfigError(f"--aux_loss_reduction={self.aux_loss_reduction}: allowed: {', '.join(AUX_LOSS_REDUCTIONS)}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"--lr_schedule={self.lr_schedule}: allowed: {', '.join(LR_SCHEDULES)}")
+        self.lengths  # parsing --eval_lengths is its validation: a bad value raises here
         self._validate_attention()
         return self
 
@@ -247,6 +261,8 @@ OPTION_HELP = {
         "eval_every": "evaluate on the validation set every N steps (and after the last)",
         "eval_batches": "validation batches per evaluation (the same for every run)",
         "eval_test": "after the last step, evaluate once on eval_batches test batches (test/loss); tuning's stage 2",
+        "eval_lengths": "after the last step, evaluate eval_batches validation batches at each of these context "
+                        "lengths, e.g. 128,256 (val_len128/loss, ..); None: none",
         "probes": "at each evaluation, measure attention entropy/sink/max logit, residual max/kurtosis, "
                   "expert load, gate openness (probe/*; evaluation batches only)",
         "variant_lr": "'variant@lr', e.g. rope_small@0.003: sets attention and lr together (tuning's stage 2)",

@@ -282,6 +282,25 @@ class Batches:
     def test_batch(self, index: int) -> torch.Tensor:
         return self.blocks[self.test_ids[index * self.batch_size:(index + 1) * self.batch_size]]
 
+    def at_length(self, length: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validation batch `index` at a context of `length` tokens (--eval_lengths): (inputs, targets),
+        each (batch_size, length). Example j is validation blocks k*j .. k*j + k - 1 (in validation
+        order, k = ceil((length + 1) / (seq_len + 1))) laid end to end and cut to length + 1 tokens, so
+        every token is a validation token and none of a training block; at length seq_len it is the
+        ordinary validation block. The blocks are not neighbours in the corpus, so past seq_len a
+        position's context holds earlier, unrelated validation passages: this measures whether a
+        model keeps working at positions it was never trained at, not what a longer context adds."""
+        per_example = -(-(length + 1) // self.blocks.shape[1])
+        examples = len(self.val_ids) // per_example
+        first, last = index * self.batch_size, (index + 1) * self.batch_size
+        if last > examples:
+            raise ConfigError(f"--eval_lengths={length}: the {len(self.val_ids)} validation blocks make {examples} "
+                              f"examples of {length} tokens, fewer than batch {index + 1} of {self.batch_size} needs "
+                              f"(raise --val_fraction or lower --eval_batches)")
+        ids = self.val_ids[first * per_example:last * per_example].view(self.batch_size, per_example)
+        tokens = self.blocks[ids].flatten(1)[:, :length + 1]
+        return tokens[:, :-1], tokens[:, 1:]
+
 
 def make_batches(tokens: np.ndarray, cfg: TrainConfig) -> Batches:
     block = cfg.seq_len + 1

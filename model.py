@@ -75,6 +75,9 @@ class LMOutput(NamedTuple):
     logits: torch.Tensor | None = None
     loss: torch.Tensor | None = None  # mean cross-entropy over the targets
     accuracy: torch.Tensor | None = None
+    # each target's cross-entropy (B, T), float32, no gradient: per-position losses (train.py's
+    # context gain) at the cost of B x T floats, never the logits
+    token_losses: torch.Tensor | None = None
 
 
 # How the experts' matmuls run. "grouped": one torch._grouped_mm over all expert-sorted tokens --
@@ -276,7 +279,7 @@ class _LMHeadLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, compute_dtype, chunk_tokens, grads_needed):
         n_tokens = hidden.shape[0]
         h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
-        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        token_losses = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
         correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
         grad_h = torch.empty_like(h) if grads_needed else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads_needed else None
@@ -285,7 +288,7 @@ class _LMHeadLoss(torch.autograd.Function):
             h_chunk, t_chunk = h[rows], targets[rows]
             logits = (h_chunk @ w.T).float()
             lse = logits.logsumexp(dim=-1)
-            loss_sum += (lse - logits.gather(1, t_chunk[:, None]).squeeze(1)).sum()
+            token_losses[rows] = lse - logits.gather(1, t_chunk[:, None]).squeeze(1)
             correct += (logits.argmax(dim=-1) == t_chunk).sum()
             if grads_needed:
                 # d(mean CE)/d(logits) = (softmax - one_hot(target)) / n_tokens
@@ -296,11 +299,11 @@ class _LMHeadLoss(torch.autograd.Function):
                 grad_w += (grad_logits.T @ h_chunk).float()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
-        ctx.mark_non_differentiable(correct)
-        return loss_sum / n_tokens, correct.float() / n_tokens
+        ctx.mark_non_differentiable(correct, token_losses)
+        return token_losses.sum() / n_tokens, correct.float() / n_tokens, token_losses
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_accuracy):
+    def backward(ctx, grad_loss, grad_accuracy, grad_token_losses):
         grad_h, grad_w = ctx.saved_tensors
         return ((grad_h * grad_loss).to(ctx.dtypes[0]), (grad_w * grad_loss).to(ctx.dtypes[1]),
                 None, None, None, None)
@@ -323,8 +326,9 @@ class MoELM(nn.Module):
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> LMOutput:
         """ids (B, T) -> LMOutput: the balance loss over layers (mean or sum) and the logits (B, T, vocab).
 
-        With targets (B, T): the mean cross-entropy and accuracy instead of the logits, without ever
-        materialising them (see _LMHeadLoss) -- what training and evaluation need.
+        With targets (B, T): the mean cross-entropy and accuracy, and each target's cross-entropy,
+        instead of the logits, without ever materialising them (see _LMHeadLoss) -- what training
+        and evaluation need.
         """
         x = self.embed_tokens(ids)
         if self.cfg.embed_scale:
@@ -345,9 +349,9 @@ class MoELM(nn.Module):
         # (Forward passes of autograd Functions run without grad mode, so whether the gradient
         # is wanted is decided here.)
         grads_needed = torch.is_grad_enabled() and (hidden.requires_grad or self.embed_tokens.weight.requires_grad)
-        ce, accuracy = _LMHeadLoss.apply(hidden.flatten(0, 1), self.embed_tokens.weight, targets.flatten(),
-                                         dtype, chunk, grads_needed)
-        return LMOutput(aux_loss, loss=ce, accuracy=accuracy)
+        ce, accuracy, token_losses = _LMHeadLoss.apply(hidden.flatten(0, 1), self.embed_tokens.weight,
+                                                       targets.flatten(), dtype, chunk, grads_needed)
+        return LMOutput(aux_loss, loss=ce, accuracy=accuracy, token_losses=token_losses.view(targets.shape))
 
 
 # --- initialisation: fair by construction ------------------------------------------------------

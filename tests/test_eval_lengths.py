@@ -150,3 +150,52 @@ def test_mla_past_max_len_matches_deepseek_v3(name):
     ref, rotary = deepseek_reference(spec)
     ref.load_state_dict(ours.state_dict(), strict=True)
     _check_past_8(ours, ref, rotary)
+
+
+# --- lm: validation examples at other lengths (data.Batches.at_length) ---------------------------
+
+def _arange_batches(**overrides):
+    """Batches over the stream 0, 1, 2, ..: every token names its own position, so a token's
+    presence says exactly which block it came from."""
+    import numpy as np
+
+    from config import TrainConfig
+    from data import make_batches
+
+    cfg = TrainConfig(**{"seq_len": 7, "batch_size": 2, "eval_batches": 2, "val_fraction": 0.1, "test_fraction": 0.1,
+                         **overrides})
+    return make_batches(np.arange(4000, dtype=np.int64), cfg)
+
+
+def test_at_length_by_hand_and_disjoint_from_training():
+    batches = _arange_batches()
+    block = 8  # seq_len + 1
+    val = batches.val_ids
+    # length 20 needs 21 tokens: three validation blocks (24 tokens) end to end, cut to 21
+    inputs, targets = batches.at_length(20, 1)
+    assert inputs.shape == targets.shape == (2, 20)
+    for row, example in enumerate((2, 3)):  # batch 1 holds examples 2 and 3
+        expected = torch.cat([torch.arange(b * block, (b + 1) * block) for b in val[3 * example:3 * example + 3]])[:21]
+        assert torch.equal(inputs[row], expected[:-1]) and torch.equal(targets[row], expected[1:])
+    # no token of any training (or test) block, at any length
+    training = set(batches.blocks[batches.train_ids].flatten().tolist())
+    test = set(batches.blocks[batches.test_ids].flatten().tolist())
+    for length in (7, 8, 20, 31):
+        for index in range(2):
+            seen = set(torch.cat(batches.at_length(length, index), 1).flatten().tolist())
+            assert not seen & training and not seen & test
+
+
+def test_at_seq_len_is_the_validation_batch():
+    batches = _arange_batches()
+    inputs, targets = batches.at_length(7, 1)
+    block = batches.blocks[batches.val_ids[2:4]]  # validation batch 1: blocks 2 and 3
+    assert torch.equal(inputs, block[:, :-1]) and torch.equal(targets, block[:, 1:])
+
+
+def test_at_length_too_long_for_the_validation_set_is_one_line():
+    from config import ConfigError
+
+    batches = _arange_batches()  # 50 validation blocks of 8 tokens
+    with pytest.raises(ConfigError, match=r"--eval_lengths=200: the 50 validation blocks make 1 examples"):
+        batches.at_length(200, 0)
