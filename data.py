@@ -20,11 +20,11 @@ import torch
 
 import record
 from config import ConfigError, TrainConfig
+from model import IGNORE_INDEX  # (a batch's unscored target; its home is the loss, model.py)
 from record import one_line
 
 VALIDATION_SPLIT_SEED = 20260101  # fixed: the validation and test sets must not depend on the run's seed
 CACHE_FORMAT = 1  # bump when the tokenization code changes what it produces
-IGNORE_INDEX = -100  # a target there is not scored (loss, accuracy, gradient): F.cross_entropy's default
 
 
 # --- tokenizer ---------------------------------------------------------------------------------
@@ -261,13 +261,13 @@ class Batches:
     seed: int
     _orders: dict = field(default_factory=dict, repr=False)  # {epoch: shuffled ids}, the current one
 
-    def train_batch(self, step: int) -> torch.Tensor:
-        """The global batch of 0-based `step`: the same for every variant and every process
-        count. Epoch e walks the training blocks in a permutation seeded by (seed, e)."""
+    def train_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global batch of 0-based `step` as (inputs, targets): the same for every variant and
+        every process count. Epoch e walks the training blocks in a permutation seeded by (seed, e)."""
         per_epoch = len(self.train_ids) // self.batch_size
         epoch, index = divmod(step, per_epoch)
         chosen = self.epoch_order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
-        return self.blocks[chosen]
+        return next_token_pair(self.blocks[chosen])
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """The training block ids of one epoch, shuffled once per epoch rather than once per step."""
@@ -276,11 +276,11 @@ class Batches:
             self._orders = {epoch: self.train_ids[torch.randperm(len(self.train_ids), generator=generator)]}
         return self._orders[epoch]
 
-    def val_batch(self, index: int) -> torch.Tensor:
-        return self.blocks[self.val_ids[index * self.batch_size:(index + 1) * self.batch_size]]
+    def val_batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return next_token_pair(self.blocks[self.val_ids[index * self.batch_size:(index + 1) * self.batch_size]])
 
-    def test_batch(self, index: int) -> torch.Tensor:
-        return self.blocks[self.test_ids[index * self.batch_size:(index + 1) * self.batch_size]]
+    def test_batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return next_token_pair(self.blocks[self.test_ids[index * self.batch_size:(index + 1) * self.batch_size]])
 
     def at_length(self, length: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Validation batch `index` at a context of `length` tokens (--eval_lengths): (inputs, targets),
@@ -298,8 +298,13 @@ class Batches:
                               f"examples of {length} tokens, fewer than batch {index + 1} of {self.batch_size} needs "
                               f"(raise --val_fraction or lower --eval_batches)")
         ids = self.val_ids[first * per_example:last * per_example].view(self.batch_size, per_example)
-        tokens = self.blocks[ids].flatten(1)[:, :length + 1]
-        return tokens[:, :-1], tokens[:, 1:]
+        return next_token_pair(self.blocks[ids].flatten(1)[:, :length + 1])
+
+
+def next_token_pair(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks (B, T + 1) -> (inputs, targets), each (B, T): every position scored, its target the next token.
+    Every batch is such a pair; a task's (tasks.py) has IGNORE_INDEX targets where nothing is scored."""
+    return blocks[:, :-1], blocks[:, 1:]
 
 
 def make_batches(tokens: np.ndarray, cfg: TrainConfig) -> Batches:

@@ -29,7 +29,7 @@ from config import FIELD_TYPES, ConfigError, TrainConfig, config_from_values, he
 import record
 from record import EXIT_CODES, one_line, write_json_atomic, write_record
 from probes import Probes, with_layer_means
-from model import (ModelConfig, MoELM, count_parameters, flops_per_token, init_weights, kv_cache_bytes_per_token,
+from model import (IGNORE_INDEX, ModelConfig, MoELM, count_parameters, flops_per_token, init_weights, kv_cache_bytes_per_token,
                    shared_parameters_fingerprint)
 
 GB = 1024 ** 3
@@ -227,9 +227,17 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def chain_fingerprint(previous: str, batch: torch.Tensor) -> str:
-    """sha256 over all training tokens so far, in order, as a chain so it can be checkpointed."""
-    return hashlib.sha256(previous.encode() + batch.numpy().tobytes()).hexdigest()
+def chain_fingerprint(previous: str, batch: tuple[torch.Tensor, torch.Tensor]) -> str:
+    """sha256 over all training inputs and targets so far, in order, as a chain so it can be
+    checkpointed. A language-model pair (targets = inputs shifted by one) is hashed as its block of
+    T + 1 tokens, which holds both (the value a batch of blocks always had); any other pair (a
+    task's, with IGNORE_INDEX targets) as inputs then targets."""
+    inputs, targets = batch
+    if torch.equal(inputs[:, 1:], targets[:, :-1]):
+        data = torch.cat([inputs, targets[:, -1:]], dim=1)
+    else:
+        data = torch.stack([inputs, targets])
+    return hashlib.sha256(previous.encode() + data.numpy().tobytes()).hexdigest()
 
 
 class StopSignals:
@@ -501,10 +509,9 @@ class Run:
         self.summary[record.TIME_STARTUP] = round(time.time() - process_start_time(), 3)
         for step in range(start_step, cfg.steps):
             begun = time.perf_counter()
-            batch = batches.train_batch(step)
+            batch = batches.train_batch(step)  # (inputs, targets): targets IGNORE_INDEX where not scored
             fingerprint = chain_fingerprint(fingerprint, batch)
-            local = batch.chunk(world)[rank].to(device, non_blocking=True)
-            inputs, targets = local[:, :-1], local[:, 1:]
+            inputs, targets = (part.chunk(world)[rank].to(device, non_blocking=True) for part in batch)
             with accelerator.autocast():
                 out = model(inputs, targets)  # the logits are never materialised
             ce, aux_loss, accuracy = out.loss, out.aux_loss, out.accuracy
@@ -558,8 +565,8 @@ class Run:
 
     @torch.no_grad()
     def evaluate(self, model, batches, world, rank, device, split: str = "val") -> dict:
-        """Mean next-token loss and accuracy over the first eval_batches validation (or test)
-        batches, the same for every run, each split over the processes like training batches.
+        """Mean loss and accuracy over the scored targets (every next token for lm, the answers for
+        a task) of the first eval_batches validation (or test) batches, the same for every run, each split over the processes like training batches.
         (Every test block instead: 80-145 s a run at seq_len 32 on the embedded corpus, 2 cores.)"""
         model.eval()
         totals = torch.zeros(3, device=device)
@@ -569,12 +576,12 @@ class Run:
             model = self.accelerator.unwrap_model(model, keep_torch_compile=False)
         with Probes(model) if probing else contextlib.nullcontext() as probes:
             for index in range(self.cfg.eval_batches):
-                local = batch(index).chunk(world)[rank].to(device, non_blocking=True)
-                inputs, targets = local[:, :-1], local[:, 1:]
+                inputs, targets = (part.chunk(world)[rank].to(device, non_blocking=True) for part in batch(index))
                 with self.accelerator.autocast():
                     out = model(inputs, targets)
                 ce, accuracy = out.loss, out.accuracy
-                totals += torch.stack([ce.float(), accuracy.float(), torch.ones((), device=device)]) * targets.numel()
+                scored = (targets != IGNORE_INDEX).sum()  # a mean over scored targets, weighted by their count
+                totals += torch.stack([ce.float(), accuracy.float(), torch.ones((), device=device)]) * scored
         loss_sum, correct, count = self.accelerator.reduce(totals, "sum").tolist()
         loss = loss_sum / count
         keys = record.EVAL_KEYS if split == "val" else record.TEST_KEYS  # {split}/loss, /accuracy, /perplexity
