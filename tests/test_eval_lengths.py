@@ -199,3 +199,21 @@ def test_at_length_too_long_for_the_validation_set_is_one_line():
     batches = _arange_batches()  # 50 validation blocks of 8 tokens
     with pytest.raises(ConfigError, match=r"--eval_lengths=200: the 50 validation blocks make 1 examples"):
         batches.at_length(200, 0)
+
+
+@pytest.mark.parametrize("value", ["0", "abc", "128,-1", "128,,256", "1.5"])
+def test_bad_eval_lengths_is_one_error_line(value, capsys):
+    import train
+
+    assert train.main([f"--eval_lengths={value}", "--dry_run", "--vocab_size=100"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --eval_lengths={value}: expected context lengths, integers greater than 0 separated by "
+                   f"commas, e.g. 128,256")
+
+
+def test_eval_lengths_parse_sorted_once():
+    from config import config_from_values
+
+    assert config_from_values({"eval_lengths": "256, 128,256"}).lengths == (128, 256)
+    assert config_from_values({"eval_lengths": 96}).lengths == (96,)  # a sweep's single integer value
+    assert config_from_values({}).lengths == ()
