@@ -383,6 +383,9 @@ def lengths_figure(runs: list[Run], path: Path, title: str) -> Path | None:
         for length in trained:
             ax.axvline(length, color="#999999", linestyle=":", linewidth=1.2)
         ax.set_xscale("log", base=2)
+        ticks = sorted({length for r in measured for length in r.length_metrics} | set(trained))
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.set(xlabel="Context length (tokens; dotted: the trained seq_len)", ylabel=label, title=f"{label} by context length")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1 - 2.3 / fig.get_figwidth(), 0.5), fontsize=9,

@@ -217,3 +217,15 @@ def test_eval_lengths_parse_sorted_once():
     assert config_from_values({"eval_lengths": "256, 128,256"}).lengths == (128, 256)
     assert config_from_values({"eval_lengths": 96}).lengths == (96,)  # a sweep's single integer value
     assert config_from_values({}).lengths == ()
+
+
+def test_a_length_the_validation_set_cannot_fill_is_refused_before_training(tmp_path):
+    from train_helpers import read_record, run_train, small_corpus, tiny_args
+
+    result = run_train(tiny_args(tmp_path, small_corpus(tmp_path), eval_lengths="32,100000"),
+                       env={"WANDB_MODE": "disabled"})
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--eval_lengths=100000: the " in errors[0] and "Traceback" not in result.stderr
+    saved = read_record(tmp_path / "results", "local", "baseline-s0")
+    assert saved["status"] == "failed" and saved["history"] == []  # not one step trained
