@@ -276,7 +276,8 @@ def regime(runs: list[Run]) -> str | None:
     bigrams = [r.bigram_loss for r in judged if r.bigram_loss is not None]
 
     def span(values, spec=".3f"):
-        return f"{min(values):{spec}}" if min(values) == max(values) else f"{min(values):{spec}}-{max(values):{spec}}"
+        joint = " to " if "+" in spec else "-"  # -0.020 to +0.010, not -0.020-+0.010
+        return f"{min(values):{spec}}" if min(values) == max(values) else f"{min(values):{spec}}{joint}{max(values):{spec}}"
     gain_text = f"context gain {span(gains, '+.3f')} nats" if gains else "no context gain recorded"
     bigram_text = f", bigram {span(bigrams)}" if bigrams else ""
     return (f"**Regime: attention cannot matter in these runs yet.** No run is both {UNIGRAM_MARGIN} nats below the "
