@@ -454,12 +454,18 @@ class Run:
         from data import load_tokens, make_batches
 
         cfg, accelerator = self.cfg, self.accelerator
-        with accelerator.main_process_first():  # the main process tokenizes; the others read its cache
-            tokens, tokenizer_vocab = load_tokens(cfg)
-        vocab_size = cfg.vocab_size or tokenizer_vocab
-        if vocab_size < tokenizer_vocab:
-            raise ConfigError(f"--vocab_size={vocab_size} is smaller than the tokenizer's {tokenizer_vocab}")
-        batches = make_batches(tokens, cfg)
+        if cfg.task == "lm":
+            with accelerator.main_process_first():  # the main process tokenizes; the others read its cache
+                tokens, tokenizer_vocab = load_tokens(cfg)
+            vocab_size = cfg.vocab_size or tokenizer_vocab
+            if vocab_size < tokenizer_vocab:
+                raise ConfigError(f"--vocab_size={vocab_size} is smaller than the tokenizer's {tokenizer_vocab}")
+            batches = make_batches(tokens, cfg)
+        else:  # a synthetic task: no corpus, no tokenizer; its vocabulary is the model's
+            from tasks import make_task_batches
+
+            batches, vocab_size = make_task_batches(cfg), cfg.task_settings()["task_vocab"]
+            tracker.update_config(cfg.task_settings())  # the knobs as resolved (None: the task's default)
         world, rank = accelerator.num_processes, accelerator.process_index
         if cfg.batch_size % world:
             raise ConfigError(f"--batch_size={cfg.batch_size} does not split over {world} processes")
@@ -557,6 +563,9 @@ class Run:
         self.summary.update({k: final[k] for k in record.EVAL_KEYS})
         self.summary.update({k: v for k, v in final.items() if k.startswith(record.PROBE_PREFIX)})
         self.summary[record.VAL_LOSS_MIN] = min(row[record.VAL_LOSS] for row in self.history if record.VAL_LOSS in row)
+        for threshold, key in record.VAL_STEP_AT.items():  # sample efficiency: None when never reached
+            self.summary[key] = next((row["step"] for row in self.history
+                                      if row.get(record.VAL_ACCURACY, -1.0) >= threshold), None)
         if cfg.eval_test:  # once, after training: nothing that chose this run's settings saw these blocks
             self.summary.update(self.evaluate(model, batches, world, rank, device, split="test"))
         self.summary.update({record.MEMORY_PEAK: peak_gb, record.DATA_FINGERPRINT: fingerprint})
@@ -655,9 +664,10 @@ def main(argv: list[str]) -> int:
     try:
         cfg = config_from_values(parse_args(argv))
         if cfg.dry_run:
-            if cfg.vocab_size is None:
+            vocab_size = cfg.vocab_size if cfg.task == "lm" else cfg.task_settings()["task_vocab"]
+            if vocab_size is None:
                 raise ConfigError("--dry_run needs --vocab_size (it loads no tokenizer)")
-            print(json.dumps(describe_model(cfg, cfg.vocab_size)))
+            print(json.dumps(describe_model(cfg, vocab_size)))
             return 0
         run = Run(cfg)  # finds the checkpoint to resume, and refuses one of another config
     except ConfigError as err:
