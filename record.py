@@ -40,6 +40,9 @@ EVAL_KEYS = ("val/loss", "val/accuracy", "val/perplexity")
 # headline, as the seed reports it); the lowest evaluation is val/loss_min.
 VAL_LOSS, VAL_ACCURACY, VAL_PERPLEXITY = EVAL_KEYS
 VAL_LOSS_MIN = "val/loss_min"
+# The first evaluation step at which val/accuracy reached 0.9 and 0.99 (sample efficiency, for a
+# task's answer accuracy above all); None when the run never did.
+VAL_STEP_AT = {0.9: "val/step_at_0.9", 0.99: "val/step_at_0.99"}
 # Only in the summary of a run with --eval_test: one evaluation on the held-out test blocks, after
 # training (tuning never reads them).
 TEST_KEYS = ("test/loss", "test/accuracy", "test/perplexity")

@@ -471,18 +471,24 @@ class Run:
         from data import cached_ngram_losses, load_tokens, make_batches
 
         cfg, accelerator = self.cfg, self.accelerator
-        with accelerator.main_process_first():  # the main process tokenizes; the others read its cache
-            tokens, tokenizer_vocab = load_tokens(cfg)
-        vocab_size = cfg.vocab_size or tokenizer_vocab
-        if vocab_size < tokenizer_vocab:
-            raise ConfigError(f"--vocab_size={vocab_size} is smaller than the tokenizer's {tokenizer_vocab}")
-        batches = make_batches(tokens, cfg)
-        for length in cfg.lengths:  # a length the validation set cannot fill fails now, not after training
+        if cfg.task == "lm":
+            with accelerator.main_process_first():  # the main process tokenizes; the others read its cache
+                tokens, tokenizer_vocab = load_tokens(cfg)
+            vocab_size = cfg.vocab_size or tokenizer_vocab
+            if vocab_size < tokenizer_vocab:
+                raise ConfigError(f"--vocab_size={vocab_size} is smaller than the tokenizer's {tokenizer_vocab}")
+            batches = make_batches(tokens, cfg)
+            if self.is_main:  # what token frequencies alone predict
+                self.summary.update(cached_ngram_losses(
+                    cfg, batches.blocks[batches.train_ids].numpy(),
+                    [batches.val_batch(index) for index in range(cfg.eval_batches)], tokenizer_vocab))
+        else:  # a synthetic task: no corpus, no tokenizer; its vocabulary is the model's
+            from tasks import make_task_batches
+
+            batches, vocab_size = make_task_batches(cfg), cfg.task_settings()["task_vocab"]
+            tracker.update_config(cfg.task_settings())  # the knobs as resolved (None: the task's default)
+        for length in cfg.lengths:  # a length the validation data cannot fill fails now, not after training
             batches.at_length(length, cfg.eval_batches - 1)
-        if self.is_main and getattr(cfg, "task", "lm") == "lm":  # what token frequencies alone predict
-            self.summary.update(cached_ngram_losses(
-                cfg, batches.blocks[batches.train_ids].numpy(),
-                [batches.val_batch(index) for index in range(cfg.eval_batches)], tokenizer_vocab))
         world, rank = accelerator.num_processes, accelerator.process_index
         if cfg.batch_size % world:
             raise ConfigError(f"--batch_size={cfg.batch_size} does not split over {world} processes")
@@ -584,6 +590,9 @@ class Run:
                              if k == record.VAL_CONTEXT_GAIN or record.parse_length_key(k)})
         self.summary.update({k: v for k, v in final.items() if k.startswith(record.PROBE_PREFIX)})
         self.summary[record.VAL_LOSS_MIN] = min(row[record.VAL_LOSS] for row in self.history if record.VAL_LOSS in row)
+        for threshold, key in record.VAL_STEP_AT.items():  # sample efficiency: None when never reached
+            self.summary[key] = next((row["step"] for row in self.history
+                                      if row.get(record.VAL_ACCURACY, -1.0) >= threshold), None)
         if cfg.eval_test:  # once, after training: nothing that chose this run's settings saw these blocks
             self.summary.update(self.evaluate(model, batches, world, rank, device, split="test"))
         self.summary.update({record.MEMORY_PEAK: peak_gb, record.DATA_FINGERPRINT: fingerprint})
@@ -605,7 +614,7 @@ class Run:
             loss, accuracy, position_losses = self._score(model, batch, world, rank, device)
         keys = record.EVAL_KEYS if split == "val" else record.TEST_KEYS  # {split}/loss, /accuracy, /perplexity
         results = dict(zip(keys, (loss, accuracy, math.exp(min(loss, 700)))))
-        if split == "val" and getattr(self.cfg, "task", "lm") == "lm":
+        if split == "val" and self.cfg.task == "lm":
             gain = context_gain(position_losses)
             if gain is not None:
                 results[record.VAL_CONTEXT_GAIN] = gain
@@ -710,9 +719,10 @@ def main(argv: list[str]) -> int:
     try:
         cfg = config_from_values(parse_args(argv))
         if cfg.dry_run:
-            if cfg.vocab_size is None:
+            vocab_size = cfg.vocab_size if cfg.task == "lm" else cfg.task_settings()["task_vocab"]
+            if vocab_size is None:
                 raise ConfigError("--dry_run needs --vocab_size (it loads no tokenizer)")
-            print(json.dumps(describe_model(cfg, cfg.vocab_size)))
+            print(json.dumps(describe_model(cfg, vocab_size)))
             return 0
         run = Run(cfg)  # finds the checkpoint to resume, and refuses one of another config
     except ConfigError as err:
