@@ -24,6 +24,17 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
 AUX_LOSS_REDUCTIONS = ("mean", "sum")
 
+# --task: "lm" trains on --dataset; the others are synthetic tasks generated on the fly (tasks.py)
+# where only the answer positions are scored. Each task's knobs and their defaults (a knob is a
+# TrainConfig field, None by default: the task's value below; a knob the task lacks is refused).
+TASKS = {
+    "lm": {},
+    "mqar": {"task_vocab": 64, "task_pairs": 4, "task_queries": None},  # queries None: one per pair
+    "induction": {"task_vocab": 64, "task_segment": 8},
+    "selective_copy": {"task_vocab": 64, "task_marked": 8, "task_noise": 1},
+}
+TASK_KNOBS = ("task_vocab", "task_pairs", "task_queries", "task_segment", "task_marked", "task_noise")
+
 # A recipe is a preset: it sets these fields unless the command line (or the sweep, which passes
 # its values on the command line) sets them too. "default" is ours (README: "Where this deliberately
 # differs from the seed's recipe"); "seed" is the seed's exact model and optimisation
@@ -84,9 +95,19 @@ class TrainConfig:
     eval_every: int = 10
     eval_batches: int = 10
     eval_test: bool = False  # evaluate on the test set once, after the last step (stage 2 only)
+    # context lengths to evaluate at after training, "128,256" (one length may come as an integer)
+    eval_lengths: int | str | None = None
     probes: bool = False  # mechanism probes at each evaluation (probes.py); training steps unchanged
     # stage 2 of the tuning protocol: "variant@lr" sets attention and lr together (analysis/tuning.py)
     variant_lr: str | None = None
+    # the task (TASKS above, tasks.py): lm, or a synthetic task and its knobs (None: the task's default)
+    task: str = "lm"
+    task_vocab: int | None = None
+    task_pairs: int | None = None
+    task_queries: int | None = None
+    task_segment: int | None = None
+    task_marked: int | None = None
+    task_noise: int | None = None
     # data
     dataset: str = DEFAULT_CORPUS  # a .txt/.txt.gz file, a local dataset directory, or a hub name
     dataset_config: str | None = None
@@ -122,6 +143,17 @@ class TrainConfig:
         return VARIANTS[self.attention].with_overrides(**changes).resolved(self.d_model, self.n_heads, self.seq_len)
 
     @property
+    def lengths(self) -> tuple[int, ...]:
+        """--eval_lengths as integers, ascending, each once ("256,128" -> (128, 256)); () for None."""
+        if self.eval_lengths is None:
+            return ()
+        words = [word.strip() for word in str(self.eval_lengths).split(",")]
+        if not all(word.isdigit() and int(word) > 0 for word in words):
+            raise ConfigError(f"--eval_lengths={self.eval_lengths}: expected context lengths, integers greater "
+                              f"than 0 separated by commas, e.g. 128,256")
+        return tuple(sorted({int(word) for word in words}))
+
+    @property
     def family(self) -> str:
         return VARIANTS[self.attention].family
 
@@ -131,6 +163,14 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def task_settings(self) -> dict:
+        """The task's knobs with its defaults filled in ({} for lm); mqar's queries default to its pairs."""
+        settings = {name: getattr(self, name) if getattr(self, name) is not None else default
+                    for name, default in TASKS[self.task].items()}
+        if self.task == "mqar" and settings["task_queries"] is None:
+            settings["task_queries"] = settings["task_pairs"]
+        return settings
 
     # --- validation ------------------------------------------------------------------------
 
@@ -177,8 +217,35 @@ class TrainConfig:
             raise ConfigError(f"--aux_loss_reduction={self.aux_loss_reduction}: allowed: {', '.join(AUX_LOSS_REDUCTIONS)}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"--lr_schedule={self.lr_schedule}: allowed: {', '.join(LR_SCHEDULES)}")
+        self.lengths  # parsing --eval_lengths is its validation: a bad value raises here
         self._validate_attention()
+        self._validate_task()
         return self
+
+    def _validate_task(self) -> None:
+        """A known task; each knob given belongs to it and is positive; lm's data settings are not
+        given to a task (it reads no corpus, its vocabulary is --task_vocab); the example fits seq_len."""
+        if self.task not in TASKS:
+            raise ConfigError(f"--task={self.task}: allowed: {', '.join(TASKS)}")
+        for name in TASK_KNOBS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if value <= 0:
+                raise ConfigError(f"--{name}={value}: must be greater than 0")
+            if name not in TASKS[self.task]:
+                having = " or ".join(task for task, knobs in TASKS.items() if name in knobs)
+                raise ConfigError(f"--{name}={value}: only --task={having} has it, not --task={self.task}")
+        if self.task == "lm":
+            return
+        defaults = {f.name: f.default for f in fields(self)}
+        for name in ("vocab_size", "dataset", "dataset_config", "tokenizer", "max_documents", "dataset_revision"):
+            if getattr(self, name) != defaults[name]:
+                raise ConfigError(f"--{name}={getattr(self, name)}: --task={self.task} reads no corpus or tokenizer "
+                                  f"(its vocabulary is --task_vocab)")
+        problem = task_problem(self.task, self.task_settings(), self.seq_len)
+        if problem:
+            raise ConfigError(problem)
 
     def _validate_attention(self) -> None:
         """Each knob given: its rule, and that the variant's kind has it (refused, not ignored);
@@ -203,6 +270,36 @@ class TrainConfig:
         problem = kind.refuse(spec, self.d_model // self.n_heads, self.n_heads)
         if problem:
             raise ConfigError(problem)
+
+
+def task_problem(task: str, settings: dict, seq_len: int) -> str | None:
+    """Why a task's example cannot be built at this length and vocabulary (tasks.py's layouts), or None."""
+    vocab = settings["task_vocab"]
+    if task == "mqar":
+        pairs, queries = settings["task_pairs"], settings["task_queries"]
+        if queries > pairs:
+            return f"--task_queries={queries}: at most --task_pairs={pairs} (each query asks a different key)"
+        if pairs > (vocab - 1) // 2:
+            return (f"--task_pairs={pairs}: at most {(vocab - 1) // 2} distinct keys with --task_vocab={vocab} "
+                    f"(token 0 is filler, keys and values split the rest)")
+        if 2 * pairs + queries > seq_len:
+            return f"--seq_len={seq_len}: mqar needs 2 x task_pairs + task_queries = {2 * pairs + queries} positions"
+    if task == "induction":
+        segment = settings["task_segment"]
+        if segment < 2:
+            return f"--task_segment={segment}: must be at least 2 (its first token only cues the rest)"
+        if 2 * segment > seq_len:
+            return f"--seq_len={seq_len}: induction needs 2 x task_segment = {2 * segment} positions"
+        if vocab < 2:
+            return f"--task_vocab={vocab}: must be at least 2"
+    if task == "selective_copy":
+        marked, noise = settings["task_marked"], settings["task_noise"]
+        if vocab < noise + 3:
+            return (f"--task_vocab={vocab}: selective_copy needs at least task_noise + 3 = {noise + 3} tokens "
+                    f"(a separator, the noise tokens, two or more data tokens)")
+        if 2 * marked + 1 > seq_len:
+            return f"--seq_len={seq_len}: selective_copy needs 2 x task_marked + 1 = {2 * marked + 1} positions"
+    return None
 
 
 # --- what each option means -------------------------------------------------------------------
@@ -247,9 +344,22 @@ OPTION_HELP = {
         "eval_every": "evaluate on the validation set every N steps (and after the last)",
         "eval_batches": "validation batches per evaluation (the same for every run)",
         "eval_test": "after the last step, evaluate once on eval_batches test batches (test/loss); tuning's stage 2",
+        "eval_lengths": "after the last step, evaluate eval_batches validation batches at each of these context "
+                        "lengths, e.g. 128,256 (val_len128/loss, ..); None: none",
         "probes": "at each evaluation, measure attention entropy/sink/max logit, residual max/kurtosis, "
                   "expert load, gate openness (probe/*; evaluation batches only)",
         "variant_lr": "'variant@lr', e.g. rope_small@0.003: sets attention and lr together (tuning's stage 2)",
+    },
+    "task": {
+        "task": "lm (next-token training on --dataset) or a synthetic task scored on its answers only: "
+                "mqar, induction, selective_copy (tasks.py)",
+        "task_vocab": "a task's vocabulary, which is the model's (None: 64)",
+        "task_pairs": "mqar: key-value pairs per example (None: 4)",
+        "task_queries": "mqar: keys queried after the pairs, each a different one, at random later positions "
+                        "(None: one per pair)",
+        "task_segment": "induction: length of the random segment that is repeated (None: 8)",
+        "task_marked": "selective_copy: marked tokens to copy, in order (None: 8)",
+        "task_noise": "selective_copy: distinct noise tokens around the marked ones (None: 1)",
     },
     "data": {
         "dataset": "a .txt/.txt.gz file, a local dataset directory, or a hub dataset name (streamed)",

@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import record
 from config import ConfigError, TrainConfig
+from model import IGNORE_INDEX  # (a batch's unscored target; its home is the loss, model.py)
 from record import one_line
 
 VALIDATION_SPLIT_SEED = 20260101  # fixed: the validation and test sets must not depend on the run's seed
@@ -182,6 +184,70 @@ def load_tokens(cfg: TrainConfig) -> tuple[np.ndarray, int]:
     return tokens, vocab_size
 
 
+# --- what frequencies alone predict: the n-gram baselines --------------------------------------
+
+NGRAM_FORMAT = 1  # bump when ngram_losses changes what it computes (the cache beside the tokens)
+UNIGRAM_ALPHA = 1.0  # add-one (Laplace) smoothing of the unigram
+
+
+def ngram_losses(train_blocks: np.ndarray, val_inputs: np.ndarray, val_targets: np.ndarray,
+                 vocab_size: int) -> dict:
+    """The mean cross-entropy (nats) of the validation targets under the training blocks' own
+    unigram and bigram counts: what a model that knows only token frequencies (unigram) or only
+    the previous token (bigram) would score, on the tokens val/loss scores.
+
+    Counts come from what training predicts: every (previous token, token) pair inside a training
+    block, i.e. its tokens but the first, each with the token before it. Smoothing, both standard:
+      unigram  P(w) = (c(w) + 1) / (N + V)                  add-one (Laplace) over the V = vocab_size tokens
+      bigram   P(w | v) = (c(v, w) + T(v) P(w)) / (c(v) + T(v))   Witten-Bell, interpolated with P(w)
+    where c(v) counts v as a previous token and T(v) the distinct tokens seen after it (a v never
+    seen as a previous token, T(v) = 0, gets P(w)). A validation target at IGNORE_INDEX is not scored.
+    """
+    blocks = np.asarray(train_blocks, dtype=np.int64)
+    previous, following = blocks[:, :-1].ravel(), blocks[:, 1:].ravel()
+    unigram = (np.bincount(following, minlength=vocab_size) + UNIGRAM_ALPHA) / (len(following) + UNIGRAM_ALPHA * vocab_size)
+    pairs, pair_counts = np.unique(previous * vocab_size + following, return_counts=True)  # sorted codes
+    context_counts = np.bincount(previous, minlength=vocab_size)  # c(v)
+    successors = np.bincount(pairs // vocab_size, minlength=vocab_size)  # T(v)
+
+    inputs, targets = np.asarray(val_inputs, dtype=np.int64).ravel(), np.asarray(val_targets, dtype=np.int64).ravel()
+    scored = targets != IGNORE_INDEX
+    inputs, targets = inputs[scored], targets[scored]
+    codes = inputs * vocab_size + targets
+    where = np.minimum(np.searchsorted(pairs, codes), len(pairs) - 1)
+    seen = np.where(pairs[where] == codes, pair_counts[where], 0)
+    p_unigram = unigram[targets]
+    p_bigram = np.where(context_counts[inputs] > 0,
+                        (seen + successors[inputs] * p_unigram) / np.maximum(context_counts[inputs] + successors[inputs], 1),
+                        p_unigram)
+    return {record.DATA_UNIGRAM_LOSS: float(-np.log(p_unigram).mean()),
+            record.DATA_BIGRAM_LOSS: float(-np.log(p_bigram).mean())}
+
+
+def cached_ngram_losses(cfg: TrainConfig, train_blocks: np.ndarray, val_pairs: list, vocab_size: int) -> dict:
+    """ngram_losses, computed once per token cache and split: cached as JSON beside the token cache,
+    under its key plus a digest of the split itself (the training blocks' and the scored validation
+    examples' tokens), so every run of a sweep reads the one file."""
+    val_inputs = np.concatenate([inputs.numpy() for inputs, _ in val_pairs])
+    val_targets = np.concatenate([targets.numpy() for _, targets in val_pairs])
+    digest = hashlib.sha256(f"{NGRAM_FORMAT}:{vocab_size}:{train_blocks.shape}".encode())
+    for array in (train_blocks, val_inputs, val_targets):
+        digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
+    tokens, _ = token_cache_paths(cfg)
+    path = tokens.with_name(f"{tokens.stem}.ngram-{digest.hexdigest()[:16]}.json")
+    if path.exists():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):  # a damaged cache is recomputed, not trusted
+            pass
+    losses = ngram_losses(train_blocks, val_inputs, val_targets, vocab_size)
+    try:
+        record.write_json_atomic(path, losses)
+    except OSError:  # an unwritable cache directory costs a recomputation next time, nothing else
+        pass
+    return losses
+
+
 # --- blocks and batches ------------------------------------------------------------------------
 
 @dataclass
@@ -195,13 +261,13 @@ class Batches:
     seed: int
     _orders: dict = field(default_factory=dict, repr=False)  # {epoch: shuffled ids}, the current one
 
-    def train_batch(self, step: int) -> torch.Tensor:
-        """The global batch of 0-based `step`: the same for every variant and every process
-        count. Epoch e walks the training blocks in a permutation seeded by (seed, e)."""
+    def train_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global batch of 0-based `step` as (inputs, targets): the same for every variant and
+        every process count. Epoch e walks the training blocks in a permutation seeded by (seed, e)."""
         per_epoch = len(self.train_ids) // self.batch_size
         epoch, index = divmod(step, per_epoch)
         chosen = self.epoch_order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
-        return self.blocks[chosen]
+        return next_token_pair(self.blocks[chosen])
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """The training block ids of one epoch, shuffled once per epoch rather than once per step."""
@@ -210,11 +276,35 @@ class Batches:
             self._orders = {epoch: self.train_ids[torch.randperm(len(self.train_ids), generator=generator)]}
         return self._orders[epoch]
 
-    def val_batch(self, index: int) -> torch.Tensor:
-        return self.blocks[self.val_ids[index * self.batch_size:(index + 1) * self.batch_size]]
+    def val_batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return next_token_pair(self.blocks[self.val_ids[index * self.batch_size:(index + 1) * self.batch_size]])
 
-    def test_batch(self, index: int) -> torch.Tensor:
-        return self.blocks[self.test_ids[index * self.batch_size:(index + 1) * self.batch_size]]
+    def test_batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return next_token_pair(self.blocks[self.test_ids[index * self.batch_size:(index + 1) * self.batch_size]])
+
+    def at_length(self, length: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validation batch `index` at a context of `length` tokens (--eval_lengths): (inputs, targets),
+        each (batch_size, length). Example j is validation blocks k*j .. k*j + k - 1 (in validation
+        order, k = ceil((length + 1) / (seq_len + 1))) laid end to end and cut to length + 1 tokens, so
+        every token is a validation token and none of a training block; at length seq_len it is the
+        ordinary validation block. The blocks are not neighbours in the corpus, so past seq_len a
+        position's context holds earlier, unrelated validation passages: this measures whether a
+        model keeps working at positions it was never trained at, not what a longer context adds."""
+        per_example = -(-(length + 1) // self.blocks.shape[1])
+        examples = len(self.val_ids) // per_example
+        first, last = index * self.batch_size, (index + 1) * self.batch_size
+        if last > examples:
+            raise ConfigError(f"--eval_lengths={length}: the {len(self.val_ids)} validation blocks make {examples} "
+                              f"examples of {length} tokens, fewer than batch {index + 1} of {self.batch_size} needs "
+                              f"(raise --val_fraction or lower --eval_batches)")
+        ids = self.val_ids[first * per_example:last * per_example].view(self.batch_size, per_example)
+        return next_token_pair(self.blocks[ids].flatten(1)[:, :length + 1])
+
+
+def next_token_pair(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks (B, T + 1) -> (inputs, targets), each (B, T): every position scored, its target the next token.
+    Every batch is such a pair; a task's (tasks.py) has IGNORE_INDEX targets where nothing is scored."""
+    return blocks[:, :-1], blocks[:, 1:]
 
 
 def make_batches(tokens: np.ndarray, cfg: TrainConfig) -> Batches:

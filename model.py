@@ -73,8 +73,11 @@ class LMOutput(NamedTuple):
     tuple: DDP, Accelerate and torch.compile walk it like any tuple.)"""
     aux_loss: torch.Tensor
     logits: torch.Tensor | None = None
-    loss: torch.Tensor | None = None  # mean cross-entropy over the targets
+    loss: torch.Tensor | None = None  # mean cross-entropy over the scored targets (not IGNORE_INDEX)
     accuracy: torch.Tensor | None = None
+    # each target's cross-entropy (B, T), float32, no gradient: per-position losses (train.py's
+    # context gain) at the cost of B x T floats, never the logits
+    token_losses: torch.Tensor | None = None
 
 
 # How the experts' matmuls run. "grouped": one torch._grouped_mm over all expert-sorted tokens --
@@ -264,6 +267,11 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x))[0])
 
 
+# A target that is not scored (a task's non-answer positions): no loss, no accuracy, no gradient
+# (PyTorch's own ignore_index default). data.py's batches use it; the loss below honours it.
+IGNORE_INDEX = -100
+
+
 class _LMHeadLoss(torch.autograd.Function):
     """Mean cross-entropy (and accuracy) of the tied LM head, computed in chunks of tokens, with
     the gradient computed in the forward pass.
@@ -281,31 +289,37 @@ class _LMHeadLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, compute_dtype, chunk_tokens, grads_needed):
         n_tokens = hidden.shape[0]
         h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
-        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # Only targets != IGNORE_INDEX are scored (a task's answer positions; every position for a
+        # language model): the mean is over them, and the others get no gradient. A mask, not a
+        # gather of the scored rows, so the count never has to reach the host mid-step.
+        scored = targets != IGNORE_INDEX
+        n_scored = scored.sum().clamp(min=1)
+        safe_targets = targets.masked_fill(~scored, 0)
+        token_losses = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)  # 0 where not scored
         correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
         grad_h = torch.empty_like(h) if grads_needed else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads_needed else None
         for start in range(0, n_tokens, chunk_tokens):
             rows = slice(start, start + chunk_tokens)
-            h_chunk, t_chunk = h[rows], targets[rows]
+            h_chunk, t_chunk, m_chunk = h[rows], safe_targets[rows], scored[rows]
             logits = (h_chunk @ w.T).float()
             lse = logits.logsumexp(dim=-1)
-            loss_sum += (lse - logits.gather(1, t_chunk[:, None]).squeeze(1)).sum()
-            correct += (logits.argmax(dim=-1) == t_chunk).sum()
+            token_losses[rows] = (lse - logits.gather(1, t_chunk[:, None]).squeeze(1)) * m_chunk
+            correct += ((logits.argmax(dim=-1) == t_chunk) & m_chunk).sum()
             if grads_needed:
-                # d(mean CE)/d(logits) = (softmax - one_hot(target)) / n_tokens
+                # d(mean CE)/d(logits) = (softmax - one_hot(target)) / n_scored on scored rows, 0 elsewhere
                 grad_logits = (logits - lse[:, None]).exp_()
                 grad_logits.scatter_add_(1, t_chunk[:, None], torch.full_like(lse[:, None], -1.0))
-                grad_logits = (grad_logits / n_tokens).to(compute_dtype)
+                grad_logits = (grad_logits / n_scored * m_chunk[:, None]).to(compute_dtype)
                 grad_h[rows] = grad_logits @ w
                 grad_w += (grad_logits.T @ h_chunk).float()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
-        ctx.mark_non_differentiable(correct)
-        return loss_sum / n_tokens, correct.float() / n_tokens
+        ctx.mark_non_differentiable(correct, token_losses)
+        return token_losses.sum() / n_scored, correct.float() / n_scored, token_losses
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_accuracy):
+    def backward(ctx, grad_loss, grad_accuracy, grad_token_losses):
         grad_h, grad_w = ctx.saved_tensors
         return ((grad_h * grad_loss).to(ctx.dtypes[0]), (grad_w * grad_loss).to(ctx.dtypes[1]),
                 None, None, None, None)
@@ -328,8 +342,9 @@ class MoELM(nn.Module):
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> LMOutput:
         """ids (B, T) -> LMOutput: the balance loss over layers (mean or sum) and the logits (B, T, vocab).
 
-        With targets (B, T): the mean cross-entropy and accuracy instead of the logits, without ever
-        materialising them (see _LMHeadLoss) -- what training and evaluation need.
+        With targets (B, T): the mean cross-entropy and accuracy over the scored targets (those not
+        IGNORE_INDEX), and each target's cross-entropy (0 where not scored), instead of the logits,
+        without ever materialising them (see _LMHeadLoss) -- what training and evaluation need.
         """
         x = self.embed_tokens(ids)
         if self.cfg.embed_scale:
@@ -350,9 +365,9 @@ class MoELM(nn.Module):
         # (Forward passes of autograd Functions run without grad mode, so whether the gradient
         # is wanted is decided here.)
         grads_needed = torch.is_grad_enabled() and (hidden.requires_grad or self.embed_tokens.weight.requires_grad)
-        ce, accuracy = _LMHeadLoss.apply(hidden.flatten(0, 1), self.embed_tokens.weight, targets.flatten(),
-                                         dtype, chunk, grads_needed)
-        return LMOutput(aux_loss, loss=ce, accuracy=accuracy)
+        ce, accuracy, token_losses = _LMHeadLoss.apply(hidden.flatten(0, 1), self.embed_tokens.weight,
+                                                       targets.flatten(), dtype, chunk, grads_needed)
+        return LMOutput(aux_loss, loss=ce, accuracy=accuracy, token_losses=token_losses.view(targets.shape))
 
     # --- incremental decoding: each attention kind owns its cache (attention/cache.py) ----------
 

@@ -40,6 +40,9 @@ EVAL_KEYS = ("val/loss", "val/accuracy", "val/perplexity")
 # headline, as the seed reports it); the lowest evaluation is val/loss_min.
 VAL_LOSS, VAL_ACCURACY, VAL_PERPLEXITY = EVAL_KEYS
 VAL_LOSS_MIN = "val/loss_min"
+# The first evaluation step at which val/accuracy reached 0.9 and 0.99 (sample efficiency, for a
+# task's answer accuracy above all); None when the run never did.
+VAL_STEP_AT = {0.9: "val/step_at_0.9", 0.99: "val/step_at_0.99"}
 # Only in the summary of a run with --eval_test: one evaluation on the held-out test blocks, after
 # training (tuning never reads them).
 TEST_KEYS = ("test/loss", "test/accuracy", "test/perplexity")
@@ -59,6 +62,30 @@ PROBE_PREFIX = "probe/"
 def probe_key(name: str, layer: int | None = None) -> str:
     """A probe's metric name: the mean over layers (layer None), or one layer's."""
     return name if layer is None else f"{name}/layer{layer}"
+
+
+# Language modelling only (--task=lm): what the models learned. The validation tokens' cross-entropy
+# under the training split's own smoothed unigram and bigram counts (data.ngram_losses; the same
+# for every run of one token cache and split), and the final evaluation's context gain: mean loss
+# over early positions of each validation block minus over late ones (train.context_windows).
+DATA_UNIGRAM_LOSS, DATA_BIGRAM_LOSS = "data/unigram_loss", "data/bigram_loss"
+VAL_CONTEXT_GAIN = "val/context_gain"
+# --eval_lengths: the validation loss and accuracy at a context of L tokens, after training.
+LENGTH_PREFIX = "val_len"
+
+
+def length_keys(length: int) -> tuple[str, str]:
+    """(loss, accuracy) metric names at a context of `length` tokens: val_len128/loss, ..."""
+    return f"{LENGTH_PREFIX}{length}/loss", f"{LENGTH_PREFIX}{length}/accuracy"
+
+
+def parse_length_key(key: str) -> tuple[int, str] | None:
+    """"val_len128/loss" -> (128, "loss"); None for any other key."""
+    head, _, metric = key.partition("/")
+    digits = head.removeprefix(LENGTH_PREFIX)
+    if head == digits or not digits.isdigit() or metric not in ("loss", "accuracy"):
+        return None
+    return int(digits), metric
 
 
 PARAMS_TOTAL, PARAMS_ATTENTION, FLOPS_PER_TOKEN = "params/total", "params/attention", "flops/per_token"

@@ -29,7 +29,7 @@ from config import FIELD_TYPES, ConfigError, TrainConfig, config_from_values, he
 import record
 from record import EXIT_CODES, one_line, write_json_atomic, write_record
 from probes import Probes, with_layer_means
-from model import (ModelConfig, MoELM, count_parameters, flops_per_token, init_weights, kv_cache_bytes_per_token,
+from model import (IGNORE_INDEX, ModelConfig, MoELM, count_parameters, flops_per_token, init_weights, kv_cache_bytes_per_token,
                    shared_parameters_fingerprint)
 
 GB = 1024 ** 3
@@ -233,7 +233,7 @@ def check_sweep_agrees(cfg: TrainConfig, sweep_values: dict) -> None:
 
 # Settings a resumed run may change: where things are written and how often it checkpoints.
 RESUME_MAY_CHANGE = ("resume", "checkpoint_every", "checkpoint_artifact", "results_dir", "cache_dir", "dry_run",
-                     "probes", "eval_test")  # these only add measurements; training is the same
+                     "probes", "eval_test", "eval_lengths")  # these only add measurements; training is the same
 
 
 def checkpoint_dir(checkpoints: Path, run_name: str, run_id: str) -> Path:
@@ -288,9 +288,17 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def chain_fingerprint(previous: str, batch: torch.Tensor) -> str:
-    """sha256 over all training tokens so far, in order, as a chain so it can be checkpointed."""
-    return hashlib.sha256(previous.encode() + batch.numpy().tobytes()).hexdigest()
+def chain_fingerprint(previous: str, batch: tuple[torch.Tensor, torch.Tensor]) -> str:
+    """sha256 over all training inputs and targets so far, in order, as a chain so it can be
+    checkpointed. A language-model pair (targets = inputs shifted by one) is hashed as its block of
+    T + 1 tokens, which holds both (the value a batch of blocks always had); any other pair (a
+    task's, with IGNORE_INDEX targets) as inputs then targets."""
+    inputs, targets = batch
+    if torch.equal(inputs[:, 1:], targets[:, :-1]):
+        data = torch.cat([inputs, targets[:, -1:]], dim=1)
+    else:
+        data = torch.stack([inputs, targets])
+    return hashlib.sha256(previous.encode() + data.numpy().tobytes()).hexdigest()
 
 
 class StopSignals:
@@ -344,6 +352,23 @@ def mixed_precision(option: str, cuda: bool) -> str:
                               f"supported here; allowed: no, bf16, fp16")
         return launcher
     return "bf16" if cuda else "no"
+
+
+def context_windows(length: int) -> tuple[range, range]:
+    """The positions val/context_gain compares in a sequence of `length` predicted tokens
+    (position t predicts token t + 1 from t + 1 tokens): early [length/8, length/4) and late
+    [7 length/8, length), integer division; Olsson et al. (2022) compare the 50th and 500th of 512."""
+    return range(length // 8, length // 4), range(7 * length // 8, length)
+
+
+def context_gain(position_losses: list[float]) -> float | None:
+    """Mean loss over the early positions minus over the late ones (context_windows): how much a
+    longer context lowers the loss. None when a window is empty (fewer than 4 positions)."""
+    early, late = context_windows(len(position_losses))
+    if not early or not late:
+        return None
+    return (sum(position_losses[t] for t in early) / len(early)
+            - sum(position_losses[t] for t in late) / len(late))
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -505,15 +530,27 @@ class Run:
     # --- training ---
 
     def train(self, tracker: Tracker) -> None:
-        from data import load_tokens, make_batches
+        from data import cached_ngram_losses, load_tokens, make_batches
 
         cfg, accelerator = self.cfg, self.accelerator
-        with accelerator.main_process_first():  # the main process tokenizes; the others read its cache
-            tokens, tokenizer_vocab = load_tokens(cfg)
-        vocab_size = cfg.vocab_size or tokenizer_vocab
-        if vocab_size < tokenizer_vocab:
-            raise ConfigError(f"--vocab_size={vocab_size} is smaller than the tokenizer's {tokenizer_vocab}")
-        batches = make_batches(tokens, cfg)
+        if cfg.task == "lm":
+            with accelerator.main_process_first():  # the main process tokenizes; the others read its cache
+                tokens, tokenizer_vocab = load_tokens(cfg)
+            vocab_size = cfg.vocab_size or tokenizer_vocab
+            if vocab_size < tokenizer_vocab:
+                raise ConfigError(f"--vocab_size={vocab_size} is smaller than the tokenizer's {tokenizer_vocab}")
+            batches = make_batches(tokens, cfg)
+            if self.is_main:  # what token frequencies alone predict
+                self.summary.update(cached_ngram_losses(
+                    cfg, batches.blocks[batches.train_ids].numpy(),
+                    [batches.val_batch(index) for index in range(cfg.eval_batches)], tokenizer_vocab))
+        else:  # a synthetic task: no corpus, no tokenizer; its vocabulary is the model's
+            from tasks import make_task_batches
+
+            batches, vocab_size = make_task_batches(cfg), cfg.task_settings()["task_vocab"]
+            tracker.update_config(cfg.task_settings())  # the knobs as resolved (None: the task's default)
+        for length in cfg.lengths:  # a length the validation data cannot fill fails now, not after training
+            batches.at_length(length, cfg.eval_batches - 1)
         world, rank = accelerator.num_processes, accelerator.process_index
         if cfg.batch_size % world:
             raise ConfigError(f"--batch_size={cfg.batch_size} does not split over {world} processes")
@@ -563,10 +600,9 @@ class Run:
         self.summary[record.TIME_STARTUP] = round(time.time() - process_start_time(), 3)
         for step in range(start_step, cfg.steps):
             begun = time.perf_counter()
-            batch = batches.train_batch(step)
+            batch = batches.train_batch(step)  # (inputs, targets): targets IGNORE_INDEX where not scored
             fingerprint = chain_fingerprint(fingerprint, batch)
-            local = batch.chunk(world)[rank].to(device, non_blocking=True)
-            inputs, targets = local[:, :-1], local[:, 1:]
+            inputs, targets = (part.chunk(world)[rank].to(device, non_blocking=True) for part in batch)
             with accelerator.autocast():
                 out = model(inputs, targets)  # the logits are never materialised
             ce, aux_loss, accuracy = out.loss, out.aux_loss, out.accuracy
@@ -590,6 +626,8 @@ class Run:
                 loss, accuracy, lr, grad_norm, aux, step_time * 1000, tokens_per_step / step_time, now_gb, peak_gb)))}
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 row.update(self.evaluate(model, batches, world, rank, device))
+                if step + 1 == cfg.steps:  # after training only: at each evaluation it would cost more than training
+                    row.update(self.evaluate_at_lengths(model, batches, world, rank, device))
                 model.train()
             self.history.append(row)
             tracker.log({k: v for k, v in row.items() if k != "step"}, step=step + 1)
@@ -609,8 +647,13 @@ class Run:
         final = self.history[-1]
         _, peak_gb = memory_gb(device)
         self.summary.update({k: final[k] for k in record.EVAL_KEYS})
+        self.summary.update({k: v for k, v in final.items()
+                             if k == record.VAL_CONTEXT_GAIN or record.parse_length_key(k)})
         self.summary.update({k: v for k, v in final.items() if k.startswith(record.PROBE_PREFIX)})
         self.summary[record.VAL_LOSS_MIN] = min(row[record.VAL_LOSS] for row in self.history if record.VAL_LOSS in row)
+        for threshold, key in record.VAL_STEP_AT.items():  # sample efficiency: None when never reached
+            self.summary[key] = next((row["step"] for row in self.history
+                                      if row.get(record.VAL_ACCURACY, -1.0) >= threshold), None)
         if cfg.eval_test:  # once, after training: nothing that chose this run's settings saw these blocks
             self.summary.update(self.evaluate(model, batches, world, rank, device, split="test"))
         self.summary.update({record.MEMORY_PEAK: peak_gb, record.DATA_FINGERPRINT: fingerprint})
@@ -619,27 +662,23 @@ class Run:
 
     @torch.no_grad()
     def evaluate(self, model, batches, world, rank, device, split: str = "val") -> dict:
-        """Mean next-token loss and accuracy over the first eval_batches validation (or test)
-        batches, the same for every run, each split over the processes like training batches.
+        """Mean loss and accuracy over the scored targets (every next token for lm, the answers for
+        a task) of the first eval_batches validation (or test) batches, the same for every run, each
+        split over the processes like training batches; for lm on validation, the context gain too.
         (Every test block instead: 80-145 s a run at seq_len 32 on the embedded corpus, 2 cores.)"""
         model.eval()
-        totals = torch.zeros(3, device=device)
         batch = batches.val_batch if split == "val" else batches.test_batch
         probing = self.cfg.probes and split == "val"
         if probing:  # hooks on the plain module (compiled graphs would break on them): evaluation only
             model = self.accelerator.unwrap_model(model, keep_torch_compile=False)
         with Probes(model) if probing else contextlib.nullcontext() as probes:
-            for index in range(self.cfg.eval_batches):
-                local = batch(index).chunk(world)[rank].to(device, non_blocking=True)
-                inputs, targets = local[:, :-1], local[:, 1:]
-                with self.accelerator.autocast():
-                    out = model(inputs, targets)
-                ce, accuracy = out.loss, out.accuracy
-                totals += torch.stack([ce.float(), accuracy.float(), torch.ones((), device=device)]) * targets.numel()
-        loss_sum, correct, count = self.accelerator.reduce(totals, "sum").tolist()
-        loss = loss_sum / count
+            loss, accuracy, position_losses = self._score(model, batch, world, rank, device)
         keys = record.EVAL_KEYS if split == "val" else record.TEST_KEYS  # {split}/loss, /accuracy, /perplexity
-        results = dict(zip(keys, (loss, correct / count, math.exp(min(loss, 700)))))
+        results = dict(zip(keys, (loss, accuracy, math.exp(min(loss, 700)))))
+        if split == "val" and self.cfg.task == "lm":
+            gain = context_gain(position_losses)
+            if gain is not None:
+                results[record.VAL_CONTEXT_GAIN] = gain
         if probing:  # a mean over processes (of their maxima, for the maxima)
             names, values = probes.tensor()
             results.update(with_layer_means(dict(zip(names, self.accelerator.reduce(values, "mean").tolist()))))
@@ -658,6 +697,38 @@ class Run:
         if under_agent():
             return "`local_sweep.py --resume SWEEP_ID` re-runs it from the checkpoint"
         return "continue with --resume" + (f" --group={self.group}" if self.cfg.group else "")
+
+    @torch.no_grad()
+    def evaluate_at_lengths(self, model, batches, world, rank, device) -> dict:
+        """--eval_lengths: loss and accuracy of eval_batches validation batches at each context
+        length (batches.at_length), on the plain module: a compiled graph would recompile per length.
+        Past seq_len the RoPE tables grow once (attention/rope.py); windows keep their trained size."""
+        model.eval()
+        plain = self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        results = {}
+        for length in self.cfg.lengths:
+            loss, accuracy, _ = self._score(plain, lambda index: batches.at_length(length, index), world, rank, device)
+            results.update(zip(record.length_keys(length), (loss, accuracy)))
+        return results
+
+    def _score(self, model, batch, world, rank, device) -> tuple[float, float, list[float]]:
+        """(mean loss, accuracy, mean loss at each position) over the scored targets of batches
+        batch(0) .. batch(eval_batches - 1), over all processes."""
+        totals, positions = torch.zeros(3, device=device), None
+        for index in range(self.cfg.eval_batches):
+            inputs, targets = (part.chunk(world)[rank].to(device, non_blocking=True) for part in batch(index))
+            with self.accelerator.autocast():
+                out = model(inputs, targets)
+            scored = targets != IGNORE_INDEX
+            count = scored.sum()  # a mean over scored targets, weighted by their count
+            totals += torch.stack([out.loss.float(), out.accuracy.float(), torch.ones((), device=device)]) * count
+            # per position: the loss sum and the scored count (token_losses are 0 where not scored)
+            here = torch.stack([out.token_losses.sum(0), scored.sum(0).float()])
+            positions = here if positions is None else positions + here
+        loss_sum, correct, count = self.accelerator.reduce(totals, "sum").tolist()
+        position_sums, position_counts = self.accelerator.reduce(positions, "sum").tolist()
+        per_position = [total / n if n else math.nan for total, n in zip(position_sums, position_counts)]
+        return loss_sum / count, correct / count, per_position
 
     def stopped_by_sweep(self, device, wait: bool = False) -> bool:
         """Whether this stop is the sweep's, agreed by all processes (the main one decides). Under
@@ -732,9 +803,10 @@ def main(argv: list[str]) -> int:
     try:
         cfg = config_from_values(parse_args(argv))
         if cfg.dry_run:
-            if cfg.vocab_size is None:
+            vocab_size = cfg.vocab_size if cfg.task == "lm" else cfg.task_settings()["task_vocab"]
+            if vocab_size is None:
                 raise ConfigError("--dry_run needs --vocab_size (it loads no tokenizer)")
-            print(json.dumps(describe_model(cfg, cfg.vocab_size)))
+            print(json.dumps(describe_model(cfg, vocab_size)))
             return 0
         run = Run(cfg)  # finds the checkpoint to resume, and refuses one of another config
     except ConfigError as err:

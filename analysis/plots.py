@@ -8,6 +8,8 @@
   cache a decoder keeps per token, one point per variant, each with its Pareto front.
 - baseline_differences.png (several seeds only): each variant's paired difference to baseline with
   its 95% CI and the per-seed differences, coloured by verdict.
+- lengths.png (runs with --eval_lengths only): validation loss and accuracy against the context
+  length, the trained seq_len included, one line per variant (mean over seeds, min-max band).
 - probes.png (runs with --probes only): each mechanism probe's final value (mean over layers) per
   variant, one point per seed and a bar at the mean, coloured by family.
 """
@@ -233,9 +235,9 @@ def _difference_to_baseline(runs: list[Run], baseline_runs: list[Run]) -> list:
     return out
 
 
-def curves_figure(runs: list[Run], path: Path, title: str) -> Path:
-    ok = [r for r in runs if r.succeeded]
-    by_config = by_configuration(ok)  # a variant at two lrs is two curves
+def _configuration_colors(by_config: dict) -> tuple[list, dict]:
+    """(configurations in family order, {configuration: colour}): a family's colour, or its shades
+    when the family has several configurations."""
     family_of = {v: members[0].family for v, members in by_config.items()}
     families = _family_order(set(family_of.values()))
     order = sorted(by_config, key=lambda v: (families.index(family_of[v]), v))
@@ -244,6 +246,13 @@ def curves_figure(runs: list[Run], path: Path, title: str) -> Path:
         members = [v for v in order if family_of[v] == family]
         shades = plt.get_cmap(FAMILY_SHADES.get(family, "Greys"))(np.linspace(0.5, 0.95, max(len(members), 1)))
         colors.update({v: FAMILY_COLORS.get(family) if len(members) == 1 else shades[i] for i, v in enumerate(members)})
+    return order, colors
+
+
+def curves_figure(runs: list[Run], path: Path, title: str) -> Path:
+    ok = [r for r in runs if r.succeeded]
+    by_config = by_configuration(ok)  # a variant at two lrs is two curves
+    order, colors = _configuration_colors(by_config)
 
     several_seeds = any(len(members) > 1 for members in by_config.values())
     is_baseline = {v: members[0].variant == BASELINE for v, members in by_config.items()}
@@ -346,6 +355,52 @@ def probes_figure(runs: list[Run], path: Path, title: str) -> Path | None:
     fig.legend(handles=_family_legend({r.family for r in measured}), loc="lower center",
                ncol=min(6, len({r.family for r in measured})), fontsize=8.5)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def lengths_figure(runs: list[Run], path: Path, title: str) -> Path | None:
+    """Validation loss and accuracy against the context length (--eval_lengths), one line per
+    configuration (mean over seeds, band min-max), the trained length (seq_len: the run's val/loss)
+    included and marked; None when no run was evaluated at another length."""
+    measured = [r for r in runs if r.succeeded and r.length_metrics]
+    if not measured:
+        return None
+    by_config = by_configuration(measured)
+    order, colors = _configuration_colors(by_config)
+    trained = sorted({r.config.get("seq_len") for r in measured if r.config.get("seq_len")})
+    fig, axes = plt.subplots(1, 2, figsize=(14.6, 5.4), squeeze=False)
+    for ax, (metric, attribute, label) in zip(axes[0], (("loss", "val_loss", "Validation loss"),
+                                                       ("accuracy", "val_accuracy", "Validation accuracy"))):
+        for config in order:
+            histories = []
+            for run in by_config[config]:
+                rows = [{"step": length, metric: values[metric]} for length, values in run.length_metrics.items()
+                        if metric in values]
+                if run.config.get("seq_len") and getattr(run, attribute) is not None:
+                    rows.append({"step": run.config["seq_len"], metric: getattr(run, attribute)})
+                histories.append(rows)
+            lengths, mean, low, high = _curve(histories, metric)
+            if not len(lengths):
+                continue
+            is_base = by_config[config][0].variant == BASELINE
+            ax.plot(lengths, mean, color=colors[config], marker="o", markersize=4, linewidth=2.4 if is_base else 1.3,
+                    linestyle="--" if is_base else "-", label=f"{config} (n={len(by_config[config])})")
+            if len(by_config[config]) > 1:
+                ax.fill_between(lengths, low, high, color=colors[config], alpha=0.12, linewidth=0)
+        for length in trained:
+            ax.axvline(length, color="#999999", linestyle=":", linewidth=1.2)
+        ax.set_xscale("log", base=2)
+        ticks = sorted({length for r in measured for length in r.length_metrics} | set(trained))
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set(xlabel="Context length (tokens; dotted: the trained seq_len)", ylabel=label, title=f"{label} by context length")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1 - 2.3 / fig.get_figwidth(), 0.5), fontsize=9,
+               title="variant (seeds)", title_fontsize=9.5)
+    fig.suptitle(title + " (line: mean over seeds, band: min-max)", fontsize=13, fontweight="bold")
+    fig.tight_layout(rect=(0, 0, 1 - 2.4 / fig.get_figwidth(), 0.94))
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path

@@ -30,10 +30,11 @@ CURVES_PNG = "learning_curves.png"
 DIFFERENCES_PNG = "baseline_differences.png"
 COSTS_PNG = "costs.png"
 PROBES_PNG = "probes.png"
+LENGTHS_PNG = "lengths.png"
 
 # The report's parts, in order: (heading, the section keys under it).
 LAYOUT = [
-    ("Results summary", ["success_rate", "top5", "statistics"]),
+    ("Results summary", ["regime", "success_rate", "top5", "statistics"]),
     ("Architecture insights", ["family_ranking", "parameter_efficiency", "memory_usage"]),
     ("Is the difference real?", ["seed_statistics", "seed_plan"]),
     ("Fairness audit", ["fairness"]),
@@ -61,12 +62,14 @@ def _markdown(source: str, runs: list[Run], sections: dict, figures: dict, decod
     for heading, keys in LAYOUT:
         parts += [f"## {heading}", ""]
         for key in keys:
-            parts.append(sections[key].markdown())
+            if sections[key].lines:  # the regime says nothing when attention can matter
+                parts.append(sections[key].markdown())
             if key == "parameter_efficiency":
                 parts += [tables.EFFICIENCY_RULES, ""]
     parts += ["## Figures", ""]
     for name, caption in ((CURVES_PNG, "Learning curves"), (DIFFERENCES_PNG, "Differences to baseline"),
                           (COSTS_PNG, "Loss against parameters and KV cache per token"),
+                          (LENGTHS_PNG, "Loss and accuracy by context length"),
                           (PROBES_PNG, "Mechanism probes per variant"),
                           (COMPREHENSIVE_PNG, "Comprehensive comparison (the seed's six panels)")):
         if name in figures:
@@ -109,6 +112,10 @@ def build(runs: list[Run], out_dir, source: str, input_path: Path | None = None,
                                                "Difference to baseline, paired by seed")
         if differences is not None:
             files[DIFFERENCES_PNG] = differences
+        lengths = plots.lengths_figure(runs, out_dir / LENGTHS_PNG,
+                                       "Longer contexts than trained on (--eval_lengths)")
+        if lengths is not None:
+            files[LENGTHS_PNG] = lengths
         probes = plots.probes_figure(runs, out_dir / PROBES_PNG,
                                      "Mechanism probes at the final evaluation (mean over layers; a point per seed)")
         if probes is not None:
@@ -138,7 +145,7 @@ def _seed_plan(runs: list[Run], out_dir: Path, min_effect: float, files: dict) -
 def terminal_text(report: Report) -> str:
     by_key = {s.key: s for s in report.sections}
     order = [key for _, keys in LAYOUT for key in keys] + ["all_runs"]
-    return "\n".join(by_key[key].markdown() for key in order).replace("**", "")
+    return "\n".join(by_key[key].markdown() for key in order if by_key[key].lines).replace("**", "")
 
 
 def write_report(source, out_dir) -> Path:

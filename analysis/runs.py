@@ -25,7 +25,7 @@ BOOKKEEPING = {"attention", "family", "seed", "results_dir", "group", "project",
                "attention_spec",  # the variant's resolved knobs, which train.py adds to the W&B config
                # tuning's stage 2: variant_lr is attention + lr in one value (both are in the config),
                # eval_test adds a test evaluation after training without changing it
-               "variant_lr", "eval_test",
+               "variant_lr", "eval_test", "eval_lengths",  # eval_lengths: evaluations after training
                "probes"}  # measures at evaluations only: training is the same with it on or off
 # The attention knobs (attention/registry.py): what is compared, like the attention itself.
 ATTENTION_KNOBS = frozenset(KNOBS)
@@ -80,6 +80,13 @@ class Run:
     # The variant's knobs with its sizes resolved for the run's model (train.py's attention_spec):
     # what the run really computed. None in records from before sizes became relative.
     attention_spec: dict | None = None
+    # lm: the validation tokens' cross-entropy under the training split's own unigram and bigram
+    # counts (what frequencies alone predict), and the final evaluation's context gain
+    unigram_loss: float | None = None
+    bigram_loss: float | None = None
+    context_gain: float | None = None
+    # --eval_lengths: {length: {"loss": ..., "accuracy": ...}} at contexts other than seq_len
+    length_metrics: dict = field(default_factory=dict)
     # --probes runs: the final evaluation's mechanism probes, {"probe/attn_entropy": ..., per layer too}
     probes: dict = field(default_factory=dict)
     train_history: list = field(default_factory=list)  # [{"step": n, "train/loss": ..., ...}]
@@ -198,8 +205,22 @@ def _run_from_parts(*, name, variant, family, seed, status, error, run_id, group
         device=summary.get(record.HARDWARE_DEVICE),
         probes={k: number(v) for k, v in summary.items()
                 if k.startswith(record.PROBE_PREFIX) and number(v) is not None} if status == "finished" else {},
+        unigram_loss=number(summary.get(record.DATA_UNIGRAM_LOSS)),
+        bigram_loss=number(summary.get(record.DATA_BIGRAM_LOSS)),
+        context_gain=final(record.VAL_CONTEXT_GAIN),
+        length_metrics=_length_metrics(summary) if status == "finished" else {},
         train_history=train, eval_history=evals, origin=origin,
     )
+
+
+def _length_metrics(summary: dict) -> dict:
+    """{length: {"loss": .., "accuracy": ..}} from a summary's val_len{L}/* keys (record.length_keys)."""
+    out: dict = {}
+    for key, value in summary.items():
+        parsed = record.parse_length_key(key)
+        if parsed is not None and number(value) is not None:
+            out.setdefault(parsed[0], {})[parsed[1]] = value
+    return dict(sorted(out.items()))
 
 
 # --- local records ----------------------------------------------------------------------------
@@ -302,6 +323,9 @@ def run_from_seed_entry(name: str, entry: dict, origin: str = "") -> Run:
         peak_memory_gb=number(entry.get("peak_memory_gb")),
         data_fingerprint=entry.get("data_fingerprint"), init_fingerprint=entry.get("init_fingerprint"),
         processes=number(entry.get("processes")), device=entry.get("device"),
+        unigram_loss=number(entry.get("unigram_loss")), bigram_loss=number(entry.get("bigram_loss")),
+        context_gain=number(entry.get("context_gain")),
+        length_metrics={int(length): metrics for length, metrics in (entry.get("length_metrics") or {}).items()},
         train_history=[{"step": s, "train/loss": v} for s, v in zip(train_steps, losses)],
         eval_history=eval_history, origin=origin,
     )
@@ -364,6 +388,8 @@ def to_seed_schema(runs: list[Run]) -> dict:
             "seed": run.seed, "status": run.status, "run_id": run.run_id, "group": run.group,
             "data_fingerprint": run.data_fingerprint, "init_fingerprint": run.init_fingerprint,
             "processes": run.processes, "device": run.device, "config": run.config,
+            "unigram_loss": run.unigram_loss, "bigram_loss": run.bigram_loss, "context_gain": run.context_gain,
+            "length_metrics": {str(length): metrics for length, metrics in run.length_metrics.items()},
         }
         if run.status != "finished":
             entry = {"error": run.error or run.status, **entry}

@@ -248,6 +248,50 @@ def all_runs(runs: list[Run]) -> Section:
 
 # --- beyond the seed --------------------------------------------------------------------------
 
+# The regime: can attention matter in these runs at all? A language model that is not clearly below
+# the unigram loss of its validation tokens has not learned even what frequencies predict; one
+# whose late positions are predicted no better than its early ones (val/context_gain) uses no
+# context, and context is all attention adds. Runs that show neither cannot differ by their
+# attention; their verdicts measure noise. (A unigram model's own "gain" on the smoke sweep's
+# validation blocks moves by about 0.1 nats with the blocks drawn: the threshold is at that noise.)
+UNIGRAM_MARGIN = 0.1  # nats below the unigram loss a run must be
+MIN_CONTEXT_GAIN = 0.1  # nats the late positions' loss must be below the early ones'
+
+
+def regime(runs: list[Run]) -> str | None:
+    """One sentence when no successful language-model run is both UNIGRAM_MARGIN below its
+    validation tokens' unigram loss and MIN_CONTEXT_GAIN of context gain (runs without the
+    unigram loss, such as tasks' or old records, are not judged); None otherwise."""
+    judged = [r for r in runs if r.succeeded and r.unigram_loss is not None]
+    if not judged:
+        return None
+
+    def learned_context(r):
+        return (r.val_loss <= r.unigram_loss - UNIGRAM_MARGIN and r.context_gain is not None
+                and r.context_gain >= MIN_CONTEXT_GAIN)
+    if any(learned_context(r) for r in judged):
+        return None
+    losses, unigrams = [r.val_loss for r in judged], [r.unigram_loss for r in judged]
+    gains = [r.context_gain for r in judged if r.context_gain is not None]
+    bigrams = [r.bigram_loss for r in judged if r.bigram_loss is not None]
+
+    def span(values, spec=".3f"):
+        joint = " to " if "+" in spec else "-"  # -0.020 to +0.010, not -0.020-+0.010
+        return f"{min(values):{spec}}" if min(values) == max(values) else f"{min(values):{spec}}{joint}{max(values):{spec}}"
+    gain_text = f"context gain {span(gains, '+.3f')} nats" if gains else "no context gain recorded"
+    bigram_text = f", bigram {span(bigrams)}" if bigrams else ""
+    return (f"**Regime: attention cannot matter in these runs yet.** No run is both {UNIGRAM_MARGIN} nats below the "
+            f"unigram loss of its validation tokens (what token frequencies alone predict) and {MIN_CONTEXT_GAIN} "
+            f"nats better at the late positions of a block than at the early ones (validation loss {span(losses)} "
+            f"against unigram {span(unigrams)}{bigram_text}; {gain_text}), so no model has learned to use its "
+            f"context, which is all attention adds, and the verdicts below are about noise.")
+
+
+def regime_section(runs: list[Run]) -> Section:
+    """The regime sentence as the first thing the seed's tables say (empty when it does not apply)."""
+    text = regime(runs)
+    return Section("regime", "Regime: what these models learned", [text] if text else [])
+
 ONE_SEED = ("**One seed per variant: this ranking is not statistically supported.** With a single run "
             "per variant, a difference between two variants cannot be told apart from seed-to-seed noise, "
             "which this sweep cannot measure. Run several seeds per variant (e.g. `sweeps/seeds.yaml`) to test it.")
@@ -277,8 +321,9 @@ def seed_statistics(runs: list[Run]) -> Section:
     title = "Variants over seeds, paired against the baseline"
     if not summaries:
         return Section("seed_statistics", title, ["No successful run."])
+    opening = [regime(runs), ""] if regime(runs) else []  # the verdicts open with the regime
     if max(s.n for s in summaries) < 2:
-        return Section("seed_statistics", title, [ONE_SEED])
+        return Section("seed_statistics", title, [*opening, ONE_SEED])
     comparisons = {c.configuration: c for c in stats.compare_to_baseline(runs, BASELINE)}
     varying = varying_settings(runs)
     columns = ["configuration" if varying else "variant", "family", "seeds", "val loss mean ± std", "95% CI", "Δ vs baseline", "95% CI of Δ",
@@ -300,7 +345,7 @@ def seed_statistics(runs: list[Run]) -> Section:
                      if c.verdict in ("better", "worse") else c.verdict, _seeds_needed(c.seeds_needed)]
         rows.append(row)
         cells.append(cell)
-    lines = markdown_table(columns, cells)
+    lines = opening + markdown_table(columns, cells)
     if varying:
         lines += ["", f"Settings that vary within these runs: {', '.join(varying)}. One row per configuration "
                       "(the variant plus its values of these); runs are paired by seed within a configuration, "
@@ -376,6 +421,6 @@ def fairness(audit: Audit) -> Section:
 
 
 def build_sections(runs: list[Run], audit: Audit) -> list[Section]:
-    return [success_rate(runs), top5(runs), statistics(runs), family_ranking(runs),
+    return [regime_section(runs), success_rate(runs), top5(runs), statistics(runs), family_ranking(runs),
             parameter_efficiency(runs), memory_usage(runs), all_runs(runs), seed_statistics(runs),
             fairness(audit)]

@@ -187,7 +187,7 @@ def test_every_option_has_exactly_one_description():
     described = [name for options in OPTION_HELP.values() for name in options]
     assert sorted(described) == sorted(f.name for f in dataclasses.fields(TrainConfig))
     assert len(described) == len(set(described))  # no option in two groups
-    assert list(OPTION_HELP) == ["model", "attention", "recipe", "data", "run", "W&B"]
+    assert list(OPTION_HELP) == ["model", "attention", "recipe", "task", "data", "run", "W&B"]
     for options in OPTION_HELP.values():
         for text in options.values():
             assert text.strip() and "\n" not in text

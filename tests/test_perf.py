@@ -174,8 +174,8 @@ def test_chunked_loss_check_passes_and_catches_a_wrong_gradient(monkeypatch):
 
     backward = model_module._LMHeadLoss.backward
 
-    def off_by_5_percent(ctx, grad_loss, grad_accuracy):
-        grad_h, grad_w, *rest = backward(ctx, grad_loss, grad_accuracy)
+    def off_by_5_percent(ctx, *grads):
+        grad_h, grad_w, *rest = backward(ctx, *grads)
         return (grad_h, grad_w * 1.05, *rest)
 
     monkeypatch.setattr(model_module._LMHeadLoss, "backward", staticmethod(off_by_5_percent))
@@ -224,6 +224,40 @@ def test_chunked_lm_head_loss_matches_logits_path(name, monkeypatch):
 
     with torch.no_grad():  # evaluation: no gradient work, same numbers
         assert model(inputs, targets).loss.item() == pytest.approx(ce.item(), rel=LOSS_TOL)
+
+
+def test_answer_only_loss_counts_only_scored_targets(monkeypatch):
+    """Targets IGNORE_INDEX (a task's non-answer positions) are not scored: the loss is the mean
+    cross-entropy over the scored positions alone, the accuracy over them, and the gradient is that
+    mean's -- F.cross_entropy(ignore_index=-100) on materialised logits, across 10-token chunks with
+    some chunks holding no scored target at all."""
+    from model import IGNORE_INDEX
+
+    model = MoELM(small_config("baseline")).train()
+    init_weights(model, 0)
+    ids = torch.randint(0, SMALL["vocab_size"], (3, SMALL["seq_len"] + 1), generator=torch.Generator().manual_seed(6))
+    inputs, targets = ids[:, :-1], ids[:, 1:].clone()
+    keep = torch.zeros_like(targets, dtype=torch.bool)
+    keep[0, 3], keep[1, [0, 7, 8]], keep[2, -1] = True, True, True  # 5 answers; row 2's first chunk has none
+    targets[~keep] = IGNORE_INDEX
+    assert IGNORE_INDEX == -100  # PyTorch's own ignore_index default, so the two below agree by construction
+
+    logits = model(inputs).logits
+    hand = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    by_hand_sum = sum(-F.log_softmax(logits[b, t], -1)[targets[b, t]] for b, t in keep.nonzero().tolist()) / 5
+    torch.testing.assert_close(hand, by_hand_sum)  # the reference itself: a mean over the 5 answers
+    accuracy = (logits.argmax(-1)[keep] == targets[keep]).float().mean()
+    hand.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    monkeypatch.setattr(model_module, "LM_HEAD_CHUNK_ELEMENTS", 10 * SMALL["vocab_size"])  # 10-token chunks
+    out = model(inputs, targets)
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(hand.item(), rel=LOSS_TOL)
+    assert out.accuracy.item() == accuracy.item()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=GRAD_TOL, atol=1e-7, msg=n)
 
 
 def test_chunked_lm_head_loss_under_bf16_autocast():

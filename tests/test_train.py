@@ -146,4 +146,6 @@ def test_validation_blocks_are_disjoint_from_training_and_independent_of_seed(tm
     assert batches.blocks.flatten().tolist() == [int(t) for t in tokens[:batches.blocks.numel()]]
     other_seed = make_batches(tokens, TrainConfig(**{**cfg.to_dict(), "seed": 7}))
     assert other_seed.val_ids.tolist() == batches.val_ids.tolist()
-    assert not other_seed.train_batch(0).equal(batches.train_batch(0))
+    assert not other_seed.train_batch(0)[0].equal(batches.train_batch(0)[0])
+    inputs, targets = batches.train_batch(0)  # a language model's pair: targets are the inputs shifted by one
+    assert inputs.shape == targets.shape == (4, 32) and inputs[:, 1:].equal(targets[:, :-1])

@@ -6,6 +6,8 @@ report pairs variant and baseline at tuned lrs beside the shared lr, from record
 Expected values are planted in synthetic records and worked out by hand here.
 """
 import math
+
+import torch
 import sys
 from pathlib import Path
 
@@ -77,7 +79,8 @@ def test_a_real_run_never_trains_on_a_test_block_and_scores_the_test_set_once(tm
     for step in range(steps):
         batch = batches.train_batch(step)
         fingerprint = train.chain_fingerprint(fingerprint, batch)
-        trained |= {row.numpy().tobytes() for row in batch}
+        inputs, targets = batch
+        trained |= {row.numpy().tobytes() for row in torch.cat([inputs, targets[:, -1:]], dim=1)}
     assert summary["data/fingerprint"] == fingerprint  # the run consumed exactly this stream
     test_rows = {batches.blocks[i].numpy().tobytes() for i in batches.test_ids.tolist()}
     assert test_rows and not trained & test_rows

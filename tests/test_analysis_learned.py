@@ -1,0 +1,103 @@
+"""The analysis of issue 18's new metrics: the n-gram baselines, the context gain and the
+val_len{L}/* metrics flow from records, W&B runs and the seed-schema export into Run; the report
+opens its verdicts (and the seed's tables) with the regime sentence exactly when no run can show an
+attention effect; runs with --eval_lengths get the loss/accuracy-by-length figure."""
+import math
+
+import pytest
+
+import record
+from analysis import report, tables
+from analysis.runs import load_path, run_from_record, run_from_wandb, to_seed_schema, load_seed_results
+from test_analysis import EFFECTS, SEED_OFFSET, FakeWandbRun, make_record, write_records
+
+
+def learned_record(variant, seed, loss, *, unigram=6.65, gain=0.02, lengths=None):
+    rec = make_record(variant, seed, loss)
+    rec["summary"].update({record.DATA_UNIGRAM_LOSS: unigram, record.DATA_BIGRAM_LOSS: unigram - 1.75,
+                           record.VAL_CONTEXT_GAIN: gain})
+    for length, (l_loss, l_acc) in (lengths or {}).items():
+        rec["summary"].update(dict(zip(record.length_keys(length), (l_loss, l_acc))))
+    return rec
+
+
+def test_new_keys_flow_from_records_wandb_and_the_seed_export():
+    rec = learned_record("rope_small", 1, 6.7, gain=0.3, lengths={64: (6.8, 0.05), 128: (7.2, 0.04)})
+    run = run_from_record(rec)
+    assert (run.unigram_loss, run.bigram_loss, run.context_gain) == (6.65, 6.65 - 1.75, 0.3)
+    assert run.length_metrics == {64: {"loss": 6.8, "accuracy": 0.05}, 128: {"loss": 7.2, "accuracy": 0.04}}
+    assert run_from_wandb(FakeWandbRun(rec, "finished")) == run
+    (back,) = load_seed_results(to_seed_schema([run]))
+    assert (back.unigram_loss, back.bigram_loss, back.context_gain, back.length_metrics) == \
+        (run.unigram_loss, run.bigram_loss, run.context_gain, run.length_metrics)
+
+
+def test_length_keys_parse_back():
+    assert record.parse_length_key(record.length_keys(256)[1]) == (256, "accuracy")
+    assert [record.parse_length_key(k) for k in ("val/loss", "val_lenx/loss", "val_len64/perplexity")] == [None] * 3
+
+
+def _runs(tmp_path, loss_base, gain, unigram=6.65):
+    records = [learned_record(v, s, loss_base + SEED_OFFSET[s] + d, unigram=unigram, gain=gain)
+               for v, per_seed in EFFECTS.items() for s, d in per_seed.items()]
+    return load_path(write_records(tmp_path, records))
+
+
+@pytest.mark.parametrize("loss_base,gain", [(6.72, 0.4), (5.9, 0.02)], ids=["near-unigram", "no-context-gain"])
+def test_regime_statement_where_attention_cannot_matter(tmp_path, loss_base, gain):
+    """Runs at the unigram loss (even with a gain), or well below it without context gain: one
+    sentence says so, and it opens the verdicts (the seed-statistics section)."""
+    runs = _runs(tmp_path, loss_base, gain)
+    text = tables.regime(runs)
+    assert text.startswith("**Regime: attention cannot matter in these runs yet.**")
+    assert text.count(". ") == 0 and text.endswith("the verdicts below are about noise.")  # one sentence
+    assert "unigram 6.650" in text and f"context gain {gain:+.3f}" in text
+    assert tables.seed_statistics(runs).lines[0] == text
+    assert tables.regime_section(runs).lines == [text]
+
+
+def test_report_opens_the_seed_tables_and_the_verdicts_with_the_regime(tmp_path):
+    runs = _runs(tmp_path, 6.72, 0.02)
+    text = tables.regime(runs)
+    built = report.build(runs, tmp_path / "report", "test")
+    markdown = built.path.read_text()
+    summary_part = markdown.split("## Results summary", 1)[1].split("## Architecture insights")[0]
+    verdicts = markdown.split("## Is the difference real?", 1)[1].split("### ", 2)[1]
+    assert summary_part.lstrip().startswith("### Regime") and text in summary_part
+    assert verdicts.split("\n", 1)[1].lstrip().startswith(text)  # right under the verdicts' title
+    assert "Regime: attention cannot matter" in report.terminal_text(built)
+
+
+def test_no_regime_statement_when_runs_learned_context(tmp_path):
+    """Runs well below the unigram loss with a context gain: no statement anywhere."""
+    runs = _runs(tmp_path, 4.5, 0.5)
+    assert tables.regime(runs) is None
+    markdown = report.build(runs, tmp_path / "report", "test").path.read_text()
+    assert "Regime" not in markdown
+
+
+def test_regime_thresholds_at_their_edges(tmp_path):
+    """One run just clearing both thresholds is enough to lift the statement; without the unigram
+    loss (a task, an old record) runs are not judged."""
+    runs = _runs(tmp_path / "a", 6.72, 0.02)
+    lucky = runs[0]
+    lucky.val_loss, lucky.context_gain = lucky.unigram_loss - tables.UNIGRAM_MARGIN, tables.MIN_CONTEXT_GAIN
+    assert tables.regime(runs) is None
+    lucky.context_gain = tables.MIN_CONTEXT_GAIN - 1e-6
+    assert tables.regime(runs) is not None
+    for run in runs:
+        run.unigram_loss = None
+    assert tables.regime(runs) is None
+
+
+def test_lengths_figure_appears_with_eval_lengths(tmp_path):
+    from analysis import plots
+
+    plain = load_path(write_records(tmp_path / "plain", [make_record(v, s, 7.8) for v in ("baseline", "alibi")
+                                                           for s in (0, 1)]))
+    assert plots.lengths_figure(plain, tmp_path / "none.png", "t") is None
+    records = [learned_record(v, s, 7.8, lengths={64: (7.9 + (v == "baseline"), 0.05), 128: (8.5, 0.04)})
+               for v in ("baseline", "alibi") for s in (0, 1)]
+    built = report.build(load_path(write_records(tmp_path / "long", records)), tmp_path / "r2", "test")
+    assert built.files[report.LENGTHS_PNG].stat().st_size > 10_000
+    assert f"]({report.LENGTHS_PNG})" in built.path.read_text()
