@@ -7,13 +7,13 @@ the rest of the analysis tests (four real trainings: about 40 s of CPU), so it l
 """
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+import processes
 from analysis import stats, tables
 from analysis.fairness import audit
 from analysis.runs import load_path, run_from_wandb
@@ -47,9 +47,9 @@ parameters:
 def test_report_of_a_real_offline_sweep(tmp_path):
     (tmp_path / "sweep.yaml").write_text(SWEEP)
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
-    done = subprocess.run([sys.executable, "local_sweep.py", str(tmp_path / "sweep.yaml"),
-                           "--results-dir", str(tmp_path / "results")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    done = processes.run([sys.executable, "local_sweep.py", str(tmp_path / "sweep.yaml"),
+                          "--results-dir", str(tmp_path / "results")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     reports = list((tmp_path / "results").glob("*/report/report.md"))
     assert len(reports) == 1, done.stdout[-2000:]
@@ -78,9 +78,9 @@ def test_report_of_a_real_offline_sweep(tmp_path):
     assert sorted(exported) == ["d32l1_baseline_s0", "d32l1_baseline_s1", "d32l1_rope_small_s0", "d32l1_rope_small_s1"]
 
     # the command line over the same records, into another directory
-    again = subprocess.run([sys.executable, "-m", "analysis.report", "--results", str(reports[0].parent.parent),
-                            "--out", str(tmp_path / "again")], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=300)
+    again = processes.run([sys.executable, "-m", "analysis.report", "--results", str(reports[0].parent.parent),
+                           "--out", str(tmp_path / "again")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "Success Rate: 4/4 (100%)" in again.stdout
     # same records, same tables (the report's own files in the sweep dir are not records)
@@ -123,9 +123,9 @@ def test_a_real_sweep_over_lr_reports_one_row_per_configuration(tmp_path):
     grid = SWEEP.replace("name: analysis-e2e", "name: analysis-lr").replace("steps: {value: 4}", "steps: {value: 2}")
     (tmp_path / "sweep.yaml").write_text(grid + "  lr: {values: [0.001, 0.01]}\n")
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
-    done = subprocess.run([sys.executable, "local_sweep.py", str(tmp_path / "sweep.yaml"),
-                           "--results-dir", str(tmp_path / "results")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    done = processes.run([sys.executable, "local_sweep.py", str(tmp_path / "sweep.yaml"),
+                          "--results-dir", str(tmp_path / "results")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     runs = load_path(tmp_path / "results")
     assert len(runs) == 8 and all(r.succeeded for r in runs)

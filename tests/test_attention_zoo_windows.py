@@ -14,13 +14,13 @@ proportioned latent attention, against independent references:
 Outputs and gradients (input and every parameter), float32, relative error < 1e-5, several shapes.
 """
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import processes
 from attention import VARIANTS, build_attention
 from config import ConfigError, config_from_values
 from model import ModelConfig, MoELM, init_weights, kv_cache_bytes_per_token, shared_parameters_fingerprint
@@ -341,7 +341,7 @@ def test_kv_cache_at_the_seeds_size():
 
 
 def test_dry_run_states_the_windowed_cache_and_its_context():
-    result = subprocess.run(
+    result = processes.run(
         [sys.executable, "train.py", "--dry_run", "--vocab_size=97", "--attention=local_global", "--d_model=64",
          "--n_layers=2", "--n_heads=4", "--seq_len=64"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

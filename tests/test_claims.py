@@ -2,6 +2,7 @@
 schedule against hand values, results records that never clobber another run's, the hub dataset
 path, the token cache under two processes, the data fingerprint recomputed from first principles,
 and compile / bf16 through the real command line."""
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -13,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 
+import processes
 import train
 from config import TrainConfig
 from record import EXIT_CODES, write_record
@@ -95,11 +97,17 @@ def test_two_writers_at_once_keep_both_records(tmp_path):
         directory = tmp_path / str(trial)
         barrier = context.Barrier(2)
         writers = [context.Process(target=_write_at_once, args=(directory, run_id, barrier)) for run_id in ("a1", "b2")]
-        for writer in writers:
-            writer.start()
-        for writer in writers:
-            writer.join(30)
-            assert writer.exitcode == 0
+        try:
+            for writer in writers:
+                writer.start()
+            for writer in writers:
+                writer.join(30)
+                assert writer.exitcode == 0
+        finally:  # a writer that hung is not left running
+            for writer in writers:
+                if writer.pid is not None and writer.exitcode is None:
+                    writer.kill()
+                    writer.join()
         records = [json.loads(p.read_text()) for p in (directory / "g").glob("*.json")]
         assert sorted(r["run_id"] for r in records) == ["a1", "b2"], trial
         assert not list((directory / "g").glob(".*tmp"))  # no temp file left behind
@@ -260,11 +268,13 @@ def test_two_processes_building_the_token_cache_at_once(tmp_path, corpus):
     from data import load_tokens
 
     cache, go = tmp_path / "cache", tmp_path / "go"
-    builders = [subprocess.Popen([sys.executable, "-c", BUILD_CACHE, str(ROOT), str(corpus), str(cache), str(go)],
-                                 env=offline_env(TOKENIZERS_PARALLELISM="false"), stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    go.touch()
-    outputs = [builder.communicate(timeout=120) for builder in builders]
+    build_command = [sys.executable, "-c", BUILD_CACHE, str(ROOT), str(corpus), str(cache), str(go)]
+    with contextlib.ExitStack() as stack:
+        env = offline_env(TOKENIZERS_PARALLELISM="false")
+        builders = [stack.enter_context(processes.started(build_command, env=env, stdout=subprocess.PIPE,
+                                                          stderr=subprocess.PIPE, text=True)) for _ in range(2)]
+        go.touch()
+        outputs = [builder.communicate(timeout=120) for builder in builders]
     assert [builder.returncode for builder in builders] == [0, 0], [err for _, err in outputs]
     assert [out.split("\n")[-3] for out, _ in outputs] == ["1", "1"]  # both really built it
     results = {out.split("\n")[-2] for out, _ in outputs}
@@ -311,8 +321,8 @@ def test_compile_and_bf16_through_the_cli_resume_exactly_and_stay_close_to_fp32(
     assert straight.returncode == 0, straight.stderr
 
     args = tiny_args(tmp_path / "resumed", corpus, **fast)
-    interrupted = subprocess.run([sys.executable, "-c", INTERRUPT_AT, "3", str(ROOT), *args], cwd=ROOT,
-                                 env=offline_env(), capture_output=True, text=True, timeout=300)
+    interrupted = processes.run([sys.executable, "-c", INTERRUPT_AT, "3", str(ROOT), *args], cwd=ROOT,
+                                env=offline_env(), capture_output=True, text=True, timeout=300)
     assert interrupted.returncode == EXIT_CODES["interrupted"], interrupted.stderr
     assert read_record(tmp_path / "resumed" / "results", "local", "baseline-s0")["status"] == "interrupted"
     resumed = run_train(args + ["--resume"])

@@ -1,6 +1,7 @@
 """Configuration: `--name=value` parsing the way `wandb agent` passes `${args}`, typed values from a
 sweep, and bad knobs refused through the real command line (exit 2, one `error:` line, no traceback).
 """
+import contextlib
 import dataclasses
 import os
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import processes
 from attention import build_attention
 from config import (OPTION_HELP, ConfigError, TrainConfig, config_from_values, help_text, parse_args, parse_value,
                     readme_with_options)
@@ -134,13 +136,15 @@ def refusals():
     """All bad-knob commands at once (each is a fresh Python importing torch): {case: (rc, out, err)}."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(WANDB_MODE="offline", WANDB_SILENT="true")
-    procs = {case: subprocess.Popen([sys.executable, "train.py", *args, *BASE], cwd=ROOT, env=env, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for case, (args, _) in BAD.items() if case in SUBPROCESS_CASES}
     results = {}
-    for case, proc in procs.items():
-        out, err = proc.communicate(timeout=180)
-        results[case] = (proc.returncode, out, err)
+    with contextlib.ExitStack() as stack:
+        procs = {case: stack.enter_context(processes.started(
+                     [sys.executable, "train.py", *args, *BASE], cwd=ROOT, env=env, text=True,
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+                 for case, (args, _) in BAD.items() if case in SUBPROCESS_CASES}
+        for case, proc in procs.items():
+            out, err = proc.communicate(timeout=180)
+            results[case] = (proc.returncode, out, err)
     return results
 
 

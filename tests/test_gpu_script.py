@@ -4,10 +4,10 @@ any of them fails here), with the token cache shipped warm, and with an output f
 only 8 files, at most two folders deep, come back."""
 import json
 import re
-import subprocess
 import sys
 import tarfile
 
+import processes
 from config import TrainConfig
 from data import load_tokens
 from tests.train_helpers import ROOT, offline_env, small_corpus
@@ -27,8 +27,8 @@ def test_the_import_blocker_blocks(tmp_path):
     """The negative control for the test below: with the folder on PYTHONPATH the imports fail."""
     blocker = without_packages(tmp_path / "blocked")
     for name in MISSING_ON_GPU_IMAGE:
-        proc = subprocess.run([sys.executable, "-c", f"import {name}"], env=offline_env(PYTHONPATH=str(blocker)),
-                              capture_output=True, text=True)
+        proc = processes.run([sys.executable, "-c", f"import {name}"], env=offline_env(PYTHONPATH=str(blocker)),
+                             capture_output=True, text=True)
         assert proc.returncode != 0 and "not installed on the GPU image" in proc.stderr
 
 
@@ -42,10 +42,10 @@ def test_gpu_dry_run_end_to_end_without_wandb_or_datasets(tmp_path):
     out = tmp_path / "out"
     env = offline_env(PYTHONPATH=str(without_packages(tmp_path / "blocked")),
                       BENCH_FAIL="rope_small:reference,rope_small:check")  # one case of main, one of check
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), str(out), "--dry_run",
-                           "--variants", "baseline,rope_small", "--sections", "env,check,train,main,peak",
-                           "--train_args", train_args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = processes.run(["bash", str(ROOT / "bench" / "gpu.sh"), str(out), "--dry_run",
+                          "--variants", "baseline,rope_small", "--sections", "env,check,train,main,peak",
+                          "--train_args", train_args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:]  # cases failed (forced); everything else is there
     printed = proc.stdout
     assert len(printed) < 10_000
@@ -125,9 +125,9 @@ def test_sections_that_would_end_past_the_deadline_are_skipped(tmp_path):
     """With 30 s in all, env (budget 15 s, 10 s to be killed) runs; peak, a bench.step section that
     may take its budget + 20 s + 10 s, would end past the deadline, so it is recorded as skipped."""
     out = tmp_path / "out"
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), str(out), "--dry_run", "--sections", "env,peak",
-                           "--deadline", "30"], cwd=tmp_path, env=offline_env(), capture_output=True, text=True,
-                          timeout=120)
+    proc = processes.run(["bash", str(ROOT / "bench" / "gpu.sh"), str(out), "--dry_run", "--sections", "env,peak",
+                          "--deadline", "30"], cwd=tmp_path, env=offline_env(), capture_output=True, text=True,
+                         timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert re.search(r"^  env +ok ", proc.stdout, re.M)
     assert re.search(r"^  peak +skipped .*out of time", proc.stdout, re.M)

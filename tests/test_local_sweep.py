@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import processes
 from localsweep import cli, common, engine, macros, state, table
 from train_helpers import offline_run_contents
 
@@ -93,8 +94,8 @@ def env(**extra) -> dict:
 
 
 def run_cli(*args, timeout=120, **extra_env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "local_sweep.py"), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, env=env(**extra_env))
+    return processes.run([sys.executable, str(ROOT / "local_sweep.py"), *map(str, args)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=timeout, env=env(**extra_env))
 
 
 def state_of(sweep_dir: Path) -> dict:
@@ -375,15 +376,15 @@ def test_ctrl_c_stops_the_run_cleanly_and_resume_continues_it(tmp_path, fake):
         "attention": {"values": ["baseline", "lora_small", "rope_small"]}, "steps": {"value": 5}})
     results = tmp_path / "results"
     (fake.parent / "sleep_once").touch()
-    process = subprocess.Popen([sys.executable, str(ROOT / "local_sweep.py"), str(sweep), "--results-dir",
-                                str(results), "--no-report"], cwd=ROOT, env=env(FAKE_SLEEP="lora_small"),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 60
-    while not (fake.parent / "sleeping").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    assert (fake.parent / "sleeping").exists(), "the second run never started"
-    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-    out, err = process.communicate(timeout=30)
+    with processes.started([sys.executable, str(ROOT / "local_sweep.py"), str(sweep), "--results-dir",
+                            str(results), "--no-report"], cwd=ROOT, env=env(FAKE_SLEEP="lora_small"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        deadline = time.time() + 60
+        while not (fake.parent / "sleeping").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert (fake.parent / "sleeping").exists(), "the second run never started"
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        out, err = process.communicate(timeout=30)
     assert process.returncode == 130, out + err
     assert "Traceback" not in out + err
     sweep_dir = only_sweep_dir(results)
@@ -567,15 +568,17 @@ def test_a_ctrl_c_the_kernel_hands_to_another_thread_still_stops_the_run():
 
     from localsweep import runner
 
-    run = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
-    other = threading.Thread(target=lambda: (time.sleep(0.5), signal.pthread_kill(threading.get_ident(), signal.SIGINT)))
-    started = time.monotonic()
-    other.start()
-    try:
-        code, stopped_by, early = runner.wait_for(run, "sleeper")
-    finally:
-        run.kill()
-        other.join()
+    # Ctrl-C as a terminal gives it, here and in the sleeper, however the suite was started
+    with (processes.terminal_signals(),
+          processes.started([sys.executable, "-c", "import time; time.sleep(60)"]) as run):
+        other = threading.Thread(
+            target=lambda: (time.sleep(0.5), signal.pthread_kill(threading.get_ident(), signal.SIGINT)))
+        started = time.monotonic()
+        other.start()
+        try:
+            code, stopped_by, early = runner.wait_for(run, "sleeper")
+        finally:
+            other.join()
     assert time.monotonic() - started < 20  # not the sleeper's 60 s
     assert stopped_by == signal.SIGINT and not early
     assert code == -signal.SIGINT  # the run got the Ctrl-C passed on

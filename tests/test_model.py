@@ -5,7 +5,6 @@ import json
 import math
 from fractions import Fraction
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import model as model_module
+import processes
 import train
 from attention import FAMILIES, VARIANTS
 from config import TrainConfig
@@ -279,8 +279,8 @@ def test_dry_run_reports_the_hand_counts(name, recipe, capsys, monkeypatch):
     """The seed's recipe changes no parameter: its 13 counts are the same hand counts."""
     argv = [f"--attention={name}", "--vocab_size=49152", "--dry_run", f"--recipe={recipe}"]
     if name == SUBPROCESS_NAME and recipe == "seed":
-        proc = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, env=clean_env(),
-                              capture_output=True, text=True, timeout=120)
+        proc = processes.run([sys.executable, "train.py", *argv], cwd=ROOT, env=clean_env(),
+                             capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         out = proc.stdout
     else:

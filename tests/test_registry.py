@@ -3,12 +3,12 @@ variants: it imports without torch, everything else reads it, and a variant defi
 test only, goes through sweep validation, train.py and the analysis like a built-in one."""
 import importlib
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import processes
 import train
 from analysis import tables
 from analysis.fairness import NOT_COMPARED
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_the_registry_and_the_analysis_import_without_torch():
     code = ("import sys, attention, attention.registry, analysis.runs, analysis.fairness, analysis.tables; "
             "print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    out = processes.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
@@ -33,7 +33,7 @@ def test_validating_every_variant_needs_no_torch():
     neither may pay for importing torch, also for variants with RoPE scaling (rope_small)."""
     code = ("import sys; from config import TrainConfig; from attention.registry import VARIANTS; "
             "[TrainConfig(attention=name).validate() for name in VARIANTS]; print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    out = processes.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 

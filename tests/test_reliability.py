@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import model as model_module
+import processes
 import train
 from record import EXIT_CODES
 from train_helpers import (ROOT, offline_env, offline_run_when_ended, read_record, run_train, small_corpus, tiny_args,
@@ -204,10 +205,10 @@ def test_real_divergence_in_a_sweep_does_not_stop_the_sweep(tmp_path, corpus):
     sweep.write_text(yaml.safe_dump({
         "program": "train.py", "method": "grid", "metric": {"name": "val/loss", "goal": "minimize"},
         "parameters": {**fixed, "lr": {"values": [0.003, 1.0e12]}}}))
-    result = subprocess.run([sys.executable, str(ROOT / "local_sweep.py"), str(sweep),
-                             "--results-dir", str(tmp_path / "results")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env=offline_env())
+    result = processes.run([sys.executable, str(ROOT / "local_sweep.py"), str(sweep),
+                            "--results-dir", str(tmp_path / "results")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env=offline_env())
     assert result.returncode == 0, result.stdout + result.stderr
     records = [json.loads(p.read_text()) for p in (tmp_path / "results").rglob("baseline-s0*.json")
                if '"schema"' in p.read_text()]
@@ -218,8 +219,9 @@ def test_real_divergence_in_a_sweep_does_not_stop_the_sweep(tmp_path, corpus):
 # --- preemption and resume -----------------------------------------------------------------------
 
 def start_train(args):
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=offline_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """train.py started, as a context manager that kills what is left of it at the end."""
+    return processes.started([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=offline_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 LONG = {"steps": 120, "eval_every": 40, "checkpoint_every": 10, "dropout": 0.1}
@@ -236,10 +238,10 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, corpus):
 
     args = tiny_args(tmp_path / "killed", corpus, **KILL)
     checkpoints = tmp_path / "killed" / "results" / "local" / "checkpoints"
-    process = start_train(args)
-    assert wait_for(lambda: any(checkpoints.glob("baseline-s0-*/progress.json"))), "no checkpoint appeared"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    with start_train(args) as process:
+        assert wait_for(lambda: any(checkpoints.glob("baseline-s0-*/progress.json"))), "no checkpoint appeared"
+        process.send_signal(signal.SIGKILL)
+        process.wait()
     (progress,) = checkpoints.glob("baseline-s0-*/progress.json")
     killed_at = json.loads(progress.read_text())["step"]
     assert killed_at < KILL["steps"]
@@ -255,13 +257,13 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, corpus):
 
 def test_sigterm_checkpoints_and_marks_interrupted(tmp_path, corpus):
     args = tiny_args(tmp_path, corpus, **{**LONG, "checkpoint_every": 0})
-    process = start_train(args)
     record_file = tmp_path / "results" / "local" / "baseline-s0.json"
     wandb_dir = tmp_path / "results" / "wandb"
-    assert wait_for(lambda: any(wandb_dir.glob("offline-run-*")))
-    time.sleep(1.0)  # into the training loop
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
+    with start_train(args) as process:
+        assert wait_for(lambda: any(wandb_dir.glob("offline-run-*")))
+        time.sleep(1.0)  # into the training loop
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
     assert process.returncode == EXIT_CODES["interrupted"], stderr
     record = json.loads(record_file.read_text())
     assert record["status"] == "interrupted" and "--resume" in record["error"]
@@ -339,9 +341,9 @@ def test_two_processes_match_one(tmp_path, corpus):
     assert one.returncode == 0, one.stderr
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     env = offline_env(OMP_NUM_THREADS="1")
-    two = subprocess.run([torchrun, "--nproc_per_node=2", str(ROOT / "train.py"),
-                          *tiny_args(tmp_path / "two", corpus, **deterministic)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    two = processes.run([torchrun, "--nproc_per_node=2", str(ROOT / "train.py"),
+                         *tiny_args(tmp_path / "two", corpus, **deterministic)],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr
     single = read_record(tmp_path / "one" / "results", "local", "baseline-s0")
     double = read_record(tmp_path / "two" / "results", "local", "baseline-s0")

@@ -1,10 +1,11 @@
 """scripts/slurm_agent.sh: one `wandb agent` per SLURM array task on the task's own GPU. SLURM and
 W&B are not here: the script runs with a stand-in `wandb` on PATH that records how it was called."""
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
+
+import processes
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "slurm_agent.sh"
@@ -25,12 +26,12 @@ def run_task(fake_wandb, tmp_path, *args, **env):
     bin_dir, _ = fake_wandb
     base = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES" and not k.startswith("SLURM_")}
     base["PATH"] = f"{bin_dir}:{base['PATH']}"
-    return subprocess.run(["bash", str(SCRIPT), *args], env={**base, **env}, capture_output=True, text=True,
-                          timeout=30)
+    return processes.run(["bash", str(SCRIPT), *args], env={**base, **env}, capture_output=True, text=True,
+                         timeout=30)
 
 
 def test_the_script_parses():
-    assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
+    assert processes.run(["bash", "-n", str(SCRIPT)]).returncode == 0
     assert "#SBATCH --gres=gpu:1" in SCRIPT.read_text()
 
 

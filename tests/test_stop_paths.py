@@ -6,7 +6,6 @@ line per launch. Offline paths through real offline W&B runs; online ones throug
 import json
 import os
 import shutil
-import subprocess
 import signal
 import sys
 import threading
@@ -17,6 +16,7 @@ import pytest
 import yaml
 
 import model as model_module
+import processes
 import record
 import train
 from config import ConfigError, TrainConfig
@@ -316,9 +316,9 @@ def test_a_run_local_sweeps_hyperband_stops_ends_stopped_with_exit_0(tmp_path, c
         "early_terminate": {"type": "hyperband", "min_iter": 2, "eta": 3},
         "parameters": {"lr": {"values": [0.01, 0.0]}, **{k: {"value": v} for k, v in constants.items()}}}))
     results = tmp_path / "results"
-    result = subprocess.run([sys.executable, str(ROOT / "local_sweep.py"), str(sweep), "--results-dir",
-                                           str(results), "--no-report"], cwd=ROOT, env=offline_env(),
-                                          capture_output=True, text=True, timeout=400)
+    result = processes.run([sys.executable, str(ROOT / "local_sweep.py"), str(sweep), "--results-dir",
+                                          str(results), "--no-report"], cwd=ROOT, env=offline_env(),
+                                         capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout + result.stderr
     (sweep_dir,) = [p for p in results.iterdir() if (p / "sweep_state.json").exists()]
     learns, flat = json.loads((sweep_dir / "sweep_state.json").read_text())["runs"]

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
+import processes
 from analysis import tuning
 from analysis.fairness import audit
 from analysis.runs import SourceError, load_path, run_from_record
@@ -324,8 +325,6 @@ def test_local_sweep_refuses_fewer_than_two_fresh_seeds(capsys):
 
 
 def test_local_sweep_runs_both_stages_and_writes_the_tuning_report(tmp_path, corpus):
-    import subprocess
-
     sweep = {"name": "tiny-tune", "program": "train.py", "method": "grid",
              "metric": {"name": "val/loss", "goal": "minimize"},
              "parameters": {"attention": {"values": ["baseline", "rope_small"]}, "lr": {"values": [0.001, 0.01]},
@@ -335,10 +334,10 @@ def test_local_sweep_runs_both_stages_and_writes_the_tuning_report(tmp_path, cor
                             "steps": {"value": 4}, "eval_every": {"value": 2}}}
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(sweep))
-    done = subprocess.run([sys.executable, str(ROOT / "local_sweep.py"), str(path), "--results-dir",
-                           str(tmp_path / "results"), "--then-stage2", "--stage2-seeds", "2"], cwd=tmp_path,
-                          # no W&B runs (the W&B side is the fakes' above): ~3 s less per run
-                          env=offline_env(WANDB_MODE="disabled"), capture_output=True, text=True, timeout=900)
+    done = processes.run([sys.executable, str(ROOT / "local_sweep.py"), str(path), "--results-dir",
+                          str(tmp_path / "results"), "--then-stage2", "--stage2-seeds", "2"], cwd=tmp_path,
+                         # no W&B runs (the W&B side is the fakes' above): ~3 s less per run
+                         env=offline_env(WANDB_MODE="disabled"), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (stage2_yaml,) = (tmp_path / "results").glob(f"*/{tuning.STAGE2_NAME}")
     stage1_dir = stage2_yaml.parent

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import processes
 from localsweep.wandb_file import history_rows, parsed_records
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,8 +40,8 @@ def offline_env(**extra) -> dict:
 
 def run_train(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """train.py through the real command line, offline."""
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=offline_env(**(env or {})),
-                          capture_output=True, text=True, timeout=timeout)
+    return processes.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=offline_env(**(env or {})),
+                         capture_output=True, text=True, timeout=timeout)
 
 
 def read_record(results_dir: Path, group: str, run_name: str) -> dict:

@@ -1,0 +1,55 @@
+"""The test session's own machine state (issue 22): two suites (or two workers) on one machine
+share no cache, and none left by someone else can fail them.
+
+Set once, before any test module is imported, in this process's environment, so every process a
+test starts inherits it: a private HOME (W&B's settings, logs and artifact staging, the HF token
+and hub caches, matplotlib's font cache all live under it; XDG_* and HF_HOME too, which would
+override it), a private TORCHINDUCTOR_CACHE_DIR (inductor's default is shared in /tmp: two
+processes compiling at once left a truncated .so there, and every later compile test on that
+machine failed to import it), no W&B credentials or settings from the caller's environment, W&B
+offline, and PYTHON naming this interpreter (scripts the tests start run "${PYTHON:-python3}")."""
+import os
+import shutil
+import sys
+import tempfile
+
+_saved_environ: dict | None = None
+_session_dir: str | None = None
+
+# where the caller's W&B identity or target would leak into a test
+CALLER_ONLY = ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_SWEEP_ID",
+               "WANDB_RUN_ID", "WANDB_RUN_GROUP", "WANDB_TAGS", "WANDB_DIR", "WANDB_CONFIG_DIR",
+               "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR", "WANDB_SERVICE", "NETRC", "HF_TOKEN",
+               "HUGGING_FACE_HUB_TOKEN")
+
+
+def session_environment(root: str) -> dict:
+    """The variables this session sets, each private directory under `root`."""
+    home = os.path.join(root, "home")
+    return {"HOME": home, "XDG_CONFIG_HOME": os.path.join(home, ".config"),
+            "XDG_CACHE_HOME": os.path.join(home, ".cache"), "XDG_DATA_HOME": os.path.join(home, ".local", "share"),
+            "XDG_STATE_HOME": os.path.join(home, ".local", "state"),
+            "HF_HOME": os.path.join(home, ".cache", "huggingface"),
+            "MPLCONFIGDIR": os.path.join(home, ".config", "matplotlib"),
+            "TORCHINDUCTOR_CACHE_DIR": os.path.join(root, "inductor"), "TRITON_CACHE_DIR": os.path.join(root, "triton"),
+            "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHON": sys.executable}
+
+
+def pytest_configure(config):
+    global _saved_environ, _session_dir
+    _saved_environ = dict(os.environ)
+    _session_dir = tempfile.mkdtemp(prefix="attnsweep-tests-")
+    for key in CALLER_ONLY:
+        os.environ.pop(key, None)
+    for key, value in session_environment(_session_dir).items():
+        if value.startswith(_session_dir):
+            os.makedirs(value, exist_ok=True)
+        os.environ[key] = value
+
+
+def pytest_unconfigure(config):
+    if _saved_environ is not None:
+        os.environ.clear()
+        os.environ.update(_saved_environ)
+    if _session_dir is not None:
+        shutil.rmtree(_session_dir, ignore_errors=True)
