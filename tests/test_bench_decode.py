@@ -2,7 +2,6 @@
 time over the measured step time; cache_bytes the model's count), its command line, and --generate
 on a tiny training run's checkpoint (greedy tokens with the cache equal those without)."""
 import json
-import subprocess
 import sys
 import tarfile
 
@@ -13,6 +12,7 @@ import train
 from bench import decode
 from model import ModelConfig, kv_cache_bytes
 from attention import VARIANTS
+import processes
 from tests.train_helpers import ROOT, offline_env, small_corpus, tiny_args
 
 TINY_ROW = ["--preset", "tiny", "--device", "cpu", "--threads", "1", "--copy_mb", "8", "--warmup", "1",
@@ -50,13 +50,13 @@ def test_rows_have_the_fields_and_a_consistent_limit(tmp_path):
 
 def test_the_command_line_isolated_and_bad_input(tmp_path):
     out = tmp_path / "d.json"
-    proc = subprocess.run([sys.executable, "-m", "bench.decode", *TINY_ROW, "--variants", "gqa", "--contexts", "16",
+    proc = processes.run([sys.executable, "-m", "bench.decode", *TINY_ROW, "--variants", "gqa", "--contexts", "16",
                            "--out", str(out)], cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (row,) = json.loads(out.read_text())
     assert row["status"] == "ok" and row["isolated"] and row["peak_mem_bytes"] > 0
     assert "limit tok/s" in proc.stdout and "gqa" in proc.stdout
-    bad = subprocess.run([sys.executable, "-m", "bench.decode", "--contexts", "2,x"], cwd=ROOT, env=offline_env(),
+    bad = processes.run([sys.executable, "-m", "bench.decode", "--contexts", "2,x"], cwd=ROOT, env=offline_env(),
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and bad.stderr.strip() == (
         "error: --contexts=2,x: allowed: a comma list of positive integers")
@@ -91,7 +91,7 @@ def test_gpu_sh_decode_section_in_its_dry_run(tmp_path):
     """bench/gpu.sh's decode section: bench.decode under the section's time budget, its rows counted
     in the status line and its table in the summary."""
     out = tmp_path / "out"
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), str(out), "--dry_run", "--sections", "decode"],
+    proc = processes.run(["bash", str(ROOT / "bench" / "gpu.sh"), str(out), "--dry_run", "--sections", "decode"],
                           cwd=tmp_path, env=offline_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (line,) = [x for x in proc.stdout.splitlines() if x.startswith("  decode ")]

@@ -1,13 +1,14 @@
 """The synthetic tasks (tasks.py): each generator's examples checked by hand, the streams'
 determinism and disjointness, the refused knobs, and a tiny run producing step_at fields."""
 import json
-import subprocess
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import processes
 import tasks
 import train
 from config import ConfigError, config_from_values
@@ -116,9 +117,8 @@ def test_a_tiny_task_run_scores_answers_and_records_step_at(tmp_path):
     args = ["--task=mqar", "--task_pairs=2", "--task_vocab=16", "--seq_len=12", "--d_model=32", "--n_layers=2",
             "--n_heads=2", "--d_ff=64", "--n_experts=2", "--top_k=1", "--steps=6", "--eval_every=2",
             "--eval_batches=2", "--batch_size=4", "--lr=0.01", f"--results_dir={tmp_path}"]
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=120, env={**__import__("os").environ, "WANDB_MODE": "offline"},
-                            start_new_session=True)
+    result = processes.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "WANDB_MODE": "offline"})
     assert result.returncode == 0, result.stderr[-2000:]
     (path,) = (tmp_path / "local").glob("baseline-s0*.json")
     rec = json.loads(path.read_text())

@@ -8,16 +8,15 @@ each takes tens of seconds. Skipped, with the reason, only where the wandb CLI i
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 
+import processes
 from train_helpers import ROOT, TINY, offline_run_when_ended, small_corpus
 from wandb_standin import ENTITY, StandIn
 
@@ -27,45 +26,18 @@ pytestmark = pytest.mark.skipif(WANDB_CLI is None, reason="the wandb CLI (pip in
 PROJECT = "attnsweep"
 FAKE_KEY = "f" * 40  # W&B's key format; the stand-in accepts any
 AGENT_TIMEOUT_S = 240
-TOKEN_ENV = "ATTNSWEEP_AGENT_TEST"  # every process a test starts carries it, so none outlives the test
 
 
-class Processes:
-    """Processes a test starts, each in its own process group, and every process that inherits
-    the test's token (the agent's children start in groups of their own, and may outlive it):
-    all killed when the test ends, however it ends."""
-
-    def __init__(self):
-        self.token = uuid.uuid4().hex
-
-    def run(self, argv, env, cwd, log: Path, timeout: float) -> int:
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(argv, env={**env, TOKEN_ENV: self.token}, cwd=cwd, stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=subprocess.STDOUT, process_group=0)
-            try:
-                return proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"{' '.join(map(str, argv[:3]))} ran past {timeout} s; its output: "
-                            f"{log.read_text(errors='replace')[-3000:]}")
-
-    def kill_all(self):
-        import psutil
-
-        for proc in psutil.process_iter():
-            try:
-                if proc.environ().get(TOKEN_ENV) == self.token:
-                    os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
-            except (psutil.Error, ProcessLookupError, PermissionError):
-                pass
-
-
-@pytest.fixture
-def processes():
-    started = Processes()
-    try:
-        yield started
-    finally:
-        started.kill_all()
+def run_logged(argv, env, cwd, log: Path, timeout: float) -> int:
+    """One CLI command, its output appended to `log`; tests/processes.py owns it and everything it
+    starts (the agent's runs, wandb-core) and kills them when it ends, however it ends."""
+    with open(log, "ab") as out:
+        try:
+            return processes.run(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
+                                 stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{' '.join(map(str, argv[:3]))} ran past {timeout} s; its output: "
+                        f"{log.read_text(errors='replace')[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +63,7 @@ def user_env(tmp: Path, server: StandIn, **extra) -> dict:
     return env
 
 
-def sweep_and_agent(tmp: Path, server: StandIn, processes: Processes, corpus: Path, parameters: dict,
+def sweep_and_agent(tmp: Path, server: StandIn, corpus: Path, parameters: dict,
                     program: Path = ROOT / "train.py", **env) -> tuple[int, str, str]:
     """`wandb sweep` a grid of tiny runs, then `wandb agent` it to the end, from a directory of its
     own (where the agent would put its ./wandb); returns (the agent's exit code, its output and its
@@ -101,10 +73,10 @@ def sweep_and_agent(tmp: Path, server: StandIn, processes: Processes, corpus: Pa
               "parameters": {**{k: {"value": v} for k, v in values.items()}, **parameters}}
     (tmp / "sweep.yaml").write_text(yaml.safe_dump(config))
     environment, log = user_env(tmp, server, **env), tmp / "agent.log"
-    code = processes.run([WANDB_CLI, "sweep", str(tmp / "sweep.yaml")], environment, tmp / "agent", log, 120)
+    code = run_logged([WANDB_CLI, "sweep", str(tmp / "sweep.yaml")], environment, tmp / "agent", log, 120)
     assert code == 0 and len(server.sweeps) == 1, log.read_text(errors="replace")
     (sweep_id,) = server.sweeps
-    code = processes.run([WANDB_CLI, "agent", f"{ENTITY}/{PROJECT}/{sweep_id}"], environment, tmp / "agent", log,
+    code = run_logged([WANDB_CLI, "agent", f"{ENTITY}/{PROJECT}/{sweep_id}"], environment, tmp / "agent", log,
                          AGENT_TIMEOUT_S)
     output = log.read_text(errors="replace")
     assert FAKE_KEY not in output
@@ -116,12 +88,12 @@ def records_by_id(results: Path) -> dict:
     return {r["run_id"]: r for r in (json.loads(p.read_text()) for p in results.glob("*.json"))}
 
 
-def test_a_grid_finishes_and_the_servers_stop_ends_an_online_run_stopped(tmp_path, server, processes, corpus):
+def test_a_grid_finishes_and_the_servers_stop_ends_an_online_run_stopped(tmp_path, server, corpus):
     """Online children: run 1 finishes (exit 0), run 2, stopped by the server while it trains,
     ends `stopped`, exit 0, its checkpoint gone; W&B's side got the same statuses and exit codes.
     Its W&B files are under results/<sweep_id>/, not the agent's ./wandb."""
     server.stop_when[2] = lambda run: run.state == "running"  # its wandb.init reached the server
-    code, output, sweep_id = sweep_and_agent(tmp_path, server, processes, corpus,
+    code, output, sweep_id = sweep_and_agent(tmp_path, server, corpus,
                                              {"steps": {"values": [6, 100000]}, "eval_every": {"value": 3}})
     assert code == 0, output[-3000:]
     first, second = (server.runs[run_id] for run_id in server.handed_out)
@@ -140,7 +112,7 @@ def test_a_grid_finishes_and_the_servers_stop_ends_an_online_run_stopped(tmp_pat
     assert not list((tmp_path / "agent" / "wandb").glob("run-*"))
 
 
-def test_offline_runs_live_under_results_and_the_servers_stop_ends_one_stopped(tmp_path, server, processes, corpus):
+def test_offline_runs_live_under_results_and_the_servers_stop_ends_one_stopped(tmp_path, server, corpus):
     """Offline children (WANDB_MODE=offline), an online agent: the offline runs are under
     results/<sweep_id>/wandb/ (README's `wandb sync` line), not the agent's ./wandb; the server's
     stop ends a run `stopped`, exit 0 (train.py asks the server, which marked the run stopped
@@ -148,7 +120,7 @@ def test_offline_runs_live_under_results_and_the_servers_stop_ends_one_stopped(t
     sweep_dir = tmp_path / "results"
     # its wandb.init has begun (wherever its offline run went): train.py's signal handlers are in place
     server.stop_when[2] = lambda run: any(tmp_path.glob(f"**/offline-run-*-{run.id}"))
-    code, output, sweep_id = sweep_and_agent(tmp_path, server, processes, corpus,
+    code, output, sweep_id = sweep_and_agent(tmp_path, server, corpus,
                                              {"steps": {"values": [6, 100000]}, "eval_every": {"value": 3}},
                                              WANDB_MODE="offline")
     assert code == 0, output[-3000:]
@@ -163,7 +135,7 @@ def test_offline_runs_live_under_results_and_the_servers_stop_ends_one_stopped(t
     assert "failed runs" not in output
 
 
-def test_a_preempted_run_is_handed_out_again_and_resumes_to_the_uninterrupted_losses(tmp_path, server, processes,
+def test_a_preempted_run_is_handed_out_again_and_resumes_to_the_uninterrupted_losses(tmp_path, server,
                                                                                       corpus):
     """Online: the run with checkpoint_every=0 gets a SIGTERM during step 3 (a preemption, not the
     server's stop): it saves a checkpoint, is marked preempting and exits 130; the server hands
@@ -171,7 +143,7 @@ def test_a_preempted_run_is_handed_out_again_and_resumes_to_the_uninterrupted_lo
     the losses of its twin with checkpoint_every=2 (the same training), which nothing interrupted.
     The interrupted run says what resumes it under the agent, not `--resume`."""
     code, output, sweep_id = sweep_and_agent(
-        tmp_path, server, processes, corpus, {"checkpoint_every": {"values": [0, 2]}, "steps": {"value": 8},
+        tmp_path, server, corpus, {"checkpoint_every": {"values": [0, 2]}, "steps": {"value": 8},
                                               "eval_every": {"value": 4}},
         program=ROOT / "tests" / "preempted_train.py", PREEMPT_AT_STEP="3", PREEMPT_MARKER=str(tmp_path / "preempted"))
     assert code == 0, output[-3000:]
@@ -193,12 +165,12 @@ def test_a_preempted_run_is_handed_out_again_and_resumes_to_the_uninterrupted_lo
     assert mine["summary"]["data/fingerprint"] == reference["summary"]["data/fingerprint"]
 
 
-def test_the_agent_gives_up_after_quick_failures_and_exits_0(tmp_path, server, processes, corpus):
+def test_the_agent_gives_up_after_quick_failures_and_exits_0(tmp_path, server, corpus):
     """Every run of this grid is bad input (exit 2): the agent stops handing out runs after 3
     failures in its first 60 s (or, on a slow machine, 5 failures and no success), and exits 0
     all the same -- W&B's behaviour, which README's give-up paragraph warns a script about."""
     started = time.time()
-    code, output, _ = sweep_and_agent(tmp_path, server, processes, corpus,
+    code, output, _ = sweep_and_agent(tmp_path, server, corpus,
                                       {"d_model": {"values": [33, 35, 37, 39, 41, 43]}}, WANDB_MODE="offline")
     assert code == 0
     assert len(server.handed_out) in (3, 5) and len(server.handed_out) < 6, output[-3000:]
