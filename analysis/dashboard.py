@@ -25,7 +25,7 @@ from analysis.runs import Run, SourceError, load_path, load_wandb, varying_setti
 WORKSPACE_JSON, REPORT_JSON = "workspace.json", "report.json"
 # The verdict sections of the local report the W&B Report carries as text, in order. A section the
 # analysis does not build (yet) is passed over: a regime statement joins by its key here.
-VERDICT_KEYS = ("seed_statistics", "fairness", "regime")
+VERDICT_KEYS = ("regime", "seed_statistics", "fairness")  # the regime, where it applies, opens them
 # What the panels read: the summary W&B keeps of each run (train.py's final values) and its history.
 HEADLINE = (record.VAL_LOSS, record.VAL_LOSS_MIN, record.VAL_ACCURACY, record.PARAMS_TOTAL,
             record.KV_CACHE_BYTES_PER_TOKEN, record.TIME_TOTAL)
@@ -98,9 +98,10 @@ def build_workspace(runs: list[Run], entity: str, project: str, kind: str, value
 
 
 def verdicts(runs: list[Run]) -> list[tables.Section]:
-    """The local report's verdict sections, computed by analysis.tables as report.build does."""
+    """The local report's verdict sections, computed by analysis.tables as report.build does
+    (a section with nothing to say, as the regime where it does not apply, is left out)."""
     by_key = {s.key: s for s in tables.build_sections(runs, audit(runs))}
-    return [by_key[key] for key in VERDICT_KEYS if key in by_key]
+    return [by_key[key] for key in VERDICT_KEYS if key in by_key and by_key[key].lines]
 
 
 def build_report(runs: list[Run], entity: str, project: str, kind: str, value: str, source: str):

@@ -92,6 +92,20 @@ def test_report_says_what_the_local_report_says(tmp_path):
         assert text.strip() in local  # the verdict tables, word for word as in report.md
 
 
+def test_the_report_opens_with_the_regime_where_the_runs_learned_no_context(tmp_path):
+    """Runs at their unigram loss with no context gain: the shared Report's first verdict text is
+    the local report's regime sentence; where the regime does not apply there is no empty block
+    (the test above: two texts)."""
+    records = three_seed_records()
+    for rec in records:
+        rec["summary"].update({"data/unigram_loss": rec["summary"]["val/loss"] - 0.01, "val/context_gain": 0.0})
+    results, _, spec = dry_run(tmp_path, records, "--project", "ent/proj", "--group", "g1")
+    local = report.build(load_path(results), tmp_path / "local", str(results)).path.read_text()
+    texts = [b["content"] for b in spec["spec"]["blocks"] if b["type"] == "markdown-block"]
+    assert len(texts) == 3 and "attention cannot matter in these runs yet" in texts[0]
+    assert texts[0].strip() in local
+
+
 def test_specs_round_trip_through_the_library_models(tmp_path):
     runs = load_path(write_records(tmp_path / "results", lr_sweep_records()))
     workspace = dashboard.build_workspace(runs, "ent", "proj", "sweep", "sw1")
