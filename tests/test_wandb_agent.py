@@ -60,6 +60,9 @@ def user_env(tmp: Path, server: StandIn, **extra) -> dict:
     env.update(HOME=str(tmp / "home"), WANDB_CONFIG_DIR=str(tmp / "config"), WANDB_CACHE_DIR=str(tmp / "cache"),
                WANDB_DATA_DIR=str(tmp / "data"), WANDB_BASE_URL=server.url, WANDB_API_KEY=FAKE_KEY,
                PYTHONUNBUFFERED="1", **extra)
+    # the user's venv activated: the agent runs a sweep's program as `python train.py ...` from PATH,
+    # so with the suite started as <venv>/bin/python -m pytest (no activation) PATH must name it
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
 
