@@ -298,13 +298,15 @@ class MultiHeadLatentAttention(nn.Module):
         per head, and sum_j p_j W_UV latent_j = W_UV (sum_j p_j latent_j)."""
         w = self.kv_b_proj.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
-        latent = latent.unsqueeze(1)  # (B, 1, n, rank): one latent for every head
+        # One latent serves every head: the heads are the rows of one (B, H, .) @ (B, ., n) product.
+        # (A broadcast (B, H, 1, rank) @ (B, 1, rank, n) copies the latent once per head every step.)
+        batch, heads = q_nope.shape[0], self.n_heads
         scores = 0
         if self.qk_nope_head_dim:
-            q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (B, H, 1, rank)
-            scores = q_latent @ latent.transpose(-2, -1)
+            q_latent = torch.einsum("bhtd,hdr->bhr", q_nope, w_uk)  # (B, H, rank); t is the one new token
+            scores = q_latent @ latent.transpose(1, 2)  # (B, H, n)
         if self.qk_rope_head_dim:
-            scores = scores + q_rot @ k_rot.unsqueeze(1).transpose(-2, -1)
+            scores = scores + q_rot.view(batch, heads, -1) @ k_rot.transpose(1, 2)
         probs = torch.softmax(scores * self.qk_head_dim ** -0.5, dim=-1, dtype=torch.float32).to(latent.dtype)
-        out_latent = probs @ latent  # (B, H, 1, rank)
-        return torch.einsum("bhtr,hvr->bthv", out_latent, w_uv).flatten(2)
+        out_latent = probs @ latent  # (B, H, rank)
+        return torch.einsum("bhr,hvr->bhv", out_latent, w_uv).reshape(batch, 1, heads * self.v_head_dim)
