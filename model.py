@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attention import KINDS, AttentionSpec, RMSNorm, build_attention
+from attention import AttentionSpec, RMSNorm, build_attention
+from attention.init import Constant, Init, Normal
 from attention.modules import SDPA_PAD_MODES
 
 
@@ -244,13 +245,18 @@ class MoE(nn.Module):
         return combined.view_as(x), aux_loss
 
 
+def layer_attention(cfg: ModelConfig, layer: int) -> nn.Module:
+    """The attention module of layer `layer` (0-based): built with its index, so the kind applies its
+    own per-layer schedule (a local/global pattern's windows, a depth-dependent constant)."""
+    return build_attention(cfg.attention, cfg.d_model, cfg.n_heads, cfg.dropout, cfg.rope_theta, max_len=cfg.seq_len,
+                           sdpa_pad=cfg.sdpa_pad, layer=layer, n_layers=cfg.n_layers)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.d_model)
-        # for_layer: a local/global pattern gives some layers the window and others the full context
-        self.self_attn = build_attention(cfg.attention.for_layer(layer), cfg.d_model, cfg.n_heads, cfg.dropout, cfg.rope_theta,
-                                         max_len=cfg.seq_len, sdpa_pad=cfg.sdpa_pad)
+        self.self_attn = layer_attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.d_model)
         self.mlp = MoE(cfg.d_model, cfg.d_ff, cfg.n_experts, cfg.top_k, cfg.router_noise_std, cfg.expert_dropout,
                        cfg.moe_matmul)
@@ -391,8 +397,8 @@ class MoELM(nn.Module):
 # --- initialisation: fair by construction ------------------------------------------------------
 
 # Projections that write into the residual stream start smaller (GPT-2), so depth does not grow
-# the residual's variance.
-RESIDUAL_OUTPUTS = ("o_proj.weight", "down_proj")
+# the residual's variance: the experts' down_proj here, and whatever an attention kind says
+# (its parameter_init gets both stds).
 INIT_STD = 0.02
 
 
@@ -400,28 +406,53 @@ def is_attention_parameter(name: str) -> bool:
     return ".self_attn." in name
 
 
+def residual_init_std(cfg: ModelConfig) -> float:
+    return INIT_STD / math.sqrt(2 * cfg.n_layers) if cfg.init_residual_scaling else INIT_STD
+
+
+def parameter_inits(model: MoELM) -> dict[str, Init]:
+    """How each parameter starts, by its full name. The attention's: what its module declares
+    (`parameter_init(std, residual_std)`: attention/registry.py's contract); the rest, shared by
+    every variant: norm weights 1, biases 0, the experts' down_proj N(0, residual std), everything
+    else N(0, INIT_STD). An attention parameter its module declares nothing for is an error."""
+    std, residual_std = INIT_STD, residual_init_std(model.cfg)
+    inits = {}
+    for index, layer in enumerate(model.layers):
+        declared = layer.self_attn.parameter_init(std, residual_std)
+        own = dict(layer.self_attn.named_parameters())
+        if declared.keys() != own.keys():
+            missing, extra = sorted(own.keys() - declared.keys()), sorted(declared.keys() - own.keys())
+            raise ValueError(f"{type(layer.self_attn).__name__}.parameter_init: declares no init for {missing}"
+                             + (f", and one for {extra}, which it does not have" if extra else ""))
+        inits.update({f"layers.{index}.self_attn.{name}": init for name, init in declared.items()})
+    for name, _ in model.named_parameters():
+        if is_attention_parameter(name):
+            continue
+        if name.endswith("norm.weight"):
+            inits[name] = Constant(1.0)
+        elif name.endswith(".bias"):
+            inits[name] = Constant(0.0)
+        else:
+            inits[name] = Normal(residual_std if name.endswith("down_proj") else std)
+    return inits
+
+
 def init_weights(model: MoELM, seed: int) -> None:
-    """Each parameter from its own generator seeded by (seed, parameter name), drawn on the CPU.
+    """Each parameter from its own generator seeded by (seed, parameter name), drawn on the CPU, by
+    the rule parameter_inits gives it.
 
     So a parameter that exists in two variants (embedding, experts, router, norms) starts from the
     same values in both, whatever the other parameters are, and on any device. The draws are
     independent, so they run on a few threads (torch releases the GIL while drawing): the values do
     not depend on the threading, and a run starts sooner (~1 s of draws for the seed's model).
     """
-    residual_std = INIT_STD / math.sqrt(2 * model.cfg.n_layers) if model.cfg.init_residual_scaling else INIT_STD
+    inits = parameter_inits(model)
 
     @torch.no_grad()
     def initialise(name: str, param: torch.Tensor) -> None:
-        if name.endswith("norm.weight"):
-            values = torch.ones(param.shape)
-        elif name.endswith(".bias"):
-            values = torch.zeros(param.shape)
-        else:
-            digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-            generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-            std = residual_std if name.endswith(RESIDUAL_OUTPUTS) else INIT_STD
-            values = torch.empty(param.shape).normal_(0.0, std, generator=generator)
-        param.copy_(values)
+        digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+        param.copy_(inits[name].draw(param.shape, generator))
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         list(pool.map(lambda item: initialise(*item), model.named_parameters()))
@@ -451,11 +482,12 @@ def count_parameters(model: MoELM) -> dict[str, int]:
 
 def flops_per_token(model: MoELM) -> int:
     """Training FLOPs per token: 6 x (matmul weights a token actually passes through) for forward
-    and backward, plus 6 x n_layers x seq_len x n_heads x (qk_head_dim + v_head_dim) for the
-    attention scores and the weighted sum of values (the PaLM/nanoGPT convention: the full
-    seq_len x seq_len products, no discount for the causal mask). A sliding-window layer counts
-    min(window, seq_len) keys per query instead of seq_len: what a kernel that skips the keys
-    outside the window computes (our explicit-mask path computes them all and masks them).
+    and backward, plus 3 x the forward FLOPs each layer's attention does beyond its weights at the
+    context seq_len, as the kind counts them (`token_mixing_flops`; softmax attention: 2 x keys x
+    n_heads x (qk_head_dim + v_head_dim) for the scores and the weighted sum of values, the
+    PaLM/nanoGPT convention: the full seq_len x seq_len products, no discount for the causal mask,
+    and min(window, seq_len) keys on a sliding-window layer: what a kernel that skips the keys
+    outside the window computes; our explicit-mask path computes them all and masks them).
 
     Matmul weights per token: every attention projection, the router, top_k of the n_experts
     experts, and the tied LM head (vocab x d_model). Embedding lookups, norms and biases are not
@@ -468,27 +500,26 @@ def flops_per_token(model: MoELM) -> int:
             active += param.numel() // cfg.n_experts * cfg.top_k
         elif param.dim() == 2:  # every Linear weight, and the embedding as the LM head
             active += param.numel()
-    spec = cfg.attention
-    qk_head_dim, v_head_dim = KINDS[spec.kind].head_dims(spec, cfg.d_model // cfg.n_heads)
-    keys = sum(min(cfg.attention.for_layer(layer).window or cfg.seq_len, cfg.seq_len) for layer in range(cfg.n_layers))
-    scores_and_values = keys * cfg.n_heads * (qk_head_dim + v_head_dim)
-    return 6 * active + 6 * scores_and_values
+    token_mixing = sum(layer.self_attn.token_mixing_flops(cfg.seq_len) for layer in model.layers)
+    return 6 * active + 3 * token_mixing
+
+
+def attention_layers(cfg: ModelConfig) -> list[nn.Module]:
+    """Every layer's attention module on the meta device (no memory, no init): what the costs ask."""
+    with torch.device("meta"):
+        return [layer_attention(cfg, layer) for layer in range(cfg.n_layers)]
 
 
 KV_CACHE_BYTES_PER_VALUE = 2  # bf16/fp16, as a decoder would cache
 
 
 def kv_cache_bytes(cfg: ModelConfig, context: int, bytes_per_value: int = KV_CACHE_BYTES_PER_VALUE) -> int:
-    """The whole decode cache at `context` tokens, over all layers: each layer's kind says how many
-    values a token adds (MHA/GQA: K and V of each key/value head; MLA: the normalised latent plus the
-    shared rotary key), and a window layer keeps min(window, context) tokens. Counted, and exactly
-    what MoELM.new_cache's tensors hold (tests/test_decode.py)."""
-    total = 0
-    for layer in range(cfg.n_layers):
-        spec = cfg.attention.for_layer(layer)
-        per_token = KINDS[spec.kind].kv_cache_values(spec, cfg.d_model // cfg.n_heads, cfg.n_heads)
-        total += per_token * bytes_per_value * (min(spec.window, context) if spec.window else context)
-    return total
+    """The whole decode cache of one sequence at `context` tokens, over all layers, as each layer's
+    kind counts it (`cache_size`: MHA/GQA K and V of each key/value head per token, a window layer
+    min(window, context) tokens; MLA the normalised latent plus the shared rotary key; a recurrent
+    kind its fixed state). Counted, and exactly what MoELM.new_cache's tensors hold
+    (tests/test_decode.py)."""
+    return sum(module.cache_size(context).values for module in attention_layers(cfg)) * bytes_per_value
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig) -> int:

@@ -18,8 +18,8 @@ Per layer, on each evaluation batch:
     the MoE router (its top-k choices, counted over all the evaluation's tokens):
         expert_load_max / expert_load_min   the largest / smallest expert's share of routed tokens
         routing_entropy the entropy of those shares (nats; log(n_experts) when balanced)
-    gated kinds (an attention module that, while `probing` is set on it, stores its gate's values
-    in [0, 1] as `last_gate` in forward):
+    gated kinds (an attention module with `gate_values(x)`: its output gate's values in [0, 1] on
+    the layer's input, recomputed here; None where the module has no gate):
         gate_open       the mean gate value
 The maxima are maxima over the evaluation's batches, the rest means; the logged value without
 a layer is the mean over layers (record.probe_key).
@@ -68,10 +68,10 @@ class Probes:
     def __enter__(self):
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            attn.probing = True
             if hasattr(attn, "attention_scores"):
                 self.hooks.append(attn.register_forward_pre_hook(lambda m, args, i=i: self._attention(i, m, args[0])))
-            self.hooks.append(attn.register_forward_hook(lambda m, args, out, i=i: self._gate(i, m)))
+            if hasattr(attn, "gate_values"):
+                self.hooks.append(attn.register_forward_pre_hook(lambda m, args, i=i: self._gate(i, m, args[0])))
             self.hooks.append(layer.register_forward_hook(lambda m, args, out, i=i: self._residual(i, out[0])))
             self.hooks.append(layer.mlp.gate.register_forward_hook(
                 lambda m, args, logits, i=i: self._router(i, m, logits)))
@@ -80,10 +80,6 @@ class Probes:
     def __exit__(self, *exc):
         for hook in self.hooks:
             hook.remove()
-        for layer in self.layers:
-            layer.self_attn.probing = False
-            if hasattr(layer.self_attn, "last_gate"):
-                layer.self_attn.last_gate = None
         self.hooks = []
 
     def _add(self, name: str, layer: int, value: torch.Tensor) -> None:
@@ -105,8 +101,8 @@ class Probes:
         self._add(record.PROBE_ATTN_SINK, layer, first_token_share(probs))
         self._add(record.PROBE_ATTN_LOGIT_MAX, layer, scores.max())
 
-    def _gate(self, layer: int, module) -> None:
-        gate = getattr(module, "last_gate", None)
+    def _gate(self, layer: int, module, x: torch.Tensor) -> None:
+        gate = module.gate_values(x)
         if gate is not None:
             self._add(record.PROBE_GATE_OPEN, layer, gate.float().mean())
 

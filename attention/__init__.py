@@ -17,19 +17,26 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def attention_class(kind: str):
+    """The module class of a kind (KINDS[kind].module), imported on first use."""
+    module_name, class_name = KINDS[kind].module.split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
 def build_attention(spec: AttentionSpec, d_model: int, n_heads: int, dropout: float = 0.0,
-                    rope_theta: float = 10000.0, max_len: int = 0, sdpa_pad: str = "auto"):
-    """The module of the spec's kind (KINDS[kind].module), for this model size. max_len: build the
-    RoPE tables for this many positions now (the model's seq_len) rather than on the first forward,
-    and resolve a window relative to the context (registry.OfContext) at it;
-    sdpa_pad: see attention.modules.causal_attention."""
-    module_name, class_name = KINDS[spec.kind].module.split(":")
-    module = getattr(importlib.import_module(module_name), class_name)
-    return module(spec.resolved(d_model, n_heads, max_len or None), d_model, n_heads, dropout, rope_theta, max_len, sdpa_pad)
+                    rope_theta: float = 10000.0, max_len: int = 0, sdpa_pad: str = "auto", layer: int = 0,
+                    n_layers: int = 1):
+    """The module of the spec's kind for layer `layer` (0-based) of `n_layers`, at this model size.
+    The kind reads its per-layer schedule from them (a window on some layers, a depth-dependent
+    constant). max_len: build the RoPE tables for this many positions now (the model's seq_len)
+    rather than on the first forward, and resolve a window relative to the context
+    (registry.OfContext) at it; sdpa_pad: see attention.modules.causal_attention."""
+    return attention_class(spec.kind)(spec.resolved(d_model, n_heads, max_len or None), d_model, n_heads, dropout,
+                                      rope_theta, max_len, sdpa_pad, layer=layer, n_layers=n_layers)
 
 
 __all__ = [
     "AttentionSpec", "FAMILIES", "FULL_RANK", "Family", "KINDS", "KNOBS", "Kind", "Knob", "OTHER_FAMILY", "VARIANTS",
     "ROPE_SCALINGS", "RMSNorm", "RotaryEmbedding", "MultiHeadAttention", "MultiHeadLatentAttention", "apply_rotary",
-    "build_attention",
+    "attention_class", "build_attention",
 ]

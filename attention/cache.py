@@ -7,8 +7,26 @@ slot p % capacity, overwriting the token that just left the window. Slot order d
 the softmax (RoPE is applied before a key is cached); a bias that depends on distance (ALiBi)
 asks `positions()` which token each slot holds. A layer without a window has room for the whole
 context it was made for, and refuses more.
+
+A kind's module also says how big its cache is without making one (`cache_size(context)`, what
+model.kv_cache_bytes counts): a CacheSize, values that grow with the tokens kept plus a fixed state
+(a recurrent kind: its state matrices, whatever the context).
 """
+from typing import NamedTuple
+
 import torch
+
+
+class CacheSize(NamedTuple):
+    """What one layer's decode cache holds for one sequence: `tokens` tokens of `per_token` values
+    each (a window keeps at most its window) plus `state` values whatever the context."""
+    per_token: int
+    tokens: int
+    state: int = 0
+
+    @property
+    def values(self) -> int:
+        return self.per_token * self.tokens + self.state
 
 
 class LayerCache:

@@ -2,12 +2,14 @@
 attention (the baseline, and its grouped-query / multi-query and QK-norm forms) and DeepSeek-style
 multi-head latent attention (MLA). Parameter names follow `transformers`' LlamaAttention /
 Qwen3Attention and DeepseekV3Attention, so a state dict loads into the reference unchanged.
+Each module is one kind's side of the contract in attention/registry.py's docstring.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import LayerCache
+from .cache import CacheSize, LayerCache
+from .init import Constant, Normal
 from .modulated import apply_output_gate, attention_weights, causal_scores, explicit_causal_attention, gate_width
 from .positions import alibi_slopes, score_mask
 from .rope import RotaryEmbedding, apply_rotary
@@ -72,16 +74,31 @@ def cached_attention(q, k, v, scale: float, bias=None) -> torch.Tensor:
     return out.transpose(1, 2).reshape(batch, length, heads * v_dim)
 
 
+def layer_window(spec: AttentionSpec, layer: int) -> int:
+    """The window of layer `layer` (0-based): with a window and global_every N, layers N-1, 2N-1, ..
+    attend to every key (Gemma 2 and gpt-oss, N=2: local, global, local, ..; their layer_types),
+    the others keep the window."""
+    if spec.window and spec.global_every and (layer + 1) % spec.global_every == 0:
+        return 0
+    return spec.window
+
+
+def _zero_biases(module: nn.Module) -> dict:
+    """Every bias of the module's own projections starts at 0."""
+    return {f"{name}.bias": Constant(0.0) for name, child in module.named_children()
+            if isinstance(child, nn.Linear) and child.bias is not None}
+
+
 class MultiHeadAttention(nn.Module):
     """The baseline: q, k, v, o projections, RoPE on the whole head. With n_kv_heads < n_heads,
     grouped-query attention (one key/value head per n_heads / n_kv_heads query heads; 1: multi-query);
     with qk_norm, an RMSNorm over each head's query and key before RoPE (Qwen3); positions "none"
     drops RoPE (NoPE), "alibi" replaces it with Bloom's per-head distance penalty; window > 0 lets
-    each query see only its last `window` keys (Mistral); with an output gate, attention sinks or
-    soft-capped logits, see attention/modulated.py."""
+    each query see only its last `window` keys (Mistral), on the layers `layer_window` gives it; with
+    an output gate, attention sinks or soft-capped logits, see attention/modulated.py."""
 
     def __init__(self, spec: AttentionSpec, d_model: int, n_heads: int, dropout: float, rope_theta: float,
-                 max_len: int = 0, sdpa_pad: str = "auto"):
+                 max_len: int = 0, sdpa_pad: str = "auto", layer: int = 0, n_layers: int = 1):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, spec.n_kv_heads or n_heads
         self.head_dim, self.dropout, self.sdpa_pad = d_model // n_heads, dropout, sdpa_pad
@@ -100,7 +117,7 @@ class MultiHeadAttention(nn.Module):
         if spec.positions == "rope":
             self.rotary = RotaryEmbedding(self.head_dim, rope_theta, spec.rope_scaling, spec.rope_scaling_factor,
                                           max_len)
-        self.window = spec.window
+        self.window = layer_window(spec, layer)  # 0 on a global layer of a local/global pattern
         self.register_buffer("alibi_slopes", alibi_slopes(n_heads) if spec.positions == "alibi" else None,
                              persistent=False)
 
@@ -132,11 +149,43 @@ class MultiHeadAttention(nn.Module):
         """(B, H, T, T) attention weights on the keys (probes); with sinks they sum to less than 1."""
         return attention_weights(self.attention_scores(x), getattr(self, "sinks", None))
 
+    def gate_values(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The output gate's openness (B, T, H, gate width) in [0, 1] on input x (probes), None without a gate."""
+        if not self.gate_dim:
+            return None
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim + self.gate_dim)
+        return torch.sigmoid(q[..., self.head_dim:])
+
+    def parameter_init(self, std: float, residual_std: float) -> dict:
+        """How each parameter starts (model.init_weights draws it): the projections N(0, std), o_proj --
+        it writes into the residual stream -- N(0, residual_std), biases 0, QK-norm weights 1, the sink
+        logits N(0, std)."""
+        init = {f"{name}.weight": Normal(std) for name in ("q_proj", "k_proj", "v_proj")}
+        init["o_proj.weight"] = Normal(residual_std)
+        init.update(_zero_biases(self))
+        if hasattr(self, "q_norm"):
+            init["q_norm.weight"] = init["k_norm.weight"] = Constant(1.0)
+        if hasattr(self, "sinks"):
+            init["sinks"] = Normal(std)
+        return init
+
+    def cache_size(self, context: int) -> CacheSize:
+        """What new_cache holds per sequence at `context` tokens: K and V of each key/value head per
+        token, for the last min(window, context) tokens on a window layer."""
+        return CacheSize(2 * self.n_kv_heads * self.head_dim, min(self.window, context) if self.window else context)
+
+    def token_mixing_flops(self, context: int) -> int:
+        """Forward FLOPs per token that are no weight matmul, at `context`: each head's scores and
+        weighted sum of values over the keys a query sees (the full context -- no discount for the
+        causal mask -- or min(window, context): what a kernel that skips the keys outside it does)."""
+        keys = min(self.window, context) if self.window else context
+        return 2 * keys * self.n_heads * (self.qk_head_dim + self.v_head_dim)
+
     def new_cache(self, batch: int, context: int, dtype=torch.float32, device=None) -> LayerCache:
         """An empty decode cache for `context` tokens: K and V of each key/value head (B, H_kv, slots,
         d), as many slots as the context, or the window's last `window` tokens."""
-        slots = min(self.window, context) if self.window else context
-        shape = (batch, self.n_kv_heads, slots, self.head_dim)
+        shape = (batch, self.n_kv_heads, self.cache_size(context).tokens, self.head_dim)
         return LayerCache({"k": torch.zeros(shape, dtype=dtype, device=device),
                            "v": torch.zeros(shape, dtype=dtype, device=device)}, time_dim=2, window=self.window)
 
@@ -159,8 +208,6 @@ class MultiHeadAttention(nn.Module):
             else:
                 out = causal_attention(q, k, v, self.head_dim ** -0.5, dropout, self.sdpa_pad, mask)
         if self.gate_dim:
-            if getattr(self, "probing", False):  # probes.py reads the gate's openness
-                self.last_gate = torch.sigmoid(gate)
             out = apply_output_gate(out, gate)
         return self.o_proj(out)
 
@@ -190,8 +237,8 @@ class MultiHeadLatentAttention(nn.Module):
     """
 
     def __init__(self, spec: AttentionSpec, d_model: int, n_heads: int, dropout: float, rope_theta: float,
-                 max_len: int = 0, sdpa_pad: str = "auto"):
-        super().__init__()
+                 max_len: int = 0, sdpa_pad: str = "auto", layer: int = 0, n_layers: int = 1):
+        super().__init__()  # layer, n_layers: every MLA layer is alike
         self.n_heads, self.dropout, self.sdpa_pad = n_heads, dropout, sdpa_pad
         self.kv_lora_rank = spec.kv_lora_rank
         self.qk_nope_head_dim = spec.qk_nope_head_dim
@@ -263,6 +310,28 @@ class MultiHeadLatentAttention(nn.Module):
     # query, W_UV applied to the latent-space output, so no per-head key or value is ever rebuilt)
     # or "naive" (every step rebuilds all keys and values from the cached latent). Same arithmetic.
     decode_mode = "absorbed"
+
+    def parameter_init(self, std: float, residual_std: float) -> dict:
+        """How each parameter starts (model.init_weights draws it): the projections N(0, std), o_proj --
+        it writes into the residual stream -- N(0, residual_std), biases 0, the latents' norm weights 1."""
+        names = ["kv_a_proj_with_mqa", "kv_b_proj"] + (["q_proj"] if hasattr(self, "q_proj") else ["q_a_proj", "q_b_proj"])
+        init = {f"{name}.weight": Normal(std) for name in names}
+        init["o_proj.weight"] = Normal(residual_std)
+        init.update(_zero_biases(self))
+        for norm in ("kv_a_layernorm", "q_a_layernorm"):
+            if hasattr(self, norm):
+                init[f"{norm}.weight"] = Constant(1.0)
+        return init
+
+    def cache_size(self, context: int) -> CacheSize:
+        """What new_cache holds per sequence at `context` tokens: per token the latent and the shared rotary key."""
+        return CacheSize(self.kv_lora_rank + self.qk_rope_head_dim, context)
+
+    def token_mixing_flops(self, context: int) -> int:
+        """Forward FLOPs per token that are no weight matmul, at `context`: each head's scores
+        (qk_nope + qk_rope dims) and weighted sum of values (v_head_dim) over the whole context, as
+        training computes them (keys and values rebuilt per head; no discount for the causal mask)."""
+        return 2 * context * self.n_heads * (self.qk_head_dim + self.v_head_dim)
 
     def new_cache(self, batch: int, context: int, dtype=torch.float32, device=None) -> LayerCache:
         """An empty decode cache for `context` tokens: the normalised latent and the shared rotary key

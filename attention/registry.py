@@ -8,15 +8,47 @@ A kind's module is imported only when a model is built (`attention.build_attenti
 Adding a named variant: one entry in VARIANTS (below), then its name in a sweep's
 `attention: values:`.
 
-Adding a kind: (1) its module, a file in attention/ with a class built as
-`Module(spec, d_model, n_heads, dropout, rope_theta, max_len, sdpa_pad)` mapping (B, T, d_model) to
-(B, T, d_model), parameter names as in the `transformers` class it is checked against; (2) its new
-knobs in KNOBS and one Kind in KINDS naming the module, its knobs, its per-token KV cache, its
-score/value dims (FLOPs), the combinations it refuses and its reference; (3) its test in
-tests/test_attention.py against that reference (weights copied; outputs and gradients); (4) its
-plain twin in bench/reference.py (REFERENCE_KNOBS), which bench/ times it against; (5) its decode
-cache: `new_cache(batch, context, dtype, device)` -> an attention.cache.LayerCache holding exactly
-kv_cache_values per token, and `forward(x, cache)` (tests/test_decode.py checks every variant).
+Adding a kind is three files: its module, its registry entry, its test file (and a sweep YAML
+only if it should be in a shipped sweep). tests/test_kind_contract.py checks every item below for
+every kind in KINDS and names what is missing.
+
+1. The module, one file in attention/, one class (KINDS[kind].module names it):
+   - `__init__(spec, d_model, n_heads, dropout, rope_theta, max_len=0, sdpa_pad="auto", layer=0,
+     n_layers=1)`: the resolved spec, the model size, and which layer of how many it is. A per-layer
+     schedule is the kind's own and lives here only (MHA's local/global windows: layer_window in
+     attention/modules.py; a depth-dependent constant such as a lambda_init).
+   - `forward(x, cache=None)`: (B, T, d_model) -> (B, T, d_model). With a cache (below): a prompt into
+     the empty cache, then one token at a time, the logits of the full forward (tests/test_decode.py
+     checks every variant).
+   - `new_cache(batch, context, dtype, device)` -> an attention.cache.LayerCache.
+   - `cache_size(context)` -> attention.cache.CacheSize(per_token, tokens, state): what new_cache
+     holds per sequence at `context` tokens, values per token times the tokens kept (a window: at
+     most its window) plus a fixed state (a recurrent kind: its state matrices, with per_token 0).
+     model.kv_cache_bytes counts it; the contract test checks it against new_cache's tensors.
+   - `token_mixing_flops(context)` -> the forward FLOPs per token that are no weight matmul at
+     `context` (softmax attention: scores and weighted values; a recurrent kind: its state update and
+     read). model.flops_per_token adds 6 x the weight matmuls and 3 x this.
+   - `parameter_init(std, residual_std)` -> {parameter name: attention.init.Normal(std) | Constant(v)
+     | Drawn(fn)} for every parameter it has, nothing else: model.init_weights draws each from the
+     generator seeded by (seed, its full name). std and residual_std are the model's (residual_std for
+     a projection that writes into the residual stream, such as o_proj).
+   - parameter names as in the `transformers` class it is checked against.
+   - optional, for the mechanism probes (probes.py): `attention_scores(x)` (B, H, T, T) scaled,
+     masked pre-softmax scores, `attention_probabilities(x)` where the softmax spans more than the
+     keys, `gate_values(x)` an output gate's openness in [0, 1] (None without a gate).
+   - optional, for bench/ when bench/reference.py has no seed-style twin of the kind (the seed's two
+     have one): a classmethod `reference_attention(spec, d_model, n_heads, dropout, rope_theta, layer,
+     n_layers)` -> (module, forward): the reference implementation (the transformers class) whose
+     state dict keys are this module's, and forward(x) -> (B, T, d_model) on it. bench times the kind
+     against it, with our weights copied in.
+2. The registry entry (this file): its new knobs in KNOBS (each becomes a config field, an option
+   with its help line, a validated value) and one Kind in KINDS naming the module, its knobs, its
+   reference, its test file, how unset head dims resolve and what combinations it refuses; a
+   variant of it in VARIANTS (a new family: one entry in FAMILIES).
+3. The test file (KINDS[kind].test) against the reference: weights copied, outputs and input and
+   parameter gradients in fp32 within 1e-5 relative error over several shapes, with a negative
+   control (a planted bug is caught).
+Both zoo sweeps list every variant (a test enforces it), so a new variant is also one line in each.
 """
 import math
 from dataclasses import dataclass, field, replace
@@ -203,13 +235,6 @@ class AttentionSpec:
         a resolved spec (integers where the variant's sizes are relative)."""
         return {name: getattr(self, name) for name in KINDS[self.kind].knobs}
 
-    def for_layer(self, layer: int) -> "AttentionSpec":
-        """The spec of layer `layer` (0-based): with a window and global_every N, layers N-1, 2N-1, ..
-        are global (Gemma 2, N=2: local, global, local, ..), the others keep the window."""
-        if self.window and self.global_every and (layer + 1) % self.global_every == 0:
-            return replace(self, window=0)
-        return self
-
 
 # --- kinds ---------------------------------------------------------------------------------------
 
@@ -219,10 +244,9 @@ class Kind:
     label: str  # how errors and --help name it
     module: str  # "package.module:Class", imported when a model is built
     knobs: tuple  # names in KNOBS this kind reads; any other knob set on the command line is refused
-    reference: str  # the independent implementation its test (tests/test_attention.py) compares against
+    reference: str  # the independent implementation its test compares against
+    test: str  # the test file that compares the module with that reference (weights copied)
     resolve: Callable  # (spec, head_dim, n_heads) -> spec with its None head dims filled in
-    head_dims: Callable  # resolved spec, head_dim -> (query/key dims, value dims) per query head
-    kv_cache_values: Callable  # (resolved spec, head_dim, n_heads) -> values one layer caches per token
     refuse: Callable  # (resolved spec, head_dim, n_heads) -> why this combination is refused, or None
 
 
@@ -262,19 +286,15 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
          "transformers LlamaAttention (num_key_value_heads); Qwen3Attention with qk_norm; Qwen3NextAttention with "
          "an element-wise gate; GptOssAttention with sinks; Gemma2Attention with a soft-cap; MistralAttention with "
          "a window; BloomAttention with ALiBi",
+         test="tests/test_attention.py",
          resolve=_mha_resolve,
-         head_dims=lambda spec, head_dim: (head_dim, head_dim),
-         # K and V of each key/value head
-         kv_cache_values=lambda spec, head_dim, n_heads: 2 * spec.n_kv_heads * head_dim,
          refuse=_mha_refuse),
     Kind("mla", "latent (MLA)", "attention.modules:MultiHeadLatentAttention",
          ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
           "attention_bias", "rope_scaling", "rope_scaling_factor"),
          "transformers DeepseekV3Attention",
+         test="tests/test_attention.py",
          resolve=_mla_resolve,
-         head_dims=lambda spec, head_dim: (spec.qk_nope_head_dim + spec.qk_rope_head_dim, spec.v_head_dim),
-         # the compressed latent plus the one rotary key shared by all heads (DeepSeek-V2's cache)
-         kv_cache_values=lambda spec, head_dim, n_heads: spec.kv_lora_rank + spec.qk_rope_head_dim,
          refuse=_mla_refuse),
 ]}
 

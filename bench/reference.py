@@ -7,7 +7,12 @@ dict unchanged.
   helpers (attention/modulated.py, attention/positions.py), so a bug there shows: keys and values
   repeat_interleave'd for grouped-query, RMSNorm on q and k, the tanh soft-cap, the window as a
   second triangle of the mask, ALiBi's slopes as the paper's code computes them, the sink logit
-  concatenated before the softmax, the sigmoid output gate, and the local/global layer pattern;
+  concatenated before the softmax, the sigmoid output gate (which layers of a local/global pattern
+  get the window is the kind's own schedule, attention.modules.layer_window, checked against
+  transformers' layer_types in tests/test_attention_zoo_combined.py);
+  a kind without a twin here (any kind after the seed's two) is compared with its reference
+  implementation instead, the transformers class its module's `reference_attention` builds, our
+  weights copied in;
 - MoE: a Python loop over experts, each computing on the tokens whose top-k includes it, found with
   a boolean mask (a host sync per expert on GPU), outputs accumulated by masked assignment;
 - RMSNorm written out (mean of squares, rsqrt);
@@ -24,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attention import KINDS, AttentionSpec
+from attention import KINDS, AttentionSpec, attention_class
+from attention.modules import layer_window
 from attention.rope import ROPE_SCALINGS
 from model import MoE, ModelConfig, MoELM
 
@@ -196,13 +202,40 @@ class SeedMoE(MoE):
         return out.view_as(x), aux_loss
 
 
-def has_reference(spec: AttentionSpec) -> bool:
-    """Whether the seed-style reference covers this spec's kind and every knob that kind has. It
-    reads the kind only, so a variant's unresolved spec (VARIANTS[name]) answers the same as the
-    resolved one. A kind or knob added without its reference here makes it False (and
-    tests/test_perf.py fail)."""
+def has_twin(spec: AttentionSpec) -> bool:
+    """Whether the seed-style twin covers this spec's kind and every knob that kind has. It reads the
+    kind only, so a variant's unresolved spec (VARIANTS[name]) answers the same as the resolved one."""
     covered = REFERENCE_KNOBS.get(spec.kind)
     return covered is not None and set(KINDS[spec.kind].knobs) <= covered
+
+
+def has_reference(spec: AttentionSpec) -> bool:
+    """Whether bench/ can compare this spec's kind: its seed-style twin (the seed's kinds), or else
+    the reference implementation its module builds (`reference_attention`). A kind with neither, or
+    a seed kind given a knob its twin lacks, makes it False (and tests/test_perf.py fail)."""
+    if spec.kind in REFERENCE_KNOBS:
+        return has_twin(spec)
+    return hasattr(attention_class(spec.kind), "reference_attention")
+
+
+class KindReference(nn.Module):
+    """A kind's reference implementation as a layer of the model: the module `reference_attention`
+    built (its submodules and parameters, under the names it gives them, which are the kind's, so
+    our state dict loads), called through the forward it came with."""
+
+    def __init__(self, module: nn.Module, forward):
+        super().__init__()
+        if list(module.named_buffers(recurse=False)):  # .to() would move our copy of them, not its
+            raise ValueError(f"{type(module).__name__}: a reference with buffers of its own is not supported")
+        self.reference = [module]  # not a child: its children and parameters are registered as ours
+        for name, child in module.named_children():
+            self.add_module(name, child)
+        for name, param in module.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        self.call = forward
+
+    def forward(self, x):
+        return self.call(x)
 
 
 # The knobs each reference module implements (a new knob of a kind needs its plain form here).
@@ -215,26 +248,31 @@ REFERENCE_KNOBS = {
 SEED_MODULES = {"mha": SeedMHA, "mla": SeedMLA}
 
 
-def layer_window(spec: AttentionSpec, layer: int) -> int:
-    """The window of layer `layer` (0-based), written from the published pattern rather than taken
-    from AttentionSpec.for_layer: with global_every N, layers N, 2N, .. counted from 1 are global
-    (Gemma 2 and gpt-oss, N = 2: sliding, full, sliding, full, ..)."""
-    is_global = spec.global_every > 0 and (layer + 1) % spec.global_every == 0
-    return 0 if is_global else spec.window
+def reference_attention(cfg: ModelConfig, layer: int) -> nn.Module:
+    """Layer `layer`'s reference attention: the seed-style twin of the kind, or the kind's reference
+    implementation (KindReference)."""
+    spec = cfg.attention  # resolved by ModelConfig
+    if spec.kind in SEED_MODULES:
+        layer_spec = replace(spec, window=layer_window(spec, layer))  # the kind's schedule
+        return SEED_MODULES[spec.kind](layer_spec, cfg.d_model, cfg.n_heads, cfg.dropout, cfg.rope_theta)
+    module, forward = attention_class(spec.kind).reference_attention(spec, cfg.d_model, cfg.n_heads, cfg.dropout,
+                                                                     cfg.rope_theta, layer, cfg.n_layers)
+    return KindReference(module, forward)
 
 
 def build_reference(cfg: ModelConfig) -> MoELM:
-    """The model with its attention, MoE and norms swapped for the seed-style modules. The module
-    tree (and so every parameter name, shape and order) is unchanged: it loads our state dict."""
-    spec = cfg.attention  # resolved by ModelConfig
+    """The model with its attention, MoE and norms swapped for the seed-style modules (attention: a
+    new kind's reference implementation). The module tree (and so every parameter name, shape and
+    order) is unchanged: it loads our state dict."""
+    spec = cfg.attention
     if not has_reference(spec):
         raise ValueError(f"{spec.name}: the seed-style reference has no {spec.kind!r} attention (or not all "
-                         "of its knobs): add it to bench/reference.py")
+                         "of its knobs): add it to bench/reference.py, or give the kind's module a "
+                         "reference_attention (attention/registry.py)")
     model = MoELM(cfg)
     for i, layer in enumerate(model.layers):
         layer.input_layernorm = SeedRMSNorm(cfg.d_model)
-        layer_spec = replace(spec, window=layer_window(spec, i))
-        layer.self_attn = SEED_MODULES[spec.kind](layer_spec, cfg.d_model, cfg.n_heads, cfg.dropout, cfg.rope_theta)
+        layer.self_attn = reference_attention(cfg, i)
         layer.post_attention_layernorm = SeedRMSNorm(cfg.d_model)
         layer.mlp = SeedMoE(cfg.d_model, cfg.d_ff, cfg.n_experts, cfg.top_k, cfg.router_noise_std)
     model.norm = SeedRMSNorm(cfg.d_model)

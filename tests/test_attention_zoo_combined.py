@@ -45,14 +45,24 @@ def test_named_variants_alternate_sliding_and_full_layers_as_transformers_does(n
         assert {layer.self_attn.softcap for layer in model.layers} == {50.0}
 
 
+def test_the_layer_pattern_check_catches_a_wrong_schedule(monkeypatch):
+    """Negative control: with every layer given the window (no global layers), the layer pattern
+    differs from transformers' layer_types."""
+    from attention import modules
+
+    monkeypatch.setattr(modules, "layer_window", lambda spec, layer: spec.window)
+    with pytest.raises(AssertionError):
+        test_named_variants_alternate_sliding_and_full_layers_as_transformers_does("gptoss")
+
+
 # --- sinks + window vs GptOssAttention's sliding layer ----------------------------------------------
 
 # The named windows are a quarter of the context (attention/registry.py): 16 of a 64-token one.
 GPTOSS, GEMMA2 = (VARIANTS[name].resolved(D_MODEL, N_HEADS, seq_len=64) for name in ("gptoss", "gemma2"))
 
 SINK_WINDOW_CASES = {
-    "gptoss (local layer)": GPTOSS.for_layer(0),  # window 16: shorter than SHAPES' 17 and 32
-    "sinks+window5+mha+bias+linear1.5": VARIANTS["gptoss"].for_layer(0).with_overrides(
+    "gptoss (local layer)": GPTOSS,  # window 16: shorter than SHAPES' 17 and 32
+    "sinks+window5+mha+bias+linear1.5": VARIANTS["gptoss"].with_overrides(
         window=5, n_kv_heads=8, attention_bias=True, rope_scaling_factor=1.5),
 }
 
@@ -70,8 +80,8 @@ def test_sinks_with_a_window_match_gpt_oss_sliding_layer(name):
 # --- soft-cap + window vs Gemma2Attention's sliding layer ------------------------------------------
 
 SOFTCAP_WINDOW_CASES = {
-    "gemma2 (local layer)": GEMMA2.for_layer(0),
-    "softcap1.5+window5+gqa": VARIANTS["gemma2"].for_layer(0).with_overrides(attn_softcap=1.5, window=5,
+    "gemma2 (local layer)": GEMMA2,
+    "softcap1.5+window5+gqa": VARIANTS["gemma2"].with_overrides(attn_softcap=1.5, window=5,
                                                                               n_kv_heads=2),
 }
 
@@ -109,7 +119,7 @@ EXPLICIT_COMBINED_CASES = {
     "elementwise gate+window5": VARIANTS["gated"].with_overrides(window=5),
     "headwise gate+window5+mqa": VARIANTS["baseline"].with_overrides(output_gate="headwise", window=5, n_kv_heads=1),
     "softcap2+alibi+window6": VARIANTS["alibi"].with_overrides(attn_softcap=2.0, window=6),
-    "gptoss local layer": GPTOSS.for_layer(0),
+    "gptoss local layer": GPTOSS,
 }
 
 
@@ -136,11 +146,11 @@ def test_explicit_reference_sees_the_window_and_the_bias():
 # --- causality and the window's reach on the explicit path -------------------------------------------
 
 REACH_CASES = {
-    "gptoss local layer": VARIANTS["gptoss"].for_layer(0).with_overrides(window=3),
-    "gemma2 local layer, cap 1.5": VARIANTS["gemma2"].for_layer(0).with_overrides(window=3, attn_softcap=1.5),
+    "gptoss local layer": VARIANTS["gptoss"].with_overrides(window=3),
+    "gemma2 local layer, cap 1.5": VARIANTS["gemma2"].with_overrides(window=3, attn_softcap=1.5),
     "sinks+alibi+window3": VARIANTS["alibi"].with_overrides(attention_sinks=True, window=3),
     "gate+window3": VARIANTS["gated"].with_overrides(window=3),
-    "gptoss global layer": VARIANTS["gptoss"].for_layer(1),
+    "gptoss global layer": VARIANTS["gptoss"].with_overrides(window=0),  # what its layer 1 gets
 }
 
 

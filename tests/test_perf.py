@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import model as model_module
-from attention import VARIANTS, AttentionSpec, modulated, modules
+from attention import VARIANTS, modulated, modules
 from bench.reference import build_reference, has_reference
 from config import TrainConfig
 from model import ModelConfig, MoELM, init_weights
@@ -103,12 +103,10 @@ def _sinks_negated(attention_weights):
     return lambda scores, sinks=None: attention_weights(scores, None if sinks is None else -sinks)
 
 
-def _every_layer_local(spec, layer):
-    return spec
-
-
 # (variant, extra knobs, the module attribute a bug is put into, the bug): each one a mistake the
-# model's helpers could make, which the reference -- written without them -- must catch.
+# model's helpers could make, which the reference -- written without them -- must catch. (Which
+# layers of a local/global pattern are local is the kind's schedule, which the twin takes from it;
+# tests/test_attention_zoo_combined.py checks it against transformers' layer_types.)
 BUGS = [
     ("gqa", {}, modules, "causal_attention", _tiled_kv),
     ("swa", {}, modules, "score_mask", _window_one_longer),
@@ -117,7 +115,6 @@ BUGS = [
     ("gated", {}, modules, "apply_output_gate", lambda gate: lambda out, g: gate(out, 2 * g)),
     ("softcap", SHARP["softcap"], modulated, "causal_scores",
      lambda scores: lambda q, k, scale, softcap=0.0, mask=None: scores(q, k, scale, 2 * softcap, mask)),
-    ("local_global", {}, AttentionSpec, "for_layer", lambda for_layer: _every_layer_local),
 ]
 
 

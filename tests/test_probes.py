@@ -147,14 +147,11 @@ def test_probabilities_equal_the_transformers_eager_weights(name):
 # --- which probes a model has ---------------------------------------------------------------------
 
 class GatedForTest(MultiHeadAttention):
-    """A stand-in for a gated kind: a fixed gate of sigmoid(0.5) on every head's output, stored as
-    `last_gate` only while probing (the interface a gated kind implements)."""
+    """A stand-in for a gated kind: a fixed gate of sigmoid(0.5) on every head, reported by
+    `gate_values(x)` (the method a gated kind implements)."""
 
-    def forward(self, x):
-        gate = torch.full(x.shape[:-1] + (self.n_heads,), torch.sigmoid(torch.tensor(0.5)).item())
-        if getattr(self, "probing", False):
-            self.last_gate = gate
-        return super().forward(x)
+    def gate_values(self, x):
+        return torch.full(x.shape[:-1] + (self.n_heads,), torch.sigmoid(torch.tensor(0.5)).item())
 
 
 class NoScores(nn.Module):
@@ -181,7 +178,6 @@ def test_gate_openness_only_for_gated_kinds_and_attention_probes_only_with_score
     values = probe_values(gated, ids)
     assert values[record.PROBE_GATE_OPEN] == pytest.approx(1 / (1 + math.exp(-0.5)))
     assert values["probe/gate_open/layer1"] == pytest.approx(1 / (1 + math.exp(-0.5)))
-    assert all(layer.self_attn.last_gate is None and not layer.self_attn.probing for layer in gated.layers)
 
     no_scores = tiny_model()
     for layer in no_scores.layers:
@@ -192,6 +188,26 @@ def test_gate_openness_only_for_gated_kinds_and_attention_probes_only_with_score
     # the layer means are means of the layers
     assert plain[record.PROBE_ACT_MAX] == pytest.approx(
         (plain["probe/act_max/layer0"] + plain["probe/act_max/layer1"]) / 2)
+
+
+@pytest.mark.parametrize("name", ["gated", "gated_headwise"])
+def test_gate_openness_is_the_mean_sigmoid_of_q_projs_gate_slice(name):
+    """Qwen3-Next's layout: each head's slice of q_proj is [query (head dim), gate (width)]; the
+    probe is the mean of sigmoid(gate) over the evaluation's tokens, heads and gate dims."""
+    model = tiny_model(name)
+    x = torch.randn(2, 16, model.cfg.d_model, generator=torch.Generator().manual_seed(4))
+    attn = model.layers[0].self_attn
+    heads, head_dim = model.cfg.n_heads, model.cfg.d_model // model.cfg.n_heads
+    width = head_dim if name == "gated" else 1  # element-wise: one per dim; head-wise: one per head
+    gate = attn.q_proj(x).view(2, 16, heads, head_dim + width)[..., head_dim:]
+    assert torch.equal(attn.gate_values(x), torch.sigmoid(gate))
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = [model.layers[0].input_layernorm(model.embed_tokens(ids))]
+    values = probe_values(model, ids)
+    assert values["probe/gate_open/layer0"] == pytest.approx(torch.sigmoid(
+        attn.q_proj(hidden[0]).view(2, 16, heads, head_dim + width)[..., head_dim:]).mean().item(), rel=1e-6)
+    assert record.PROBE_GATE_OPEN not in probe_values(tiny_model(), ids)  # no gate, no openness
 
 
 def test_probes_leave_no_hooks_behind():
