@@ -1,16 +1,16 @@
 """The attention registry, as plain data (no torch): the kinds of attention, their knobs, the
 families the report groups variants in, and the named variants. Everything else reads it: the
-config's fields, validation and --help (config.py), the model's KV-cache and FLOPs accounting
-(model.py), the fairness audit and the report's labels and colours (analysis/), the sweep checks.
+config's fields, validation and --help (config.py), the model (model.py, which builds each
+layer's module of the kind and sums the costs the modules report), the fairness audit and the report's labels and colours (analysis/), the sweep checks.
 A kind's module is imported only when a model is built (`attention.build_attention`), so
 `analysis/` and `localsweep/` import this file without torch.
 
 Adding a named variant: one entry in VARIANTS (below), then its name in a sweep's
 `attention: values:`.
 
-Adding a kind is three files: its module, its registry entry, its test file (and a sweep YAML
-only if it should be in a shipped sweep). tests/test_kind_contract.py checks every item below for
-every kind in KINDS and names what is missing.
+Adding a kind is three files: its module, its registry entry, its test file (and its variants'
+lines in the zoo sweeps, below). tests/test_kind_contract.py checks the items below for every kind
+in KINDS and names what a kind is missing.
 
 1. The module, one file in attention/, one class (KINDS[kind].module names it):
    - `__init__(spec, d_model, n_heads, dropout, rope_theta, max_len=0, sdpa_pad="auto", layer=0,
@@ -18,8 +18,8 @@ every kind in KINDS and names what is missing.
      schedule is the kind's own and lives here only (MHA's local/global windows: layer_window in
      attention/modules.py; a depth-dependent constant such as a lambda_init).
    - `forward(x, cache=None)`: (B, T, d_model) -> (B, T, d_model). With a cache (below): a prompt into
-     the empty cache, then one token at a time, the logits of the full forward (tests/test_decode.py
-     checks every variant).
+     the empty cache, then one token at a time, giving the full forward's outputs
+     (tests/test_decode.py checks every variant).
    - `new_cache(batch, context, dtype, device)` -> an attention.cache.LayerCache.
    - `cache_size(context)` -> attention.cache.CacheSize(per_token, tokens, state): what new_cache
      holds per sequence at `context` tokens, values per token times the tokens kept (a window: at
@@ -48,7 +48,8 @@ every kind in KINDS and names what is missing.
 3. The test file (KINDS[kind].test) against the reference: weights copied, outputs and input and
    parameter gradients in fp32 within 1e-5 relative error over several shapes, with a negative
    control (a planted bug is caught).
-Both zoo sweeps list every variant (a test enforces it), so a new variant is also one line in each.
+The zoo sweeps list every variant after the seed's 13 (tests/test_sweeps.py enforces it), so a new
+variant is also one line in sweeps/zoo.yaml and sweeps/zoo_smoke.yaml.
 """
 import math
 from dataclasses import dataclass, field, replace
