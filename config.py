@@ -251,6 +251,9 @@ class TrainConfig:
         """Each knob given: its rule, and that the variant's kind has it (refused, not ignored);
         then what the kind refuses of the resolved combination (attention/registry.py)."""
         kind = KINDS[VARIANTS[self.attention].kind]
+        problem = VARIANTS[self.attention].hybrid_problem()
+        if problem:
+            raise ConfigError(problem)
         for name in ATTENTION_KNOBS:
             value = getattr(self, name)
             if value is None:
@@ -270,6 +273,11 @@ class TrainConfig:
         problem = kind.refuse(spec, self.d_model // self.n_heads, self.n_heads)
         if problem:
             raise ConfigError(problem)
+        if spec.full_attention:  # a hybrid: its full layers' variant must fit this size too
+            full = VARIANTS[spec.full_attention].resolved(self.d_model, self.n_heads, self.seq_len)
+            problem = KINDS[full.kind].refuse(full, self.d_model // self.n_heads, self.n_heads)
+            if problem:
+                raise ConfigError(f"--attention={self.attention}: its full-attention layers ({full.name}): {problem}")
 
 
 def task_problem(task: str, settings: dict, seq_len: int) -> str | None:

@@ -246,9 +246,11 @@ class MoE(nn.Module):
 
 
 def layer_attention(cfg: ModelConfig, layer: int) -> nn.Module:
-    """The attention module of layer `layer` (0-based): built with its index, so the kind applies its
-    own per-layer schedule (a local/global pattern's windows, a depth-dependent constant)."""
-    return build_attention(cfg.attention, cfg.d_model, cfg.n_heads, cfg.dropout, cfg.rope_theta, max_len=cfg.seq_len,
+    """The attention module of layer `layer` (0-based): of the spec's kind, or on a hybrid's full
+    layers of its full_attention variant's (AttentionSpec.layer_spec); built with its index, so the
+    kind applies its own per-layer schedule (a local/global pattern's windows, a depth-dependent
+    constant)."""
+    return build_attention(cfg.attention.layer_spec(layer, cfg.n_layers), cfg.d_model, cfg.n_heads, cfg.dropout, cfg.rope_theta, max_len=cfg.seq_len,
                            sdpa_pad=cfg.sdpa_pad, layer=layer, n_layers=cfg.n_layers)
 
 

@@ -6,7 +6,7 @@ A kind's module is imported only when a model is built (`attention.build_attenti
 `analysis/` and `localsweep/` import this file without torch.
 
 Adding a named variant: one entry in VARIANTS (below), then its name in a sweep's
-`attention: values:`.
+`attention: values:`. A hybrid layer pattern is a variant too (AttentionSpec.full_attention).
 
 Adding a kind is three files: its module, its registry entry, its test file (and its variants'
 lines in the zoo sweeps, below). tests/test_kind_contract.py checks the items below for every kind
@@ -213,6 +213,12 @@ class AttentionSpec:
         __annotations__[_knob.name] = _knob.type
         vars()[_knob.name] = _knob.default
     del _knob
+    # A hybrid layer pattern (Qwen3-Next, Kimi Linear: three linear-attention layers to one full):
+    # layers N-1, 2N-1, .. (0-based, N = full_attention_interval) are built from the VARIANTS entry
+    # `full_attention` names, the others from this spec (layer_types). The command line's knobs
+    # change this spec's layers only.
+    full_attention: str | None = None
+    full_attention_interval: int = 0
 
     @property
     def is_latent(self) -> bool:
@@ -233,8 +239,43 @@ class AttentionSpec:
 
     def knob_values(self) -> dict:
         """The kind's knobs and their values: what --dry_run, the record and the W&B config show of
-        a resolved spec (integers where the variant's sizes are relative)."""
-        return {name: getattr(self, name) for name in KINDS[self.kind].knobs}
+        a resolved spec (integers where the variant's sizes are relative); a hybrid's pattern too."""
+        values = {name: getattr(self, name) for name in KINDS[self.kind].knobs}
+        if self.full_attention:
+            values.update(full_attention=self.full_attention, full_attention_interval=self.full_attention_interval)
+        return values
+
+    def layer_types(self, n_layers: int) -> list[str]:
+        """A hybrid's layer pattern as transformers' Qwen3NextConfig derives layer_types from its
+        full_attention_interval: layer i is "full_attention" when (i + 1) % interval == 0, else
+        "linear_attention" (this spec's kind, whatever it is)."""
+        if not self.full_attention:
+            raise ValueError(f"{self.name}: not a hybrid (no full_attention)")
+        return [FULL_ATTENTION if (layer + 1) % self.full_attention_interval == 0 else LINEAR_ATTENTION
+                for layer in range(n_layers)]
+
+    def layer_spec(self, layer: int, n_layers: int) -> "AttentionSpec":
+        """The spec layer `layer` of `n_layers` is built from: on a hybrid's full_attention layers the
+        variant full_attention names (unresolved: the model resolves it at its size), else this one."""
+        if self.full_attention and self.layer_types(n_layers)[layer] == FULL_ATTENTION:
+            return VARIANTS[self.full_attention]
+        return self
+
+    def hybrid_problem(self) -> str | None:
+        """Why a hybrid's pattern is invalid, or None (not a hybrid, or a valid one)."""
+        if not self.full_attention and not self.full_attention_interval:
+            return None
+        if self.full_attention not in VARIANTS:
+            return f"{self.name}: full_attention={self.full_attention!r}: allowed: a variant's name ({', '.join(VARIANTS)})"
+        if VARIANTS[self.full_attention].full_attention:
+            return f"{self.name}: full_attention={self.full_attention!r} is itself a hybrid"
+        if not (isinstance(self.full_attention_interval, int) and self.full_attention_interval > 0):
+            return f"{self.name}: full_attention_interval={self.full_attention_interval!r}: must be greater than 0"
+        return None
+
+
+# Layer types of a hybrid, as transformers' configs name them (Qwen3NextConfig.layer_types).
+LINEAR_ATTENTION, FULL_ATTENTION = "linear_attention", "full_attention"
 
 
 # --- kinds ---------------------------------------------------------------------------------------

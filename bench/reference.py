@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attention import KINDS, AttentionSpec, attention_class
+from attention import KINDS, VARIANTS, AttentionSpec, attention_class
 from attention.modules import layer_window
 from attention.rope import ROPE_SCALINGS
 from model import MoE, ModelConfig, MoELM
@@ -213,6 +213,8 @@ def has_reference(spec: AttentionSpec) -> bool:
     """Whether bench/ can compare this spec's kind: its seed-style twin (the seed's kinds), or else
     the reference implementation its module builds (`reference_attention`). A kind with neither, or
     a seed kind given a knob its twin lacks, makes it False (and tests/test_perf.py fail)."""
+    if spec.full_attention and not has_reference(VARIANTS[spec.full_attention]):
+        return False
     if spec.kind in REFERENCE_KNOBS:
         return has_twin(spec)
     return hasattr(attention_class(spec.kind), "reference_attention")
@@ -250,8 +252,8 @@ SEED_MODULES = {"mha": SeedMHA, "mla": SeedMLA}
 
 def reference_attention(cfg: ModelConfig, layer: int) -> nn.Module:
     """Layer `layer`'s reference attention: the seed-style twin of the kind, or the kind's reference
-    implementation (KindReference)."""
-    spec = cfg.attention  # resolved by ModelConfig
+    implementation (KindReference). A hybrid's full layers: their variant's."""
+    spec = cfg.attention.layer_spec(layer, cfg.n_layers).resolved(cfg.d_model, cfg.n_heads, cfg.seq_len)
     if spec.kind in SEED_MODULES:
         layer_spec = replace(spec, window=layer_window(spec, layer))  # the kind's schedule
         return SEED_MODULES[spec.kind](layer_spec, cfg.d_model, cfg.n_heads, cfg.dropout, cfg.rope_theta)
