@@ -125,13 +125,10 @@ def build_model(case: dict, device: torch.device):
     train_cfg = TrainConfig(attention=case["variant"], **sizes)
     cfg = ModelConfig.from_train_config(train_cfg, case["vocab_size"], sdpa_pad=case["sdpa_pad"],
                                         moe_matmul=case["moe_matmul"])
-    if case["impl"] == "ours":
-        model = MoELM(cfg)
-    else:
-        from bench.reference import build_reference
-        model = build_reference(cfg)
-    # The same weights for both implementations. init_weights draws ~1 s per model on the CPU, so
-    # an in-process run (GPU) keeps the last two variants' initial weights for the next case.
+    # The same weights for both implementations: ours initialised (each kind declares its init),
+    # the reference given ours. init_weights draws ~1 s per model on the CPU, so an in-process run
+    # (GPU) keeps the last two variants' initial weights for the next case.
+    model = MoELM(cfg)
     key = (case["variant"], case["seed"], *(case[k] for k in SIZE_FIELDS if k not in ("seq_len", "batch_size")))
     if key in _INITIAL_WEIGHTS:
         model.load_state_dict(_INITIAL_WEIGHTS[key])
@@ -141,7 +138,13 @@ def build_model(case: dict, device: torch.device):
             _INITIAL_WEIGHTS[key] = {k: v.clone() for k, v in model.state_dict().items()}
             while len(_INITIAL_WEIGHTS) > 2:
                 del _INITIAL_WEIGHTS[next(iter(_INITIAL_WEIGHTS))]
-    return model.to(device).train(), flops_per_token(model)
+    flops = flops_per_token(model)  # the design's count (its kinds'), the same for both
+    if case["impl"] != "ours":
+        from bench.reference import build_reference
+        reference = build_reference(cfg)
+        reference.load_state_dict(model.state_dict(), strict=True)
+        model = reference
+    return model.to(device).train(), flops
 
 
 _INITIAL_WEIGHTS: dict = {}
