@@ -250,8 +250,9 @@ def layer_attention(cfg: ModelConfig, layer: int) -> nn.Module:
     layers of its full_attention variant's (AttentionSpec.layer_spec); built with its index, so the
     kind applies its own per-layer schedule (a local/global pattern's windows, a depth-dependent
     constant)."""
-    return build_attention(cfg.attention.layer_spec(layer, cfg.n_layers), cfg.d_model, cfg.n_heads, cfg.dropout, cfg.rope_theta, max_len=cfg.seq_len,
-                           sdpa_pad=cfg.sdpa_pad, layer=layer, n_layers=cfg.n_layers)
+    return build_attention(cfg.attention.layer_spec(layer, cfg.n_layers), cfg.d_model, cfg.n_heads, cfg.dropout,
+                           cfg.rope_theta, max_len=cfg.seq_len, sdpa_pad=cfg.sdpa_pad, layer=layer,
+                           n_layers=cfg.n_layers)
 
 
 class Block(nn.Module):

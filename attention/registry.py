@@ -16,7 +16,8 @@ in KINDS and names what a kind is missing.
    - `__init__(spec, d_model, n_heads, dropout, rope_theta, max_len=0, sdpa_pad="auto", layer=0,
      n_layers=1)`: the resolved spec, the model size, and which layer of how many it is. A per-layer
      schedule is the kind's own and lives here only (MHA's local/global windows: layer_window in
-     attention/modules.py; a depth-dependent constant such as a lambda_init).
+     attention/modules.py; a depth-dependent constant such as a lambda_init). It must build on the
+     meta device too (the costs below are asked of modules built there).
    - `forward(x, cache=None)`: (B, T, d_model) -> (B, T, d_model). With a cache (below): a prompt into
      the empty cache, then one token at a time, giving the full forward's outputs
      (tests/test_decode.py checks every variant).
@@ -27,7 +28,8 @@ in KINDS and names what a kind is missing.
      model.kv_cache_bytes counts it; the contract test checks it against new_cache's tensors.
    - `token_mixing_flops(context)` -> the forward FLOPs per token that are no weight matmul at
      `context` (softmax attention: scores and weighted values; a recurrent kind: its state update and
-     read). model.flops_per_token adds 6 x the weight matmuls and 3 x this.
+     read). model.flops_per_token adds 6 x the 2-D weights a token passes through (every Linear) and
+     3 x this; anything else (a short convolution's weights) is the kind's to count here.
    - `parameter_init(std, residual_std)` -> {parameter name: attention.init.Normal(std) | Constant(v)
      | Drawn(fn)} for every parameter it has, nothing else: model.init_weights draws each from the
      generator seeded by (seed, its full name). std and residual_std are the model's (residual_std for

@@ -90,6 +90,13 @@ def _module_problems(spec: AttentionSpec, layer: int) -> list[str]:
     flops = module.token_mixing_flops(CONTEXT)
     if not isinstance(flops, int) or flops < 0:
         problems.append(f"{where}: {name}.token_mixing_flops({CONTEXT}) = {flops!r}, not a count")
+    try:  # the model's costs ask modules built on the meta device
+        with torch.device("meta"):
+            meta = build_attention(spec, D_MODEL, N_HEADS, max_len=CONTEXT, layer=layer, n_layers=N_LAYERS)
+        if (meta.cache_size(CONTEXT), meta.token_mixing_flops(CONTEXT)) != (module.cache_size(CONTEXT), flops):
+            problems.append(f"{where}: {name} built on the meta device reports other costs")
+    except (RuntimeError, NotImplementedError) as error:
+        problems.append(f"{where}: {name} does not build on the meta device ({error})")
     x = torch.randn(2, 7, D_MODEL, generator=gen)
     cache = module.new_cache(2, CONTEXT)
     with torch.no_grad():
