@@ -36,7 +36,7 @@ LENGTHS_PNG = "lengths.png"
 LAYOUT = [
     ("Results summary", ["regime", "success_rate", "top5", "statistics"]),
     ("Architecture insights", ["family_ranking", "parameter_efficiency", "memory_usage"]),
-    ("Is the difference real?", ["seed_statistics", "seed_plan"]),
+    ("Is the difference real?", ["seed_statistics", "length_statistics", "seed_plan"]),
     ("Fairness audit", ["fairness"]),
 ]
 

@@ -85,15 +85,26 @@ def counted_runs(runs: list[Run]) -> list[Run]:
     return out
 
 
-def losses_by_variant(runs: list[Run]) -> dict[str, dict]:
-    """{configuration: {seed: val_loss}} over successful runs (the configuration is the variant
-    when no setting varies); a run without a seed gets its own key. Of two runs with the same
-    configuration and seed the one that ended later counts (the audit names them)."""
+def final_val_loss(run: Run) -> float | None:
+    """The metric every comparison is on unless told otherwise: the final validation loss."""
+    return run.val_loss
+
+
+def loss_at_length(length: int):
+    """The metric `run -> validation loss at context length` (--eval_lengths; None where not evaluated)."""
+    return lambda run: run.length_metrics.get(length, {}).get("loss")
+
+
+def losses_by_variant(runs: list[Run], metric=final_val_loss) -> dict[str, dict]:
+    """{configuration: {seed: metric(run)}} over successful runs with a value of the metric (the
+    configuration is the variant when no setting varies); a run without a seed gets its own key. Of
+    two runs with the same configuration and seed the one that ended later counts (the audit names them)."""
     varying = varying_settings(runs)
     table: dict[str, dict] = {}
     for i, run in enumerate(counted_runs(runs)):
         seed = run.seed if run.seed is not None else f"run{i}"
-        table.setdefault(configuration(run, varying), {})[seed] = run.val_loss
+        if (value := metric(run)) is not None:
+            table.setdefault(configuration(run, varying), {})[seed] = value
     return table
 
 
@@ -179,15 +190,17 @@ class Comparison:
     configuration: str = ""  # the variant plus its values of the varying settings
 
 
-def compare_to_baseline(runs: list[Run], baseline: str = "baseline", alpha: float = ALPHA) -> list[Comparison]:
+def compare_to_baseline(runs: list[Run], baseline: str = "baseline", alpha: float = ALPHA,
+                        metric=final_val_loss) -> list[Comparison]:
     """Every other configuration against its baseline configuration, paired by seed (seeds both
-    have finished). Those with fewer than 2 pairs are listed with verdict n/a and left out of the
-    Holm family; those without a baseline configuration are left out."""
-    table, examples = losses_by_variant(runs), _configurations(runs)
+    have finished) on `metric` (a loss: lower is better; default the final validation loss). Those
+    with fewer than 2 pairs are listed with verdict n/a and left out of the Holm family; those
+    without a baseline configuration (or without the metric) are left out."""
+    table, examples = losses_by_variant(runs, metric), _configurations(runs)
     out = []
     for label, by_seed in table.items():
         base_label = baseline_configuration(label, runs, baseline)
-        if examples[label].variant == baseline or base_label is None:
+        if examples[label].variant == baseline or base_label is None or base_label not in table:
             continue
         variant, base = examples[label].variant, table[base_label]
         family = examples[label].family

@@ -7,6 +7,7 @@ computed over runs, as the seed's were; with several seeds, the per-variant view
 "Is the difference real?" section.
 """
 import math
+from statistics import fmean
 from dataclasses import dataclass, field
 
 from analysis import stats
@@ -369,6 +370,51 @@ def seed_statistics(runs: list[Run]) -> Section:
                     "diff_ci_high", "d_z", "p", "p_holm", "verdict", "seeds_to_resolve"], rows)
 
 
+def length_statistics(runs: list[Run]) -> Section:
+    """At each context length of --eval_lengths: every configuration's answer or token accuracy and
+    its validation loss paired against the baseline's at that length (Holm within each length: each
+    length is its own question). Empty when no run was evaluated at another length."""
+    title = "Longer contexts than trained on, paired against the baseline"
+    lengths = sorted({length for r in runs if r.succeeded for length in r.length_metrics})
+    if not lengths:
+        return Section("length_statistics", title, [])
+    trained = sorted({r.config.get("seq_len") for r in runs if r.succeeded and r.config.get("seq_len")})
+    columns = ["configuration", "length", "seeds", "accuracy mean", "val loss mean", "Δ vs baseline",
+               "95% CI of Δ", "p (Holm)", "verdict"]
+    rows, cells = [], []
+    for length in lengths:
+        metric = stats.loss_at_length(length)
+        comparisons = {c.configuration: c for c in stats.compare_to_baseline(runs, BASELINE, metric=metric)}
+        accuracy = stats.losses_by_variant(runs, lambda r: r.length_metrics.get(length, {}).get("accuracy"))
+        for label, by_seed in sorted(stats.losses_by_variant(runs, metric).items(),
+                                     key=lambda item: fmean(item[1].values())):
+            c = comparisons.get(label)
+            acc = fmean(accuracy[label].values()) if label in accuracy else None
+            loss = fmean(by_seed.values())
+            verdict = c.verdict if c else ("reference" if label in _baselines(runs) else "n/a (no baseline run)")
+            rows.append([label, length, len(by_seed), acc, loss, c.mean_diff if c else None,
+                         c.ci_low if c else None, c.ci_high if c else None, c.p_holm if c else None, verdict])
+            cells.append([label, length, len(by_seed), fmt(acc, ".3f"), f"{loss:.4f}",
+                          f"{fmt(c.mean_diff, '+.4f')} (n={c.n_pairs})" if c else "-",
+                          f"[{fmt(c.ci_low, '+.4f')}, {fmt(c.ci_high, '+.4f')}]" if c else "-",
+                          fmt_p(c.p_holm) if c else "-",
+                          f"**{verdict}**" if verdict in ("better", "worse") else verdict])
+    lines = [f"Evaluated after training at {', '.join(map(str, lengths))} tokens (trained at "
+             f"{', '.join(map(str, trained))}); a task's examples are scaled to the length (tasks.py). Per "
+             "length, the validation loss is paired by seed against the baseline's at that length, as above "
+             "(paired t-test, Holm across the configurations at that length).", ""]
+    lines += markdown_table(columns, cells)
+    return Section("length_statistics", title, lines,
+                   ["configuration", "length", "seeds", "accuracy", "loss", "diff", "diff_ci_low", "diff_ci_high",
+                    "p_holm", "verdict"], rows)
+
+
+def _baselines(runs: list[Run]) -> set:
+    """The labels of the baseline configurations."""
+    varying = varying_settings(runs)
+    return {configuration(r, varying) for r in runs if r.succeeded and r.variant == BASELINE}
+
+
 def seeds_where_needed(runs: list[Run], min_effect: float = stats.MIN_EFFECT,
                        plan_file: str | None = None) -> Section:
     """The measured noise, the smallest effect these seeds can detect, and the comparisons still open
@@ -423,4 +469,4 @@ def fairness(audit: Audit) -> Section:
 def build_sections(runs: list[Run], audit: Audit) -> list[Section]:
     return [regime_section(runs), success_rate(runs), top5(runs), statistics(runs), family_ranking(runs),
             parameter_efficiency(runs), memory_usage(runs), all_runs(runs), seed_statistics(runs),
-            fairness(audit)]
+            length_statistics(runs), fairness(audit)]

@@ -101,3 +101,41 @@ def test_lengths_figure_appears_with_eval_lengths(tmp_path):
     built = report.build(load_path(write_records(tmp_path / "long", records)), tmp_path / "r2", "test")
     assert built.files[report.LENGTHS_PNG].stat().st_size > 10_000
     assert f"]({report.LENGTHS_PNG})" in built.path.read_text()
+
+
+def test_length_statistics_pair_each_length_against_the_baseline_at_that_length(tmp_path):
+    """At each --eval_lengths length, a configuration's loss there is paired by seed with the
+    baseline's there: the Δ, its t-test and Holm (within the length) checked against scipy on the same
+    numbers; the trained-length loss plays no part, and a run without that length is left out."""
+    from scipy import stats as sps
+    at_32 = {"baseline": [1.0, 1.1, 1.2], "nope": [1.5, 1.62, 1.71], "alibi": [0.9, 1.02, 1.1]}
+    at_64 = {"baseline": [2.0, 2.2, 2.1], "nope": [2.0, 2.21, 2.12], "alibi": [1.0, 1.25, 1.1]}
+    records = []
+    for variant in at_32:
+        for seed in range(3):
+            records.append(learned_record(variant, seed, 0.5 + 0.01 * seed,  # the trained length: all alike
+                                          lengths={32: (at_32[variant][seed], 0.5), 64: (at_64[variant][seed], 0.25)}))
+    records.append(learned_record("alibi", 3, 0.5))  # no --eval_lengths: not in the length tables
+    runs = load_path(write_records(tmp_path, records))
+    section = tables.length_statistics(runs)
+    rows = {(row[0], row[1]): row for row in section.rows}
+    for length, table in ((32, at_32), (64, at_64)):
+        p = {v: sps.ttest_rel(table[v], table["baseline"]).pvalue for v in ("nope", "alibi")}
+        ordered = sorted(p.values())
+        holm = {v: min(1.0, max(2 * ordered[0], ordered[1]) if p[v] == ordered[1] else 2 * ordered[0]) for v in p}
+        for variant in ("nope", "alibi"):
+            row = rows[(variant, length)]
+            diffs = [a - b for a, b in zip(table[variant], table["baseline"])]
+            assert row[2] == 3 and row[5] == pytest.approx(sum(diffs) / 3)
+            assert row[8] == pytest.approx(holm[variant])
+        assert rows[("baseline", length)][-1] == "reference"
+    assert rows[("nope", 32)][-1] == "worse" and rows[("alibi", 64)][-1] == "better"
+    assert rows[("nope", 64)][-1] == "indistinguishable"
+    markdown = report.build(runs, tmp_path / "report", "test").path.read_text()
+    assert "### Longer contexts than trained on, paired against the baseline" in markdown
+
+
+def test_no_length_statistics_without_eval_lengths(tmp_path):
+    runs = _runs(tmp_path, 4.5, 0.5)
+    assert tables.length_statistics(runs).lines == []
+    assert "Longer contexts than trained on, paired" not in report.build(runs, tmp_path / "r", "t").path.read_text()
