@@ -120,10 +120,13 @@ def chunk_gated_delta_rule(q, k, v, g, beta, initial_state=None, chunk_size: int
     state = (initial_state.view(batch, k_heads, group, k_dim, v_dim) if initial_state is not None
              else v.new_zeros(batch, k_heads, group, k_dim, v_dim))
     outputs = []
-    for i in range(n_chunks):
-        v_new = new_values[..., i, :, :] - k_cumdecay[..., i, :, :] @ state  # what the state mispredicts
-        outputs.append(q_decayed[..., i, :, :] @ state + intra_chunk[..., i, :, :] @ v_new)
-        state = state * chunk_decay[..., i, :, :] + k_decayed[..., i, :, :].transpose(-1, -2) @ v_new
+    # unbind, not [..., i, :, :]: the backward of one indexing per chunk would zero-fill a whole
+    # tensor per chunk, that of unbind stacks the chunks' gradients once
+    for new_v, k_cum, q_dec, intra, k_dec, decay_i in zip(*(t.unbind(3) for t in (
+            new_values, k_cumdecay, q_decayed, intra_chunk, k_decayed, chunk_decay))):
+        v_new = new_v - k_cum @ state  # the delta: what the state mispredicts
+        outputs.append(q_dec @ state + intra @ v_new)
+        state = state * decay_i + k_dec.transpose(-1, -2) @ v_new
     out = torch.stack(outputs, dim=3).reshape(batch, v_heads, n_chunks * chunk_size, v_dim)
     return out[:, :, :length], state.reshape(batch, v_heads, k_dim, v_dim)
 
@@ -169,7 +172,9 @@ class RecurrentState:
 
 class GatedDeltaNet(nn.Module):
     """Gated DeltaNet; parameter names and layouts as transformers' Qwen3NextGatedDeltaNet, so a
-    state dict loads unchanged either way."""
+    state dict loads unchanged either way. Built like every kind (dropout, rope_theta, max_len and
+    sdpa_pad have no meaning here: no attention map, no positions but the recurrence's order, no
+    SDPA), plus its layer index and the model's depth."""
 
     def __init__(self, spec: AttentionSpec, d_model: int, n_heads: int, dropout: float, rope_theta: float,
                  max_len: int = 0, sdpa_pad: str = "auto", *, layer_idx: int = 0, n_layers: int = 1):
@@ -226,7 +231,7 @@ class GatedDeltaNet(nn.Module):
             history = F.pad(mixed, (self.conv_kernel_size - 1, 0))
         else:
             history = torch.cat((state.conv, mixed.to(state.conv.dtype)), dim=-1)
-            state.conv = history[..., -(self.conv_kernel_size - 1):].detach().clone()
+            state.conv = history[..., history.shape[-1] - (self.conv_kernel_size - 1):].detach().clone()
         return F.silu(self.conv1d(history.to(mixed.dtype)))
 
     def new_cache(self, batch: int, context: int, dtype=torch.float32, device=None) -> RecurrentState:
