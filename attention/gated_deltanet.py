@@ -159,7 +159,8 @@ class RecurrentState:
     """A Gated DeltaNet layer's decode state for a batch: the last kernel-1 inputs of the short
     convolution (B, conv_dim, kernel-1), in the cache's dtype, and the delta-rule matrices
     (B, num_v_heads, d_k, d_v), in float32 (the rule runs in float32, as transformers and fla).
-    Fixed size: `length` counts the tokens seen, nothing grows with it."""
+    Fixed size: `length` counts the tokens seen, nothing grows with it. (transformers' cache keeps
+    the last `kernel` conv inputs; the oldest of them is never read.)"""
 
     def __init__(self, conv: torch.Tensor, recurrent: torch.Tensor):
         self.conv, self.recurrent = conv, recurrent
