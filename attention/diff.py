@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import LayerCache
+from .cache import CacheSize, LayerCache
+from .init import Constant, Normal
 from .modules import causal_attention
 from .registry import AttentionSpec
 from .rope import RotaryEmbedding, apply_rotary
@@ -60,34 +61,67 @@ class DifferentialAttention(nn.Module):
     loads unchanged: the group norm has no weight). n_heads and n_kv_heads must be even."""
 
     def __init__(self, spec: AttentionSpec, d_model: int, n_heads: int, dropout: float, rope_theta: float,
-                 max_len: int = 0, sdpa_pad: str = "auto", *, layer_idx: int = 0, n_layers: int = 1):
+                 max_len: int = 0, sdpa_pad: str = "auto", layer: int = 0, n_layers: int = 1):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, spec.n_kv_heads or n_heads
         if self.n_kv_heads % 2 or n_heads % self.n_kv_heads:
             raise ValueError(f"differential attention pairs heads: n_kv_heads={self.n_kv_heads} must be even "
                              f"and divide n_heads={n_heads}")
         self.head_dim, self.dropout, self.sdpa_pad = d_model // n_heads, dropout, sdpa_pad
-        self.layer_idx, self.n_layers = layer_idx, n_layers
-        self.lambda_init = lambda_init(layer_idx)
+        self.layer_idx, self.n_layers = layer, n_layers  # (transformers' name for the layer index)
+        self.lambda_init = lambda_init(layer)  # the kind's per-layer schedule: a constant of the depth
         kv_dim = self.n_kv_heads * self.head_dim
         self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=spec.attention_bias)
         self.k_proj = nn.Linear(d_model, kv_dim, bias=spec.attention_bias)
         self.v_proj = nn.Linear(d_model, kv_dim, bias=spec.attention_bias)
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=spec.attention_bias)
-        # zeros here; the model draws them (init_std): N(0, LAMBDA_STD) as transformers
+        # zeros here; the model draws them (parameter_init): N(0, LAMBDA_STD) as transformers
         self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2 = (
             nn.Parameter(torch.zeros(self.head_dim)) for _ in range(4))
         self.rotary = RotaryEmbedding(self.head_dim, rope_theta, spec.rope_scaling, spec.rope_scaling_factor, max_len)
 
-    def init_std(self, std: float, residual_std: float) -> dict:
-        """How each of this module's parameters starts (names as named_parameters()): a float is the
-        std of a normal(0, std) draw from the parameter's own seeded generator (0: zeros); std and
-        residual_std are the model's (o_proj writes into the residual stream)."""
-        stds = {"q_proj.weight": std, "k_proj.weight": std, "v_proj.weight": std, "o_proj.weight": residual_std}
-        stds |= {f"lambda_{name}": LAMBDA_STD for name in ("q1", "k1", "q2", "k2")}
+    def parameter_init(self, std: float, residual_std: float) -> dict:
+        """How each parameter starts (model.init_weights draws it): the projections N(0, std), o_proj --
+        it writes into the residual stream -- N(0, residual_std), biases 0, the lambda vectors
+        N(0, 0.1) as transformers' DiffLlama (and Microsoft's code) start them."""
+        init = {f"{name}.weight": Normal(std) for name in ("q_proj", "k_proj", "v_proj")}
+        init["o_proj.weight"] = Normal(residual_std)
         if self.o_proj.bias is not None:
-            stds |= {f"{proj}.bias": 0.0 for proj in ("q_proj", "k_proj", "v_proj", "o_proj")}
-        return stds
+            init |= {f"{name}.bias": Constant(0.0) for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        return init | {name: Normal(LAMBDA_STD) for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")}
+
+    def cache_size(self, context: int) -> CacheSize:
+        """What new_cache holds per sequence at `context` tokens: per token each kv head's key and half
+        a pair's value (2 head_dim values per pair of kv heads), as many values as multi-head
+        attention's K and V."""
+        return CacheSize(2 * self.n_kv_heads * self.head_dim, context)
+
+    def token_mixing_flops(self, context: int) -> int:
+        """Forward FLOPs per token that are no weight matmul, at `context`: each query head's scores
+        (head_dim) and weighted sum of its pair's value (2 head_dim) over the whole context (no
+        discount for the causal mask), as multi-head attention counts them."""
+        return 2 * context * self.n_heads * (self.head_dim + 2 * self.head_dim)
+
+    @classmethod
+    def reference_attention(cls, spec, d_model, n_heads, dropout, rope_theta, layer, n_layers):
+        """transformers' DiffLlamaAttention for this layer (its SDPA path) and its forward on x, for
+        bench/ and tests/test_diff.py. It refuses attention dropout, so it is built without."""
+        from transformers.models.diffllama.configuration_diffllama import DiffLlamaConfig
+        from transformers.models.diffllama.modeling_diffllama import DiffLlamaAttention, DiffLlamaRotaryEmbedding
+
+        if spec.rope_scaling is not None:
+            raise ValueError(f"{cls.__name__}: the reference is built for unscaled RoPE, not {spec.rope_scaling!r}")
+        config = DiffLlamaConfig(hidden_size=d_model, num_attention_heads=n_heads,
+                                 num_key_value_heads=spec.n_kv_heads or n_heads, attention_bias=spec.attention_bias,
+                                 attention_dropout=0.0, rms_norm_eps=GROUPNORM_EPS, num_hidden_layers=n_layers,
+                                 rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
+        config._attn_implementation = "sdpa"
+        ref, rotary = DiffLlamaAttention(config, layer_idx=layer), DiffLlamaRotaryEmbedding(config)
+
+        def forward(x):  # SDPA without a mask is causal by itself
+            positions = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
+            return ref(x, rotary(x, positions), None)[0]
+        return ref, forward
 
     def lambda_full(self, dtype) -> torch.Tensor:
         """The scalar lambda of every pair in this layer (the dot products in float32, as transformers)."""
@@ -118,8 +152,9 @@ class DifferentialAttention(nn.Module):
     def new_cache(self, batch: int, context: int, dtype=torch.float32, device=None) -> LayerCache:
         """An empty decode cache for `context` tokens: the keys (B, H_kv, slots, d) and the pairs'
         values (B, H_kv/2, slots, 2d) -- 2 x H_kv x head_dim values a token, as multi-head attention's."""
-        return LayerCache({"k": torch.zeros(batch, self.n_kv_heads, context, self.head_dim, dtype=dtype, device=device),
-                           "v": torch.zeros(batch, self.n_kv_heads // 2, context, 2 * self.head_dim, dtype=dtype,
+        slots = self.cache_size(context).tokens
+        return LayerCache({"k": torch.zeros(batch, self.n_kv_heads, slots, self.head_dim, dtype=dtype, device=device),
+                           "v": torch.zeros(batch, self.n_kv_heads // 2, slots, 2 * self.head_dim, dtype=dtype,
                                             device=device)}, time_dim=2, window=0)
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
@@ -156,26 +191,3 @@ class DifferentialAttention(nn.Module):
         out = (probs @ v_pairs).view(batch, pairs, 2, group, 2 * dim).transpose(1, 2)  # (B, 2, pairs, g, 2d)
         return out.reshape(batch, 1, heads, 2 * dim)
 
-
-# --- costs (pure functions of the resolved sizes; the registry entry reads them) -----------------
-
-def flops_per_token(d_model: int, n_heads: int, n_kv_heads: int, context: int) -> int:
-    """Training FLOPs (forward + backward, 6 x multiply-adds, the PaLM/nanoGPT convention of
-    model.flops_per_token) one layer spends per token at `context` keys: the projections
-    (q, k, v, o weights) plus the scores (head_dim per key) and the weighted sum of each head's
-    2 x head_dim pair value per key, every query head; the full context, no causal discount."""
-    head_dim = d_model // n_heads
-    projections = d_model * (n_heads + 2 * n_kv_heads) * head_dim + n_heads * head_dim * d_model
-    scores_and_values = context * n_heads * (head_dim + 2 * head_dim)
-    return 6 * (projections + scores_and_values)
-
-
-def cache_values_per_token(d_model: int, n_heads: int, n_kv_heads: int) -> int:
-    """Values one layer caches per token: each kv head's key and half a pair value (2 d / 2 heads)."""
-    return 2 * n_kv_heads * (d_model // n_heads)
-
-
-def cache_bytes(d_model: int, n_heads: int, n_kv_heads: int, context: int, bytes_per_value: int = 2) -> int:
-    """One layer's decode cache for one sequence of `context` tokens; grows with the context (per
-    token: cache_values_per_token x bytes_per_value), exactly what new_cache's tensors hold."""
-    return cache_values_per_token(d_model, n_heads, n_kv_heads) * bytes_per_value * context

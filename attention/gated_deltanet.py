@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import CacheSize
+from .init import Constant, Drawn, Normal
 from .registry import AttentionSpec
 
 CHUNK_SIZE = 64  # tokens per chunk of the chunked form (transformers' and fla's default)
@@ -156,19 +158,40 @@ class GatedRMSNorm(nn.Module):
 
 
 class RecurrentState:
-    """A Gated DeltaNet layer's decode state for a batch: the last kernel-1 inputs of the short
-    convolution (B, conv_dim, kernel-1), in the cache's dtype, and the delta-rule matrices
-    (B, num_v_heads, d_k, d_v), in float32 (the rule runs in float32, as transformers and fla).
-    Fixed size: `length` counts the tokens seen, nothing grows with it. (transformers' cache keeps
-    the last `kernel` conv inputs; the oldest of them is never read.)"""
+    """A Gated DeltaNet layer's decode state for a batch, in the cache's dtype: the last kernel-1
+    inputs of the short convolution (B, conv_dim, kernel-1) and the delta-rule matrices
+    (B, num_v_heads, d_k, d_v). Fixed size: `length` counts the tokens seen, nothing grows with it.
+    The rule itself runs in float32 (as transformers and fla); the matrices are stored in the cache's
+    dtype like every kind's cache, so its bytes are cache_size's values at that width (fla and vLLM
+    keep them in float32: twice the bytes in a bf16 model). transformers' cache keeps the last
+    `kernel` conv inputs; the oldest of them is never read."""
 
     def __init__(self, conv: torch.Tensor, recurrent: torch.Tensor):
-        self.conv, self.recurrent = conv, recurrent
+        self.buffers = {"conv": conv, "recurrent": recurrent}
         self.length = 0
+
+    conv = property(lambda self: self.buffers["conv"])
+    recurrent = property(lambda self: self.buffers["recurrent"])
+
+    def read(self, name: str) -> torch.Tensor:
+        """A buffer (the whole of it is read every step: bench.decode counts the bytes read)."""
+        return self.buffers[name]
+
+    def update(self, conv: torch.Tensor, recurrent: torch.Tensor, tokens: int) -> None:
+        """The state after `tokens` more tokens, stored in the state's dtype."""
+        for name, value in (("conv", conv), ("recurrent", recurrent)):
+            self.buffers[name] = value.detach().to(self.buffers[name].dtype, copy=True)  # not a view of the input
+        self.length += tokens
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.conv, self.recurrent))
+        return sum(t.numel() * t.element_size() for t in self.buffers.values())
+
+
+def _decay_rates(shape, generator: torch.Generator) -> torch.Tensor:
+    """A_log's init, as transformers' Qwen3Next: log U(0.01, 16), decay rates from slow to fast (the
+    lower bound keeps log A finite)."""
+    return torch.empty(shape).uniform_(0.01, 16, generator=generator).log_()
 
 
 class GatedDeltaNet(nn.Module):
@@ -178,13 +201,13 @@ class GatedDeltaNet(nn.Module):
     SDPA), plus its layer index and the model's depth."""
 
     def __init__(self, spec: AttentionSpec, d_model: int, n_heads: int, dropout: float, rope_theta: float,
-                 max_len: int = 0, sdpa_pad: str = "auto", *, layer_idx: int = 0, n_layers: int = 1):
+                 max_len: int = 0, sdpa_pad: str = "auto", layer: int = 0, n_layers: int = 1):
         super().__init__()
         sizes = self.sizes = GatedDeltaNetSizes.of(spec, d_model, n_heads)
         if sizes.num_v_heads % sizes.num_k_heads:
             raise ValueError(f"linear_num_value_heads={sizes.num_v_heads} must divide by "
                              f"linear_num_key_heads={sizes.num_k_heads}")
-        self.layer_idx, self.n_layers = layer_idx, n_layers  # nothing here depends on depth
+        self.layer_idx, self.n_layers = layer, n_layers  # nothing here depends on depth
         self.num_k_heads, self.num_v_heads = sizes.num_k_heads, sizes.num_v_heads
         self.head_k_dim, self.head_v_dim = sizes.head_k_dim, sizes.head_v_dim
         self.key_dim, self.value_dim, self.conv_dim = sizes.key_dim, sizes.value_dim, sizes.conv_dim
@@ -196,22 +219,52 @@ class GatedDeltaNet(nn.Module):
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.conv_kernel_size, groups=self.conv_dim,
                                 bias=False)
         self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
-        self.A_log = nn.Parameter(torch.zeros(self.num_v_heads))  # drawn by the model: init_std
+        self.A_log = nn.Parameter(torch.zeros(self.num_v_heads))  # drawn by the model: parameter_init
         self.norm = GatedRMSNorm(self.head_v_dim)
         self.out_proj = nn.Linear(self.value_dim, d_model, bias=False)
 
-    def init_std(self, std: float, residual_std: float) -> dict:
-        """How each of this module's parameters starts (names as named_parameters()): a float is the
-        std of a normal(0, std) draw from the parameter's own seeded generator; a callable
-        (shape, generator) -> tensor gives the values where they are not a centred normal. As
-        transformers' Qwen3Next init: projections and the conv N(0, std) (out_proj writes into the
-        residual stream: residual_std), dt_bias ones, A_log = log U(0.01, 16) (decay rates from
-        slow to fast), the norm's weight ones."""
-        return {"in_proj_qkvz.weight": std, "in_proj_ba.weight": std, "conv1d.weight": std,
-                "out_proj.weight": residual_std,
-                "dt_bias": lambda shape, generator: torch.ones(shape),
-                "A_log": lambda shape, generator: torch.empty(shape).uniform_(0.01, 16, generator=generator).log_(),
-                "norm.weight": lambda shape, generator: torch.ones(shape)}
+    def parameter_init(self, std: float, residual_std: float) -> dict:
+        """How each parameter starts (model.init_weights draws it), as transformers' Qwen3Next init:
+        the projections and the conv N(0, std) (out_proj writes into the residual stream:
+        residual_std), dt_bias and the norm's weight 1, A_log log U(0.01, 16)."""
+        return {"in_proj_qkvz.weight": Normal(std), "in_proj_ba.weight": Normal(std), "conv1d.weight": Normal(std),
+                "out_proj.weight": Normal(residual_std), "dt_bias": Constant(1.0), "A_log": Drawn(_decay_rates),
+                "norm.weight": Constant(1.0)}
+
+    def cache_size(self, context: int) -> CacheSize:
+        """What new_cache holds per sequence, whatever the context: nothing per token, a fixed state of
+        the conv's kernel-1 inputs and a d_k x d_v matrix per value head."""
+        state = self.conv_dim * (self.conv_kernel_size - 1) + self.num_v_heads * self.head_k_dim * self.head_v_dim
+        return CacheSize(0, 0, state)
+
+    def token_mixing_flops(self, context: int) -> int:
+        """Forward FLOPs per token that are no 2-D weight matmul, whatever the context (the point of a
+        linear-attention layer): the short convolution's taps, and the chunked delta rule: within a
+        chunk of C tokens the K K^T and Q K^T rows (C d_k each, once per key head), per value head the
+        triangular solve (about C/2 (d_k + d_v)) and the intra-chunk output (C d_v); across chunks, per
+        value head, the state read for the delta and for the output and the state update (d_k d_v each).
+        A chunk is C tokens, masked or not; multiply-adds count 2."""
+        dk, dv, c = self.head_k_dim, self.head_v_dim, CHUNK_SIZE
+        delta_rule = self.num_k_heads * 2 * c * dk + self.num_v_heads * (c * (dk + dv) // 2 + c * dv + 3 * dk * dv)
+        return 2 * (self.conv_dim * self.conv_kernel_size + delta_rule)
+
+    @classmethod
+    def reference_attention(cls, spec, d_model, n_heads, dropout, rope_theta, layer, n_layers):
+        """transformers' Qwen3NextGatedDeltaNet at these sizes (its torch path, without fla and
+        causal-conv1d) and its forward on x, for bench/ and tests/test_gated_deltanet.py."""
+        from transformers.models.qwen3_next.configuration_qwen3_next import Qwen3NextConfig
+        from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDeltaNet
+
+        sizes = GatedDeltaNetSizes.of(spec, d_model, n_heads)
+        # layer_types: this layer linear attention, whatever transformers' 3:1 default makes it
+        config = Qwen3NextConfig(hidden_size=d_model, linear_num_key_heads=sizes.num_k_heads,
+                                 linear_num_value_heads=sizes.num_v_heads, linear_key_head_dim=sizes.head_k_dim,
+                                 linear_value_head_dim=sizes.head_v_dim, linear_conv_kernel_dim=sizes.conv_kernel_size,
+                                 hidden_act="silu", rms_norm_eps=NORM_EPS, num_hidden_layers=n_layers,
+                                 layer_types=["linear_attention"] * n_layers, num_attention_heads=n_heads,
+                                 num_key_value_heads=n_heads, head_dim=d_model // n_heads)
+        ref = Qwen3NextGatedDeltaNet(config, layer_idx=layer)
+        return ref, ref
 
     def project(self, x: torch.Tensor):
         """x (B, T, d_model) -> q, k (B, T, H_k, d_k), v, z (B, T, H_v, d_v), b, a (B, T, H_v)."""
@@ -224,24 +277,22 @@ class GatedDeltaNet(nn.Module):
         heads = (batch, length, self.num_v_heads)
         return q, k, v.reshape(*heads, -1), z.reshape(*heads, -1), b.reshape(heads), a.reshape(heads)
 
-    def short_conv(self, mixed: torch.Tensor, state: RecurrentState | None) -> torch.Tensor:
+    def short_conv(self, mixed: torch.Tensor, state: RecurrentState | None):
         """Causal depthwise convolution + SiLU of (B, conv_dim, T): output t sees inputs t-kernel+1..t,
-        the ones before the sequence being the state's (zeros without one). The state keeps the last
-        kernel-1 inputs."""
+        the ones before the sequence being the state's (zeros without one). -> the outputs, and the
+        last kernel-1 inputs (the next state's)."""
         if state is None:
             history = F.pad(mixed, (self.conv_kernel_size - 1, 0))
         else:
-            history = torch.cat((state.conv, mixed.to(state.conv.dtype)), dim=-1)
-            state.conv = history[..., history.shape[-1] - (self.conv_kernel_size - 1):].detach().clone()
-        return F.silu(self.conv1d(history.to(mixed.dtype)))
+            history = torch.cat((state.conv.to(mixed.dtype), mixed), dim=-1)
+        return F.silu(self.conv1d(history)), history[..., history.shape[-1] - (self.conv_kernel_size - 1):]
 
     def new_cache(self, batch: int, context: int, dtype=torch.float32, device=None) -> RecurrentState:
         """An empty decode state; its size does not depend on `context` (accepted for the common
         signature)."""
         return RecurrentState(
             torch.zeros(batch, self.conv_dim, self.conv_kernel_size - 1, dtype=dtype, device=device),
-            torch.zeros(batch, self.num_v_heads, self.head_k_dim, self.head_v_dim, dtype=torch.float32,
-                        device=device))
+            torch.zeros(batch, self.num_v_heads, self.head_k_dim, self.head_v_dim, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor, cache: RecurrentState | None = None) -> torch.Tensor:
         """x (B, T, d_model) -> (B, T, d_model). With a state (new_cache), x is the tokens after those it
@@ -250,8 +301,8 @@ class GatedDeltaNet(nn.Module):
         batch, length, _ = x.shape
         q, k, v, z, b, a = self.project(x)
         mixed = torch.cat((q.flatten(2), k.flatten(2), v.flatten(2)), dim=-1).transpose(1, 2)
-        q, k, v = self.short_conv(mixed, cache).transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim],
-                                                                       dim=-1)
+        mixed, conv_state = self.short_conv(mixed, cache)
+        q, k, v = mixed.transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         # (B, heads, T, d) in float32; each key head serves num_v_heads / num_k_heads consecutive value heads
         q, k = (l2norm(t.reshape(batch, length, self.num_k_heads, self.head_k_dim).float()).transpose(1, 2)
                 for t in (q, k))
@@ -260,49 +311,15 @@ class GatedDeltaNet(nn.Module):
         beta = b.float().sigmoid().transpose(1, 2)
         g = (-self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)).transpose(1, 2)
 
+        initial_state = cache.recurrent.float() if cache is not None else None
         if cache is not None and length == 1:
             out, state = recurrent_gated_delta_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], g[..., 0], beta[..., 0],
-                                                    cache.recurrent)
+                                                    initial_state)
             out = out.unsqueeze(2)
         else:
-            out, state = chunk_gated_delta_rule(q, k, v, g, beta, cache.recurrent if cache is not None else None)
+            out, state = chunk_gated_delta_rule(q, k, v, g, beta, initial_state)
         if cache is not None:
-            cache.recurrent, cache.length = state.detach(), cache.length + length
+            cache.update(conv_state, state, length)
         out = out.transpose(1, 2).to(x.dtype)  # (B, T, H_v, d_v)
         return self.out_proj(self.norm(out, z).flatten(2))
 
-
-# --- costs (pure functions of the sizes; the registry entry reads them) ----------------------------
-
-def delta_rule_mults_per_token(sizes: GatedDeltaNetSizes, chunk_size: int = CHUNK_SIZE) -> int:
-    """Multiply-adds of the chunked delta rule per token: within its chunk, the K K^T and Q K^T rows
-    (C d_k each, once per key head), and per value head the triangular solve (about C/2 (d_v + d_k))
-    and the intra-chunk output (C d_v); across chunks, per value head, the state read for the delta
-    and for the output and the state update (d_k d_v each). The same at every context: a chunk is
-    C tokens, masked or not."""
-    dk, dv, c = sizes.head_k_dim, sizes.head_v_dim, chunk_size
-    return sizes.num_k_heads * 2 * c * dk + sizes.num_v_heads * (c * (dk + dv) // 2 + c * dv + 3 * dk * dv)
-
-
-def flops_per_token(d_model: int, sizes: GatedDeltaNetSizes, context: int = 0) -> int:
-    """Training FLOPs (forward + backward, 6 x multiply-adds, model.flops_per_token's convention) one
-    layer spends per token: the projections (in_proj_qkvz, in_proj_ba, out_proj weights), the
-    convolution's taps and the chunked delta rule. `context` is accepted and changes nothing: the
-    cost per token is constant, the point of a linear-attention layer."""
-    projections = d_model * (2 * sizes.key_dim + 2 * sizes.value_dim + 2 * sizes.num_v_heads) + sizes.value_dim * d_model
-    conv = sizes.conv_dim * sizes.conv_kernel_size
-    return 6 * (projections + conv + delta_rule_mults_per_token(sizes))
-
-
-def state_bytes(sizes: GatedDeltaNetSizes, bytes_per_value: int = 2, state_bytes_per_value: int = 4) -> int:
-    """One layer's decode state for one sequence, whatever its length: the conv's kernel-1 inputs
-    (in the cache's dtype) and a d_k x d_v matrix per value head (float32). Exactly
-    RecurrentState.nbytes for a batch of one."""
-    conv = sizes.conv_dim * (sizes.conv_kernel_size - 1) * bytes_per_value
-    return conv + sizes.num_v_heads * sizes.head_k_dim * sizes.head_v_dim * state_bytes_per_value
-
-
-def state_bytes_per_token(sizes: GatedDeltaNetSizes, context: int, bytes_per_value: int = 2,
-                          state_bytes_per_value: int = 4) -> float:
-    """The fixed state spread over a `context`-token sequence (what a per-token cache figure compares)."""
-    return state_bytes(sizes, bytes_per_value, state_bytes_per_value) / context

@@ -12,13 +12,14 @@
 """
 import math
 import types
+from dataclasses import replace
 
 import pytest
 import torch
 
-from attention import VARIANTS
-from attention.diff import (LAMBDA_STD, DifferentialAttention, cache_bytes, cache_values_per_token, flops_per_token,
-                            lambda_init)
+from attention import KINDS, VARIANTS, AttentionSpec
+from attention.diff import LAMBDA_STD, DifferentialAttention, lambda_init
+from attention.init import Constant, Normal
 from reference_check import relative_errors
 from test_attention import TOL, randomize_
 
@@ -28,7 +29,7 @@ LAMBDAS = ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
 
 def build(d_model, n_heads, n_kv_heads, layer_idx, bias=False, dropout=0.0, seed=0):
     spec = VARIANTS["baseline"].with_overrides(n_kv_heads=n_kv_heads, attention_bias=bias)
-    ours = DifferentialAttention(spec, d_model, n_heads, dropout, THETA, layer_idx=layer_idx, n_layers=8)
+    ours = DifferentialAttention(spec, d_model, n_heads, dropout, THETA, layer=layer_idx, n_layers=8)
     randomize_(ours, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # lambda far enough from lambda_init that its learned part shows
@@ -38,15 +39,15 @@ def build(d_model, n_heads, n_kv_heads, layer_idx, bias=False, dropout=0.0, seed
 
 
 def reference(d_model, n_heads, n_kv_heads, layer_idx, bias=False, implementation="eager"):
-    from transformers.models.diffllama.configuration_diffllama import DiffLlamaConfig
-    from transformers.models.diffllama.modeling_diffllama import DiffLlamaAttention, DiffLlamaRotaryEmbedding
+    """The module's own reference_attention (what bench/ times), on the attention path asked for."""
+    from transformers.models.diffllama.modeling_diffllama import DiffLlamaRotaryEmbedding
 
-    config = DiffLlamaConfig(hidden_size=d_model, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
-                             attention_bias=bias, attention_dropout=0.0, rms_norm_eps=1e-5,
-                             rope_parameters={"rope_type": "default", "rope_theta": THETA})
-    config._attn_implementation = implementation
-    ref, rotary = DiffLlamaAttention(config, layer_idx=layer_idx), DiffLlamaRotaryEmbedding(config)
+    spec = VARIANTS["baseline"].with_overrides(n_kv_heads=n_kv_heads, attention_bias=bias)
+    ref, _ = DifferentialAttention.reference_attention(spec, d_model, n_heads, 0.0, THETA, layer_idx, 8)
+    ref.config._attn_implementation = implementation
+    rotary = DiffLlamaRotaryEmbedding(ref.config)
     assert rotary.attention_scaling == 1.0 and ref.head_dim == d_model // n_heads
+    assert ref.lambda_init == pytest.approx(lambda_init(layer_idx), rel=1e-12)
     return ref.eval(), rotary
 
 
@@ -111,7 +112,7 @@ class AdjacentPairs(DifferentialAttention):
 
 def test_comparison_catches_the_adjacent_head_pairing():
     ours = build(64, 4, 4, layer_idx=2)
-    wrong = AdjacentPairs(VARIANTS["baseline"], 64, 4, 0.0, THETA, layer_idx=2)
+    wrong = AdjacentPairs(VARIANTS["baseline"], 64, 4, 0.0, THETA, layer=2)
     wrong.load_state_dict(ours.state_dict())
     assert errors_against_reference(ours, 2, "sdpa", 2, 17)["output"] < TOL
     assert errors_against_reference(wrong, 2, "sdpa", 2, 17)["output"] > 1e-2
@@ -177,13 +178,14 @@ def test_decode_check_can_fail():
     assert ((last - full[:, 8:]).norm() / full[:, 8:].norm()).item() > 1e-2
 
 
-def test_init_std_declares_every_parameter():
+def test_parameter_init_declares_every_parameter():
     for bias in (False, True):
         ours = build(64, 4, 2, layer_idx=0, bias=bias)
-        stds = ours.init_std(0.02, 0.005)
-        assert set(stds) == {name for name, _ in ours.named_parameters()}
-        assert all(stds[name] == LAMBDA_STD == 0.1 for name in LAMBDAS)
-        assert stds["o_proj.weight"] == 0.005 and stds["q_proj.weight"] == 0.02
+        init = ours.parameter_init(0.02, 0.005)
+        assert set(init) == {name for name, _ in ours.named_parameters()}
+        assert all(init[name] == Normal(LAMBDA_STD) == Normal(0.1) for name in LAMBDAS)
+        assert init["o_proj.weight"] == Normal(0.005) and init["q_proj.weight"] == Normal(0.02)
+        assert all(init[name] == Constant(0.0) for name in init if name.endswith(".bias"))
 
 
 def test_lambda_init_by_hand():
@@ -193,16 +195,26 @@ def test_lambda_init_by_hand():
 
 
 def test_costs():
-    """The cache is exactly new_cache's bf16 tensors; FLOPs by hand at d_model 64, 4 heads (16 dims),
-    2 kv heads, 64 keys: projections 64 x (4 + 4) x 16 + 64 x 64 = 12288 multiply-adds; scores and
-    values 64 keys x 4 heads x (16 + 32) = 12288; x 6."""
+    """The cache is exactly new_cache's tensors; FLOPs by hand at d_model 64, 4 heads of 16 dims, 64
+    keys: 2 x 64 keys x 4 heads x (16 score dims + 32 pair value dims) = 24576."""
     ours = build(64, 4, 2, layer_idx=0)
-    cache = ours.new_cache(1, 100, dtype=torch.bfloat16)
-    assert cache.nbytes == cache_bytes(64, 4, 2, 100) == 100 * 2 * cache_values_per_token(64, 4, 2)
-    assert cache_values_per_token(64, 4, 2) == 2 * 2 * 16
-    assert flops_per_token(64, 4, 2, 64) == 6 * (12288 + 12288)
-    projections = sum(p.numel() for p in ours.parameters() if p.dim() == 2)
-    assert flops_per_token(64, 4, 2, 0) == 6 * projections
+    size = ours.cache_size(100)
+    assert size.values == 100 * 2 * 2 * 16  # per token: 2 kv heads' keys + 1 pair value of 32 dims
+    assert ours.new_cache(1, 100, dtype=torch.bfloat16).nbytes == 2 * size.values
+    assert ours.token_mixing_flops(64) == 24576
+
+
+def test_meets_the_kind_contract(monkeypatch):
+    """attention/registry.py's contract, as tests/test_kind_contract.py checks it for the kinds in
+    KINDS, on a registry entry like the one the kind will get."""
+    from test_kind_contract import contract_problems
+
+    monkeypatch.setitem(KINDS, "diff", replace(KINDS["mha"], name="diff", module="attention.diff:DifferentialAttention",
+                                               knobs=("n_kv_heads", "attention_bias"),
+                                               reference="transformers DiffLlamaAttention", test="tests/test_diff.py",
+                                               refuse=lambda spec, head_dim, n_heads: None))
+    monkeypatch.setitem(VARIANTS, "diff", AttentionSpec(name="diff", family="baseline", kind="diff"))
+    assert contract_problems("diff") == []
 
 
 @pytest.mark.parametrize("n_kv_heads", [3, 1])

@@ -16,14 +16,15 @@ torch path.
 import importlib.util
 import inspect
 import types
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from attention import VARIANTS
-from attention.gated_deltanet import (CHUNK_SIZE, GatedDeltaNet, GatedDeltaNetSizes, GatedRMSNorm, delta_rule_mults_per_token,
-                                      flops_per_token, state_bytes, state_bytes_per_token)
+from attention import KINDS, VARIANTS, AttentionSpec
+from attention.gated_deltanet import CHUNK_SIZE, GatedDeltaNet, GatedDeltaNetSizes, GatedRMSNorm
+from attention.init import Constant, Drawn, Normal
 from reference_check import relative_errors
 from test_attention import TOL, randomize_
 
@@ -42,7 +43,7 @@ def sizes_spec(**sizes):
 
 
 def build(d_model, n_heads, spec=None, seed=0, cls=GatedDeltaNet):
-    ours = cls(spec or VARIANTS["baseline"], d_model, n_heads, 0.0, 10000.0, layer_idx=0, n_layers=2)
+    ours = cls(spec or VARIANTS["baseline"], d_model, n_heads, 0.0, 10000.0, layer=0, n_layers=2)
     # A_log as transformers draws it (decay rates from slow to fast), dt_bias around 0
     randomize_(ours, seed)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -53,16 +54,12 @@ def build(d_model, n_heads, spec=None, seed=0, cls=GatedDeltaNet):
 
 
 def reference(ours):
-    from transformers.models.qwen3_next.configuration_qwen3_next import Qwen3NextConfig
-
-    d_model, n_heads = ours.in_proj_qkvz.in_features, ours.num_v_heads
-    config = Qwen3NextConfig(hidden_size=d_model, linear_num_key_heads=ours.num_k_heads,
-                             linear_num_value_heads=ours.num_v_heads, linear_key_head_dim=ours.head_k_dim,
-                             linear_value_head_dim=ours.head_v_dim, linear_conv_kernel_dim=ours.conv_kernel_size,
-                             hidden_act="silu", rms_norm_eps=1e-6, num_hidden_layers=2, num_attention_heads=n_heads,
-                             num_key_value_heads=n_heads, head_dim=d_model // n_heads)
-    ref = qwen3_next().Qwen3NextGatedDeltaNet(config, layer_idx=0)
-    assert ref.layer_type == "linear_attention"
+    """The module's own reference_attention (what bench/ times) at our sizes, our weights copied in."""
+    spec = sizes_spec(num_key_heads=ours.num_k_heads, num_value_heads=ours.num_v_heads, key_head_dim=ours.head_k_dim,
+                      value_head_dim=ours.head_v_dim, conv_kernel_dim=ours.conv_kernel_size)
+    ref, _ = GatedDeltaNet.reference_attention(spec, ours.in_proj_qkvz.in_features, ours.num_v_heads, 0.0, 10000.0,
+                                               layer=0, n_layers=2)
+    assert ref.layer_type == "linear_attention" and ref.activation == "silu"
     assert {n: p.shape for n, p in ours.state_dict().items()} == {n: p.shape for n, p in ref.state_dict().items()}
     ref.load_state_dict(ours.state_dict(), strict=True)
     return ref
@@ -121,7 +118,7 @@ class ConvSeesTheFuture(GatedDeltaNet):
     def short_conv(self, mixed, state):
         pad = self.conv_kernel_size - 1
         out = self.conv1d(F.pad(mixed, (pad // 2, pad - pad // 2)))
-        return F.silu(out)
+        return F.silu(out), mixed[..., -pad:]
 
 
 class UngatedNorm(GatedRMSNorm):
@@ -173,17 +170,17 @@ def test_decode_check_can_fail():
     assert ((last - full[:, 8:]).norm() / full[:, 8:].norm()).item() > 1e-2
 
 
-def test_init_declares_every_parameter():
+def test_parameter_init_declares_every_parameter():
     ours = build(64, 4)
-    init = ours.init_std(0.02, 0.005)
+    init = ours.parameter_init(0.02, 0.005)
     assert set(init) == {name for name, _ in ours.named_parameters()}
-    assert init["out_proj.weight"] == 0.005 and init["in_proj_qkvz.weight"] == init["conv1d.weight"] == 0.02
-    gen = torch.Generator().manual_seed(0)
-    a_log = init["A_log"]((10_000,), gen)
+    assert init["out_proj.weight"] == Normal(0.005)
+    assert init["in_proj_qkvz.weight"] == init["in_proj_ba.weight"] == init["conv1d.weight"] == Normal(0.02)
+    assert init["dt_bias"] == init["norm.weight"] == Constant(1.0)
+    assert isinstance(init["A_log"], Drawn)
+    a_log = init["A_log"].draw((10_000,), torch.Generator().manual_seed(0))
     assert a_log.min() >= torch.log(torch.tensor(0.01)) and a_log.max() <= torch.log(torch.tensor(16.0))
     assert a_log.exp().mean().item() == pytest.approx((0.01 + 16) / 2, rel=0.02)  # uniform on [0.01, 16]
-    assert torch.equal(init["dt_bias"]((4,), gen), torch.ones(4))
-    assert torch.equal(init["norm.weight"]((16,), gen), torch.ones(16))
 
 
 def test_default_sizes_match_multi_head_attention_weights():
@@ -196,20 +193,32 @@ def test_default_sizes_match_multi_head_attention_weights():
 
 
 def test_costs():
-    """The state is exactly new_cache's tensors (bf16 conv inputs, float32 matrices) and fixed;
-    FLOPs by hand at d_model 64, 4 heads: 2 key heads and 4 value heads of 16 dims, kernel 4:
-    projections 64 x (64 + 128 + 8) + 64 x 64 = 16896; conv 128 x 4 = 512; delta rule 2 key heads x
-    (2 x 64 x 16) + 4 value heads x (64 x 32 / 2 + 64 x 16 + 3 x 16 x 16) = 4096 + 11264."""
+    """The state is exactly new_cache's tensors and fixed; FLOPs by hand at d_model 64, 4 heads:
+    2 key heads and 4 value heads of 16 dims, kernel 4: conv 128 channels x 4 taps = 512; delta rule
+    2 key heads x (2 x 64 x 16) + 4 value heads x (64 x 32 / 2 + 64 x 16 + 3 x 16 x 16) = 4096 + 11264;
+    x 2 FLOPs a multiply-add."""
     ours = build(64, 4)
-    sizes = ours.sizes
-    state = ours.new_cache(1, 100, dtype=torch.bfloat16)
-    assert state.nbytes == state_bytes(sizes) == 128 * 3 * 2 + 4 * 16 * 16 * 4
-    assert state_bytes_per_token(sizes, 512) == state_bytes(sizes) / 512
-    assert delta_rule_mults_per_token(sizes) == 4096 + 11264
-    assert flops_per_token(64, sizes, context=512) == flops_per_token(64, sizes, context=8192) == \
-        6 * (16896 + 512 + 4096 + 11264)
-    projections = sum(p.numel() for p in ours.parameters() if p.dim() == 2)
-    assert projections == 16896
+    for context in (1, 512, 8192):
+        size = ours.cache_size(context)
+        assert (size.per_token, size.values) == (0, 128 * 3 + 4 * 16 * 16)
+        assert ours.new_cache(1, context, dtype=torch.bfloat16).nbytes == 2 * size.values
+        assert ours.token_mixing_flops(context) == 2 * (512 + 4096 + 11264)
+    projections = sum(p.numel() for p in ours.parameters() if p.dim() == 2)  # what the model counts itself
+    assert projections == 64 * (64 + 128 + 8) + 64 * 64
+
+
+def test_meets_the_kind_contract(monkeypatch):
+    """attention/registry.py's contract, as tests/test_kind_contract.py checks it for the kinds in
+    KINDS, on a registry entry like the one the kind will get."""
+    from test_kind_contract import contract_problems
+
+    monkeypatch.setitem(KINDS, "gated_deltanet", replace(
+        KINDS["mha"], name="gated_deltanet", module="attention.gated_deltanet:GatedDeltaNet", knobs=(),
+        reference="transformers Qwen3NextGatedDeltaNet (torch path)", test="tests/test_gated_deltanet.py",
+        refuse=lambda spec, head_dim, n_heads: None))
+    monkeypatch.setitem(VARIANTS, "gated_deltanet", AttentionSpec(name="gated_deltanet", family="baseline",
+                                                                  kind="gated_deltanet"))
+    assert contract_problems("gated_deltanet") == []
 
 
 def test_refuses_value_heads_that_key_heads_do_not_divide():
