@@ -264,7 +264,10 @@ class GatedDeltaNet(nn.Module):
                                  layer_types=["linear_attention"] * n_layers, num_attention_heads=n_heads,
                                  num_key_value_heads=n_heads, head_dim=d_model // n_heads)
         ref = Qwen3NextGatedDeltaNet(config, layer_idx=layer)
-        return ref, ref
+
+        def forward(x):  # a function, not the module (bench/ registers the module's children itself)
+            return ref(x)
+        return ref, forward
 
     def project(self, x: torch.Tensor):
         """x (B, T, d_model) -> q, k (B, T, H_k, d_k), v, z (B, T, H_v, d_v), b, a (B, T, H_v)."""

@@ -31,3 +31,33 @@ def relative_errors(ours: torch.nn.Module, ref: torch.nn.Module, run_ours, run_r
     errors |= {f"grad {name}": error(grads_ours[name], grads_ref[name]) for name in grads_ref}
     return errors
 
+
+
+def register_kind(monkeypatch, kind: str, module: str, knobs: tuple, reference: str, test: str) -> None:
+    """For one test: the kind in KINDS (its module, knobs, reference and test file; nothing refused)
+    and a variant of the same name in VARIANTS, as its registry entry will have them."""
+    from dataclasses import replace
+
+    from attention import KINDS, VARIANTS, AttentionSpec
+
+    monkeypatch.setitem(KINDS, kind, replace(KINDS["mha"], name=kind, module=module, knobs=knobs, reference=reference,
+                                             test=test, refuse=lambda spec, head_dim, n_heads: None))
+    monkeypatch.setitem(VARIANTS, kind, AttentionSpec(name=kind, family="baseline", kind=kind))
+
+
+def assert_bench_compares_with_the_reference(kind: str) -> None:
+    """bench/'s comparison of a kind without a seed-style twin: the model with every attention layer
+    swapped for the kind's reference_attention (bench.reference.build_reference), our weights loaded,
+    computes the same training step (tests/test_perf.py's loss and gradient tolerances)."""
+    from attention import VARIANTS
+    from bench.reference import KindReference, build_reference
+    from model import ModelConfig, MoELM, init_weights
+    from test_perf import SMALL, assert_same_step
+
+    cfg = ModelConfig(attention=VARIANTS[kind], **SMALL)
+    ours, ref = MoELM(cfg), build_reference(cfg)
+    assert all(isinstance(layer.self_attn, KindReference) for layer in ref.layers)
+    init_weights(ours, 0)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    ids = torch.randint(0, SMALL["vocab_size"], (2, SMALL["seq_len"] + 1), generator=torch.Generator().manual_seed(1))
+    assert_same_step(ours.train(), ref.train(), ids)

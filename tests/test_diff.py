@@ -8,19 +8,20 @@
   transformers', each fail that same comparison;
 - attention dropout (which the reference refuses) drops entries of each softmax map, one mask for
   both halves of a pair's value, and is off in eval;
-- prefill + one-token decode equals the full forward; the init declaration and the cost functions.
+- prefill + one-token decode equals the full forward; the init declaration and the costs;
+- the kind contract (attention/registry.py) and bench's comparison with the reference, on a
+  registry entry like the one the kind will get.
 """
 import math
 import types
-from dataclasses import replace
 
 import pytest
 import torch
 
-from attention import KINDS, VARIANTS, AttentionSpec
+from attention import VARIANTS
 from attention.diff import LAMBDA_STD, DifferentialAttention, lambda_init
 from attention.init import Constant, Normal
-from reference_check import relative_errors
+from reference_check import assert_bench_compares_with_the_reference, register_kind, relative_errors
 from test_attention import TOL, randomize_
 
 THETA = 10000.0
@@ -204,17 +205,23 @@ def test_costs():
     assert ours.token_mixing_flops(64) == 24576
 
 
+def register(monkeypatch):
+    register_kind(monkeypatch, "diff", "attention.diff:DifferentialAttention", ("n_kv_heads", "attention_bias"),
+                  "transformers DiffLlamaAttention", "tests/test_diff.py")
+
+
 def test_meets_the_kind_contract(monkeypatch):
     """attention/registry.py's contract, as tests/test_kind_contract.py checks it for the kinds in
     KINDS, on a registry entry like the one the kind will get."""
     from test_kind_contract import contract_problems
 
-    monkeypatch.setitem(KINDS, "diff", replace(KINDS["mha"], name="diff", module="attention.diff:DifferentialAttention",
-                                               knobs=("n_kv_heads", "attention_bias"),
-                                               reference="transformers DiffLlamaAttention", test="tests/test_diff.py",
-                                               refuse=lambda spec, head_dim, n_heads: None))
-    monkeypatch.setitem(VARIANTS, "diff", AttentionSpec(name="diff", family="baseline", kind="diff"))
+    register(monkeypatch)
     assert contract_problems("diff") == []
+
+
+def test_bench_compares_it_with_its_reference(monkeypatch):
+    register(monkeypatch)
+    assert_bench_compares_with_the_reference("diff")
 
 
 @pytest.mark.parametrize("n_kv_heads", [3, 1])

@@ -11,21 +11,22 @@ torch path.
 - negative controls: a convolution padded on both sides (it sees the future), and the gated norm
   without its SiLU(z) gate, each fail that same comparison;
 - prefill + decode (one token at a time, and chunks from a state) equals the full forward, with a
-  state whose size does not depend on the context; the init declaration and the cost functions.
+  state whose size does not depend on the context; the init declaration and the costs;
+- the kind contract (attention/registry.py) and bench's comparison with the reference, on a
+  registry entry like the one the kind will get.
 """
 import importlib.util
 import inspect
 import types
-from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from attention import KINDS, VARIANTS, AttentionSpec
+from attention import VARIANTS
 from attention.gated_deltanet import CHUNK_SIZE, GatedDeltaNet, GatedDeltaNetSizes, GatedRMSNorm
 from attention.init import Constant, Drawn, Normal
-from reference_check import relative_errors
+from reference_check import assert_bench_compares_with_the_reference, register_kind, relative_errors
 from test_attention import TOL, randomize_
 
 TORCH_PATH = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule", "causal_conv1d_fn",
@@ -207,18 +208,23 @@ def test_costs():
     assert projections == 64 * (64 + 128 + 8) + 64 * 64
 
 
+def register(monkeypatch):
+    register_kind(monkeypatch, "gated_deltanet", "attention.gated_deltanet:GatedDeltaNet", (),
+                  "transformers Qwen3NextGatedDeltaNet (torch path)", "tests/test_gated_deltanet.py")
+
+
 def test_meets_the_kind_contract(monkeypatch):
     """attention/registry.py's contract, as tests/test_kind_contract.py checks it for the kinds in
     KINDS, on a registry entry like the one the kind will get."""
     from test_kind_contract import contract_problems
 
-    monkeypatch.setitem(KINDS, "gated_deltanet", replace(
-        KINDS["mha"], name="gated_deltanet", module="attention.gated_deltanet:GatedDeltaNet", knobs=(),
-        reference="transformers Qwen3NextGatedDeltaNet (torch path)", test="tests/test_gated_deltanet.py",
-        refuse=lambda spec, head_dim, n_heads: None))
-    monkeypatch.setitem(VARIANTS, "gated_deltanet", AttentionSpec(name="gated_deltanet", family="baseline",
-                                                                  kind="gated_deltanet"))
+    register(monkeypatch)
     assert contract_problems("gated_deltanet") == []
+
+
+def test_bench_compares_it_with_its_reference(monkeypatch):
+    register(monkeypatch)
+    assert_bench_compares_with_the_reference("gated_deltanet")
 
 
 def test_refuses_value_heads_that_key_heads_do_not_divide():
