@@ -50,14 +50,29 @@ def assert_bench_compares_with_the_reference(kind: str) -> None:
     swapped for the kind's reference_attention (bench.reference.build_reference), our weights loaded,
     computes the same training step (tests/test_perf.py's loss and gradient tolerances)."""
     from attention import VARIANTS
-    from bench.reference import KindReference, build_reference
-    from model import ModelConfig, MoELM, init_weights
-    from test_perf import SMALL, assert_same_step
+    from bench.reference import KindReference
+    from model import ModelConfig
+    from test_perf import SMALL, assert_same_step, ours_and_reference
 
-    cfg = ModelConfig(attention=VARIANTS[kind], **SMALL)
-    ours, ref = MoELM(cfg), build_reference(cfg)
+    ours, ref = ours_and_reference(ModelConfig(attention=VARIANTS[kind], **SMALL))
     assert all(isinstance(layer.self_attn, KindReference) for layer in ref.layers)
-    init_weights(ours, 0)
-    ref.load_state_dict(ours.state_dict(), strict=True)
     ids = torch.randint(0, SMALL["vocab_size"], (2, SMALL["seq_len"] + 1), generator=torch.Generator().manual_seed(1))
-    assert_same_step(ours.train(), ref.train(), ids)
+    assert_same_step(ours, ref, ids)
+
+
+def contract_tests(kind: str, module: str, knobs: tuple, reference: str, test: str):
+    """A kind's two registry-level tests, for its test file to collect before the kind is in KINDS:
+    attention/registry.py's contract as tests/test_kind_contract.py checks it, and bench's comparison
+    with the reference, each on the registry entry the kind will get (register_kind)."""
+
+    def test_meets_the_kind_contract(monkeypatch):
+        from test_kind_contract import contract_problems
+
+        register_kind(monkeypatch, kind, module, knobs, reference, test)
+        assert contract_problems(kind) == []
+
+    def test_bench_compares_it_with_its_reference(monkeypatch):
+        register_kind(monkeypatch, kind, module, knobs, reference, test)
+        assert_bench_compares_with_the_reference(kind)
+
+    return test_meets_the_kind_contract, test_bench_compares_it_with_its_reference

@@ -21,7 +21,7 @@ import torch
 from attention import VARIANTS
 from attention.diff import LAMBDA_STD, DifferentialAttention, lambda_init
 from attention.init import Constant, Normal
-from reference_check import assert_bench_compares_with_the_reference, register_kind, relative_errors
+from reference_check import contract_tests, relative_errors
 from test_attention import TOL, randomize_
 
 THETA = 10000.0
@@ -205,23 +205,9 @@ def test_costs():
     assert ours.token_mixing_flops(64) == 24576
 
 
-def register(monkeypatch):
-    register_kind(monkeypatch, "diff", "attention.diff:DifferentialAttention", ("n_kv_heads", "attention_bias"),
-                  "transformers DiffLlamaAttention", "tests/test_diff.py")
-
-
-def test_meets_the_kind_contract(monkeypatch):
-    """attention/registry.py's contract, as tests/test_kind_contract.py checks it for the kinds in
-    KINDS, on a registry entry like the one the kind will get."""
-    from test_kind_contract import contract_problems
-
-    register(monkeypatch)
-    assert contract_problems("diff") == []
-
-
-def test_bench_compares_it_with_its_reference(monkeypatch):
-    register(monkeypatch)
-    assert_bench_compares_with_the_reference("diff")
+# the kind contract and bench's comparison, on the registry entry the kind will get ("diff")
+test_meets_the_kind_contract, test_bench_compares_it_with_its_reference = contract_tests(
+    "diff", "attention.diff:DifferentialAttention", ("n_kv_heads", "attention_bias"), "transformers DiffLlamaAttention", "tests/test_diff.py")
 
 
 @pytest.mark.parametrize("n_kv_heads", [3, 1])

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from attention import VARIANTS
 from attention.gated_deltanet import CHUNK_SIZE, GatedDeltaNet, GatedDeltaNetSizes, GatedRMSNorm
 from attention.init import Constant, Drawn, Normal
-from reference_check import assert_bench_compares_with_the_reference, register_kind, relative_errors
+from reference_check import contract_tests, relative_errors
 from test_attention import TOL, randomize_
 
 TORCH_PATH = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule", "causal_conv1d_fn",
@@ -208,23 +208,9 @@ def test_costs():
     assert projections == 64 * (64 + 128 + 8) + 64 * 64
 
 
-def register(monkeypatch):
-    register_kind(monkeypatch, "gated_deltanet", "attention.gated_deltanet:GatedDeltaNet", (),
-                  "transformers Qwen3NextGatedDeltaNet (torch path)", "tests/test_gated_deltanet.py")
-
-
-def test_meets_the_kind_contract(monkeypatch):
-    """attention/registry.py's contract, as tests/test_kind_contract.py checks it for the kinds in
-    KINDS, on a registry entry like the one the kind will get."""
-    from test_kind_contract import contract_problems
-
-    register(monkeypatch)
-    assert contract_problems("gated_deltanet") == []
-
-
-def test_bench_compares_it_with_its_reference(monkeypatch):
-    register(monkeypatch)
-    assert_bench_compares_with_the_reference("gated_deltanet")
+# the kind contract and bench's comparison, on the registry entry the kind will get ("gated_deltanet")
+test_meets_the_kind_contract, test_bench_compares_it_with_its_reference = contract_tests(
+    "gated_deltanet", "attention.gated_deltanet:GatedDeltaNet", (), "transformers Qwen3NextGatedDeltaNet (torch path)", "tests/test_gated_deltanet.py")
 
 
 def test_refuses_value_heads_that_key_heads_do_not_divide():
