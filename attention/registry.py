@@ -377,6 +377,7 @@ FAMILIES: dict[str, Family] = {
     "window": Family("Window", "#aec7e8", "Blues"),
     "positions": Family("Positions", "#ffbb78", "Oranges"),
     "mla_v3": Family("MLA (V3)", "#98df8a", "Greens"),
+    "control": Family("Control", "#525252", "Greys"),
 }
 OTHER_FAMILY = Family("Other", "#7f7f7f", "Greys")
 
@@ -450,4 +451,12 @@ VARIANTS: dict[str, AttentionSpec] = {spec.name: spec for spec in [
                   global_every=2),  # gpt-oss: sinks and GQA on every layer
     AttentionSpec(name="gemma2", family="softcap", attn_softcap=50.0, window=OfContext(1 / 4),
                   global_every=2),  # Gemma 2: the logit soft-cap 50 on every layer
+    # Positive controls (family "control": sweeps/controls_smoke.yaml, not the zoo): designs the
+    # literature predicts to fail associative recall, so a sweep must see them fail (README, "Can the
+    # tool see an effect?"). one_attention_layer: layer 0 attends to itself only (a window of 1),
+    # layer 1 to every key (global_every 2): one layer of attention instead of two, at the baseline's
+    # parameters, so no induction circuit (Olsson et al. 2022). tiny_latent: MLA whose keys and
+    # values pass through a latent of d_model/32 (2 at the smoke size).
+    AttentionSpec(name="one_attention_layer", family="control", window=1, global_every=2),
+    _mla("tiny_latent", "control", None, OfModel(1 / 32), PerHead(1), PerHead(1)),
 ]}

@@ -26,7 +26,8 @@ def fixed(config: dict) -> dict:
 
 
 def test_the_four_sweeps_are_there_and_nothing_else():
-    assert set(NAMES) == {"fast.yaml", "smoke.yaml", "seeds.yaml", "fast_multigpu.yaml", "zoo_smoke.yaml",
+    assert set(NAMES) == {"fast.yaml", "smoke.yaml", "seeds.yaml", "lm_smoke.yaml", "controls_smoke.yaml",
+                          "fast_multigpu.yaml", "zoo_smoke.yaml",
                           "zoo.yaml", "tune.yaml", "tune_smoke.yaml"}
     assert sorted(p.name for p in (ROOT / "sweeps").iterdir()) == sorted(NAMES)  # no other file either
     # sweeps/ holds YAML only: a package named `sweeps` here would shadow W&B's engine
@@ -72,12 +73,13 @@ def test_the_seed_sweeps_enumerate_exactly_the_seed_variants_in_order(name):
     assert load(name)["parameters"]["attention"]["values"] == SEED_VARIANTS
 
 
-@pytest.mark.parametrize("name,twin", [("zoo_smoke.yaml", "smoke.yaml"), ("zoo.yaml", "fast.yaml")])
+@pytest.mark.parametrize("name,twin", [("zoo_smoke.yaml", "seeds.yaml"), ("zoo.yaml", "fast.yaml")])
 def test_zoo_sweeps_list_the_baseline_and_every_zoo_variant_at_their_twins_settings(name, twin):
-    """zoo_smoke at smoke's laptop size and recipe, zoo at fast's GPU size, recipe and data; each on
+    """zoo_smoke at seeds' laptop size and recipe (a language model), zoo at fast's GPU size, recipe and data; each on
     seeds 0-2, so every zoo variant gets a paired verdict against the baseline."""
     assert load(name)["parameters"]["attention"]["values"] == \
-        ["baseline"] + [variant for variant in VARIANTS if variant not in SEED_VARIANTS]
+        ["baseline"] + [variant for variant, spec in VARIANTS.items()
+                        if variant not in SEED_VARIANTS and spec.family != "control"]
     assert fixed(load(name)) == {k: v for k, v in fixed(load(twin)).items() if k != "seed"}  # fast: seed 0 only
     assert load(name)["parameters"]["seed"] == {"values": [0, 1, 2]}
 
@@ -142,18 +144,22 @@ def test_fast_is_the_seed_experiment_on_the_seed_data():
 
 
 def test_smoke_and_seeds_are_small_and_on_the_embedded_corpus():
-    for name in ("smoke.yaml", "seeds.yaml"):
+    """seeds.yaml: the 13 on the embedded corpus at a laptop size (a language model); lm_smoke.yaml:
+    its baseline alone at the same settings (the main job's regime statement); smoke.yaml: the 13 on
+    a task at a laptop size. Each on 3 seeds, so the report's paired tests and verdicts appear."""
+    for name in ("seeds.yaml", "lm_smoke.yaml"):
         values = fixed(load(name))
-        assert "dataset" not in values and "tokenizer" not in values  # train.py's embedded defaults
+        assert "dataset" not in values and "tokenizer" not in values and "task" not in values  # train.py's embedded lm
         cfg = config_from_values(values)
-        assert cfg.d_model <= 128 and cfg.seq_len <= 256 and cfg.steps <= 200
-    smoke, seeds = fixed(load("smoke.yaml")), fixed(load("seeds.yaml"))
-    assert {k: v for k, v in seeds.items() if k != "seed"} == {k: v for k, v in smoke.items() if k != "seed"}
-    assert load("seeds.yaml")["parameters"]["seed"]["values"] == [0, 1, 2]
-    assert validate.grid_size_and_runs(load("seeds.yaml"))[0] == 39
-    # the main job runs every variant on 3 seeds, so the report's paired tests and verdicts appear
-    assert load("smoke.yaml")["parameters"]["seed"]["values"] == [0, 1, 2]
-    assert validate.grid_size_and_runs(load("smoke.yaml"))[0] == 39
+        assert cfg.d_model <= 128 and cfg.seq_len <= 256 and cfg.steps <= 200 and cfg.task == "lm"
+    seeds, lm = fixed(load("seeds.yaml")), fixed(load("lm_smoke.yaml"))
+    assert {k: v for k, v in lm.items() if k != "attention"} == {k: v for k, v in seeds.items() if k != "seed"}
+    assert lm["attention"] == "baseline"
+    smoke = config_from_values(fixed(load("smoke.yaml")))
+    assert smoke.task == "mqar" and smoke.d_model <= 128 and smoke.steps <= 1000
+    for name, runs in (("smoke.yaml", 39), ("seeds.yaml", 39), ("lm_smoke.yaml", 3)):
+        assert load(name)["parameters"]["seed"]["values"] == [0, 1, 2]
+        assert validate.grid_size_and_runs(load(name))[0] == runs
 
 
 def test_multigpu_command_is_accelerate_launch_then_the_program():
