@@ -288,10 +288,42 @@ def regime(runs: list[Run]) -> str | None:
             f"context, which is all attention adds, and the verdicts below are about noise.")
 
 
+# A task is learned when a configuration's mean final answer accuracy reaches this (val/step_at_0.9's
+# threshold): below it, the verdicts compare partial learning.
+TASK_LEARNED = 0.9
+
+
+def task_regime(runs: list[Run]) -> list[str]:
+    """Per synthetic task in the runs, one sentence: whether any configuration learned it (mean final
+    answer accuracy over seeds at least TASK_LEARNED) and the range of the configurations' means."""
+    varying, out = varying_settings(runs), []
+    tasks = sorted({r.config.get("task") for r in runs if r.succeeded and r.config.get("task", "lm") != "lm"})
+    for task in tasks:
+        by_config: dict = {}
+        for r in runs:
+            if r.succeeded and r.config.get("task") == task and r.val_accuracy is not None:
+                by_config.setdefault(configuration(r, varying), []).append(r.val_accuracy)
+        if not by_config:
+            continue
+        means = {label: fmean(values) for label, values in by_config.items()}
+        best, worst = max(means, key=means.get), min(means, key=means.get)
+        spread = f"from {means[worst]:.3f} ({worst}) to {means[best]:.3f} ({best})"
+        if means[best] >= TASK_LEARNED:
+            learned = sum(m >= TASK_LEARNED for m in means.values())
+            out.append(f"**Regime ({task}): the task is learned here.** {learned} of {len(means)} configurations "
+                       f"reach a mean answer accuracy of {TASK_LEARNED} or more; the means run {spread}, so the "
+                       "verdicts below are about what each attention design can learn at this budget.")
+        else:
+            out.append(f"**Regime ({task}): no configuration has learned the task yet** (mean answer accuracy "
+                       f"{spread}; learned means {TASK_LEARNED}): the verdicts below compare partial learning.")
+    return out
+
+
 def regime_section(runs: list[Run]) -> Section:
-    """The regime sentence as the first thing the seed's tables say (empty when it does not apply)."""
+    """The regime sentences as the first thing the seed's tables say: the language model's (when
+    it applies) and each task's (empty when neither applies)."""
     text = regime(runs)
-    return Section("regime", "Regime: what these models learned", [text] if text else [])
+    return Section("regime", "Regime: what these models learned", ([text] if text else []) + task_regime(runs))
 
 ONE_SEED = ("**One seed per variant: this ranking is not statistically supported.** With a single run "
             "per variant, a difference between two variants cannot be told apart from seed-to-seed noise, "

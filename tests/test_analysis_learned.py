@@ -139,3 +139,30 @@ def test_no_length_statistics_without_eval_lengths(tmp_path):
     runs = _runs(tmp_path, 4.5, 0.5)
     assert tables.length_statistics(runs).lines == []
     assert "Longer contexts than trained on, paired" not in report.build(runs, tmp_path / "r", "t").path.read_text()
+
+
+def _task_runs(tmp_path, accuracies):
+    records = []
+    for variant, per_seed in accuracies.items():
+        for seed, accuracy in enumerate(per_seed):
+            rec = make_record(variant, seed, 1.0 - accuracy, config={"task": "mqar", "task_vocab": 32})
+            rec["summary"]["val/accuracy"] = accuracy
+            records.append(rec)
+    return load_path(write_records(tmp_path, records))
+
+
+def test_task_regime_says_whether_any_configuration_learned_the_task(tmp_path):
+    """A task's sentence: how many configurations reach a mean answer accuracy of 0.9, and the range
+    of the means with who is at each end (hand numbers); below 0.9 everywhere, that none learned it.
+    It opens the report beside the language model's (which does not judge task runs)."""
+    runs = _task_runs(tmp_path / "a", {"baseline": [1.0, 0.98, 0.99], "lora_small": [0.28, 0.3, 0.29],
+                                       "lora_xl": [0.95, 0.9, 0.91]})
+    (text,) = tables.task_regime(runs)
+    assert text.startswith("**Regime (mqar): the task is learned here.** 2 of 3 configurations")
+    assert "from 0.290 (lora_small) to 0.990 (baseline)" in text
+    assert tables.regime(runs) is None and tables.regime_section(runs).lines == [text]
+    assert text in report.build(runs, tmp_path / "report", "test").path.read_text()
+    runs = _task_runs(tmp_path / "b", {"baseline": [0.3, 0.95, 0.3], "lora_small": [0.28, 0.3, 0.29]})
+    (text,) = tables.task_regime(runs)
+    assert text.startswith("**Regime (mqar): no configuration has learned the task yet** (mean answer accuracy "
+                           "from 0.290 (lora_small) to 0.517 (baseline)")
