@@ -237,6 +237,31 @@ def compare_to_baseline(runs: list[Run], baseline: str = "baseline", alpha: floa
     return sorted(out, key=lambda c: c.mean_diff if math.isfinite(c.mean_diff) else math.inf)
 
 
+def loss_at_step(step: int):
+    """The metric `run -> validation loss of its evaluation at step` (None where it has none)."""
+    def metric(run: Run):
+        return next((row.get("val/loss") for row in run.eval_history if row.get("step") == step), None)
+    return metric
+
+
+def resolved_from_step(runs: list[Run], baseline: str = "baseline", alpha: float = ALPHA) -> dict:
+    """{configuration: the first evaluation step from which on its verdict against the baseline
+    (the paired test on the validation loss at that step, Holm across the configurations there) is
+    its final verdict at every later evaluation} for configurations whose final verdict is better or
+    worse: how many steps the comparison needed to resolve."""
+    final = {c.configuration: c.verdict for c in compare_to_baseline(runs, baseline, alpha)
+             if c.verdict in ("better", "worse")}
+    steps = sorted({row["step"] for r in runs if r.succeeded for row in r.eval_history if "val/loss" in row})
+    verdicts = {step: {c.configuration: c.verdict for c in compare_to_baseline(runs, baseline, alpha, loss_at_step(step))}
+                for step in steps}
+    out = {}
+    for label, verdict in final.items():
+        held = [step for step in steps if verdicts[step].get(label) == verdict]
+        later = [step for step in steps if step not in held]
+        first = next((step for step in held if not any(other > step for other in later)), None)
+        out[label] = first
+    return out
+
 @dataclass
 class Noise:
     pooled_std: float  # pooled within-variant sample std of the final validation loss

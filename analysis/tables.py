@@ -338,7 +338,10 @@ STATS_RULES = (
     f"seeds n with which a paired t-test at α = {stats.ALPHA}/m (m variants tested: the strictest Holm "
     f"step) has {stats.POWER:.0%} power if the true effect equals the observed d_z, from the noncentral t "
     "distribution (df = n - 1, noncentrality d_z·√n); the observed d_z is itself noisy with few seeds, "
-    "so read it as an order of magnitude."
+    "so read it as an order of magnitude. *Resolved from step*: for a better or worse verdict, the first "
+    "evaluation step from which on the same test on that evaluation's validation loss (Holm across the "
+    "configurations at that step) gives the final verdict at every later evaluation: the steps the "
+    "comparison needed."
 )
 
 
@@ -360,7 +363,8 @@ def seed_statistics(runs: list[Run]) -> Section:
     comparisons = {c.configuration: c for c in stats.compare_to_baseline(runs, BASELINE)}
     varying = varying_settings(runs)
     columns = ["configuration" if varying else "variant", "family", "seeds", "val loss mean ± std", "95% CI", "Δ vs baseline", "95% CI of Δ",
-               "d_z", "p", "p (Holm)", "verdict", "seeds to resolve"]
+               "d_z", "p", "p (Holm)", "verdict", "seeds to resolve", "resolved from step"]
+    resolved = stats.resolved_from_step(runs, BASELINE)
     rows, cells = [], []
     for s in summaries:
         c = comparisons.get(s.configuration)
@@ -369,13 +373,15 @@ def seed_statistics(runs: list[Run]) -> Section:
                 f"[{fmt(s.ci_low, '.4f')}, {fmt(s.ci_high, '.4f')}]"]
         if s.variant == BASELINE or c is None:
             verdict = "reference" if s.variant == BASELINE else "n/a (no baseline run)"
-            row += [None] * 6 + [verdict, None]
-            cell += ["-"] * 5 + [verdict, "-"]
+            row += [None] * 6 + [verdict, None, None]
+            cell += ["-"] * 5 + [verdict, "-", "-"]
         else:
-            row += [c.mean_diff, c.ci_low, c.ci_high, c.d_z, c.p, c.p_holm, c.verdict, c.seeds_needed]
+            step = resolved.get(s.configuration)
+            row += [c.mean_diff, c.ci_low, c.ci_high, c.d_z, c.p, c.p_holm, c.verdict, c.seeds_needed, step]
             cell += [f"{fmt(c.mean_diff, '+.4f')} (n={c.n_pairs})", f"[{fmt(c.ci_low, '+.4f')}, {fmt(c.ci_high, '+.4f')}]",
                      fmt(c.d_z, '+.2f'), fmt_p(c.p), fmt_p(c.p_holm), f"**{c.verdict}**"
-                     if c.verdict in ("better", "worse") else c.verdict, _seeds_needed(c.seeds_needed)]
+                     if c.verdict in ("better", "worse") else c.verdict, _seeds_needed(c.seeds_needed),
+                     "-" if step is None else str(step)]
         rows.append(row)
         cells.append(cell)
     lines = opening + markdown_table(columns, cells)
@@ -399,7 +405,7 @@ def seed_statistics(runs: list[Run]) -> Section:
     lines += ["", STATS_RULES]
     return Section("seed_statistics", title, lines,
                    ["variant", "family", "seeds", "mean", "std", "ci_low", "ci_high", "diff", "diff_ci_low",
-                    "diff_ci_high", "d_z", "p", "p_holm", "verdict", "seeds_to_resolve"], rows)
+                    "diff_ci_high", "d_z", "p", "p_holm", "verdict", "seeds_to_resolve", "resolved_from_step"], rows)
 
 
 def length_statistics(runs: list[Run]) -> Section:

@@ -166,3 +166,28 @@ def test_task_regime_says_whether_any_configuration_learned_the_task(tmp_path):
     (text,) = tables.task_regime(runs)
     assert text.startswith("**Regime (mqar): no configuration has learned the task yet** (mean answer accuracy "
                            "from 0.290 (lora_small) to 0.517 (baseline)")
+
+
+def test_resolved_from_step_is_the_first_evaluation_from_which_the_final_verdict_holds(tmp_path):
+    """Hand-made evaluation histories (steps 3 and 6 of make_record): a variant 1 nat worse at every
+    evaluation resolves from step 3; one equal to the baseline at step 3 (indistinguishable there) and
+    worse at step 6 resolves from 6; one whose step-3 verdict is the opposite of its final one also
+    from 6; no verdict, no step."""
+    shapes = {"baseline": (0.0, 0.0), "enhanced_xl": (1.0, 1.0), "lora_xl": (0.0, 1.0), "rope_small": (-1.0, 1.0),
+              "lora_small": (0.0, 0.0)}
+    noise = {0: 0.0, 1: 0.013, 2: -0.021}
+    records = []
+    for variant, (at_3, at_6) in shapes.items():
+        for seed in range(3):
+            wobble = 0.0 if variant == "baseline" else 0.01 * (seed - 1) ** 2  # a paired difference that varies
+            rec = make_record(variant, seed, 2.0 + noise[seed] + at_6 + wobble)
+            for row in rec["history"]:
+                if row.get("step") == 3:
+                    row["val/loss"] = 3.0 + noise[seed] + at_3 + wobble
+            records.append(rec)
+    runs = load_path(write_records(tmp_path, records))
+    from analysis import stats
+    assert stats.resolved_from_step(runs) == {"enhanced_xl": 3, "lora_xl": 6, "rope_small": 6}
+    section = tables.seed_statistics(runs)
+    steps = {row[0]: row[-1] for row in section.rows}
+    assert steps["enhanced_xl"] == 3 and steps["lora_xl"] == 6 and steps["lora_small"] is None
