@@ -48,12 +48,12 @@ def parse_args(argv):
     parser.add_argument("--subprocess", action="store_true", help="start every run as a fresh process, as wandb "
                         "agent does (otherwise train.py under the default command is forked from this process "
                         "after importing torch and wandb once)")
-    parser.add_argument("--parallel", type=int, default=1, metavar="N", help="run N runs at once (default 1: one "
-                        "after another, with the threads the environment gives), each still its own process, "
-                        "W&B run and record, with max(1, cores // N) torch threads, as N agents on one machine "
-                        "would run: a step of a small model (d_model 64) gets more done per core on one thread "
-                        "than on two, so a sweep of small runs ends sooner (docs/PERF.md); a run's numbers are "
-                        "the same as one by one at its thread count")
+    parser.add_argument("--parallel", type=int, default=1, metavar="N", help="run N runs at once, as N agents on "
+                        "one machine would (default 1: one after another, with the threads the environment gives); "
+                        "each is still its own process, W&B run, record and log, with max(1, cores // N) torch "
+                        "threads, because a step of a small model (d_model 64) gets more done per core on one "
+                        "thread than on two, so a sweep of small runs ends sooner (docs/PERF.md); a run's numbers "
+                        "are those it gives one by one at the same thread count")
     args = parser.parse_args(argv)
     if args.parallel < 1:
         parser.error(f"--parallel={args.parallel}: must be at least 1")

@@ -253,10 +253,8 @@ WRAPPER = textwrap.dedent('''
 
 
 def test_two_at_once_give_the_same_runs_as_one_by_one(tmp_path):
-    """A tiny 4-run grid, forked from train.py, one by one and two at once: the same configurations,
-    each run's losses bit for bit and the same report content. Threads: one by one keeps the
-    environment's (the suite's), two at once gives max(1, cores // 2); at this size torch's CPU
-    kernels give the same bits at either count (checked: 1 and 2 threads)."""
+    """A tiny 4-run grid, forked from train.py, one by one and two at once at the same thread count:
+    the same configurations, each run's losses bit for bit and the same report content."""
     values = {**TINY, "dataset": str(small_corpus(tmp_path)), "cache_dir": str(tmp_path / "cache")}
     sweep = write_sweep(tmp_path / "tiny.yaml", "train.py", {
         "attention": {"values": ["baseline", "rope_small"]}, "seed": {"values": [0, 1]},
@@ -267,9 +265,11 @@ def test_two_at_once_give_the_same_runs_as_one_by_one(tmp_path):
     wrapper.write_text(WRAPPER.format(root=str(ROOT), markers=str(markers)))
     records, reports = {}, {}
     for n in (1, 2):
-        # two at once under a sweep started with more threads than each run gets: the runs must set theirs
-        more = str(CORES + 1)  # torch takes min(this, cores): CORES threads in the sweep's own process
-        threads = {} if n == 1 else {"OMP_NUM_THREADS": more, "MKL_NUM_THREADS": more}
+        # one by one at the thread count two at once gives each run (the numbers are a thread
+        # count's: docs/PERF.md); two at once under a sweep started with more threads than each run
+        # gets (torch takes min(CORES + 1, cores) in the sweep's own process): the runs must set theirs
+        each = str(max(1, CORES // 2)) if n == 1 else str(CORES + 1)
+        threads = {"OMP_NUM_THREADS": each, "MKL_NUM_THREADS": each}
         done = processes.run([sys.executable, str(wrapper), str(sweep), "--results-dir", str(tmp_path / f"n{n}"),
                               "--parallel", str(n)], cwd=ROOT, env=offline_env(**threads), capture_output=True,
                              text=True, timeout=600)
