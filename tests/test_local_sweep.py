@@ -499,11 +499,8 @@ FAKE_WANDB = textwrap.dedent('''
 ''')
 
 
-def test_hyperband_stops_the_run_that_falls_behind_as_stopped(tmp_path):
-    """W&B's hyperband with min_iter=2, eta=3 (bands at 2, 6, 18 steps; r=1/3): at band 2 the
-    threshold over {baseline: 5, rope_only: 9} is sorted([5, 9])[int(2/3)] = 5, and rope_only's best
-    so far, 9, is above it: it is stopped there, read from its W&B history while it runs. Without
-    early termination it would log 100 steps (20 s)."""
+def run_hyperband_sweep(tmp_path: Path, *options) -> tuple[subprocess.CompletedProcess, Path]:
+    """FAKE_WANDB's baseline and rope_only under hyperband (min_iter 2, eta 3): (the run, its sweep dir)."""
     program = tmp_path / "fake" / "fake_wandb.py"
     program.parent.mkdir()
     program.write_text(FAKE_WANDB)
@@ -511,9 +508,17 @@ def test_hyperband_stops_the_run_that_falls_behind_as_stopped(tmp_path):
         "attention": {"values": ["baseline", "rope_only"]}, "lr": {"value": 0.001}},
         early_terminate={"type": "hyperband", "min_iter": 2, "eta": 3})
     results = tmp_path / "results"
-    result = run_cli(sweep, "--results-dir", results, "--no-report", timeout=180)
+    result = run_cli(sweep, "--results-dir", results, "--no-report", *options, timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
-    sweep_dir = only_sweep_dir(results)
+    return result, only_sweep_dir(results)
+
+
+def test_hyperband_stops_the_run_that_falls_behind_as_stopped(tmp_path):
+    """W&B's hyperband with min_iter=2, eta=3 (bands at 2, 6, 18 steps; r=1/3): at band 2 the
+    threshold over {baseline: 5, rope_only: 9} is sorted([5, 9])[int(2/3)] = 5, and rope_only's best
+    so far, 9, is above it: it is stopped there, read from its W&B history while it runs. Without
+    early termination it would log 100 steps (20 s)."""
+    result, sweep_dir = run_hyperband_sweep(tmp_path)
     first, second = state_of(sweep_dir)["runs"]
     assert (first["name"], first["status"]) == ("baseline-s0", "finished")  # alone at its bands: never stopped
     assert (second["name"], second["status"]) == ("rope_only-s0", "stopped")

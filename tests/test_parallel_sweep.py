@@ -15,8 +15,8 @@ import pytest
 
 import processes
 from localsweep import cli, engine, runner, state
-from test_local_sweep import (FAKE_WANDB, calls, env, fake, only_sweep_dir, run_cli, state_of,  # noqa: F401
-                             write_sweep)  # (fake: a fixture)
+from test_local_sweep import (calls, env, fake, only_sweep_dir, run_cli, run_hyperband_sweep,  # noqa: F401
+                             state_of, write_sweep)  # (fake: a fixture)
 from train_helpers import ROOT, TINY, offline_env, offline_run_contents, small_corpus
 
 GRID = ["baseline", "lora_small", "rope_small", "bias_only"]
@@ -83,16 +83,8 @@ def test_hyperband_stops_the_run_in_flight_that_falls_behind_the_one_beside_it(t
     """The same two curves as the one-by-one test (test_local_sweep), now side by side: at band 2
     the threshold over {baseline: 5, rope_only: 9} is 5, read from both running runs' W&B files;
     rope_only is stopped there while baseline, beside it, finishes."""
-    program = tmp_path / "fake" / "fake_wandb.py"
-    program.parent.mkdir()
-    program.write_text(FAKE_WANDB)
-    sweep = write_sweep(tmp_path / "hb.yaml", program, {
-        "attention": {"values": ["baseline", "rope_only"]}, "lr": {"value": 0.001}},
-        early_terminate={"type": "hyperband", "min_iter": 2, "eta": 3})
-    results = tmp_path / "results"
-    result = run_cli(sweep, "--results-dir", results, "--no-report", "--parallel", 2, timeout=180)
-    assert result.returncode == 0, result.stdout + result.stderr
-    first, second = state_of(only_sweep_dir(results))["runs"]
+    result, sweep_dir = run_hyperband_sweep(tmp_path, "--parallel", 2)
+    first, second = state_of(sweep_dir)["runs"]
     assert (first["name"], first["status"]) == ("baseline-s0", "finished")
     assert (second["name"], second["status"]) == ("rope_only-s0", "stopped")
     assert "hyperband" in second["error"] and "Band: 2" in second["error"]
