@@ -5,6 +5,7 @@
     python local_sweep.py my_random_search.yaml --count 20      (random and bayes need --count)
     python local_sweep.py sweeps/smoke.yaml --resume SWEEP_ID [--retry-failed]
     python local_sweep.py sweeps/tune_smoke.yaml --then-stage2 [--stage2-seeds 3]   (tuning, both stages)
+    python local_sweep.py sweeps/smoke.yaml --parallel 2      (two runs at once, one thread each on 2 cores)
 
 What it does, in the order `wandb sweep` + `wandb agent` would:
   1. reads the YAML (safe_load) and checks it with W&B's own schema
@@ -29,6 +30,15 @@ What it does, in the order `wandb sweep` + `wandb agent` would:
   4. prints one line per run and, at the end, a results table sorted by validation loss, then
      writes the report (analysis.report) when that module is available.
 
+With --parallel N, N runs are in flight at once, as N agents on one machine would run them: each
+still its own process, W&B run, record and log, with max(1, cores // N) torch threads (cores: the
+CPUs this process may run on), since a small model's step gets more done per core on one thread
+than on two (docs/PERF.md). The engine is asked for a run whenever a slot is free, with the runs in
+flight among those it is given (state `running`): a grid hands out each point once, bayes treats
+them as W&B's engine treats runs in flight under several agents; hyperband judges every run in
+flight each second; Ctrl-C is passed on to all of them. Lines about a run start with its
+`[i/n] name`; its output is in its own log.
+
 Where things go (results dir R: --results-dir, else the sweep's fixed `results_dir` value, else
 `results`): the sweep dir R/<sweep_id>/ holds sweep.yaml (a copy), sweep_state.json (the runs so
 far), logs/ and wandb/ (the offline W&B runs: upload them later with `wandb sync`). Each run gets
@@ -50,7 +60,7 @@ Exit codes: 0 when the sweep ran to its end, even if some runs failed (they are 
 failed, with the reason, and the report counts them: a failed variant is a result, not an error
 of the sweep); 2 on bad input (unreadable or malformed YAML, a schema violation, a bad value,
 a bad option, an unknown sweep to resume); 130 after Ctrl-C (143 after SIGTERM, 129 after SIGHUP):
-the current run is stopped cleanly (it checkpoints), and the sweep continues with --resume.
+the runs in flight are stopped cleanly (they checkpoint), and the sweep continues with --resume.
 """
 import sys
 

@@ -11,7 +11,7 @@ from record import one_line
 from .common import ROOT, Stop, SweepError, new_id
 from .engine import run_sweep
 from .macros import DEFAULT_COMMAND
-from .runner import Runner
+from .runner import Runner, cores, threads_per_run
 from .state import STATE_FILE, STATE_SCHEMA, Sweep
 from .table import continue_hint, runs_text, summarize
 from .validate import (bad_values, check_early_terminate, check_engine, check_schema, grid_size_and_runs, load_sweep,
@@ -48,7 +48,15 @@ def parse_args(argv):
     parser.add_argument("--subprocess", action="store_true", help="start every run as a fresh process, as wandb "
                         "agent does (otherwise train.py under the default command is forked from this process "
                         "after importing torch and wandb once)")
+    parser.add_argument("--parallel", type=int, default=1, metavar="N", help="run N runs at once, as N agents on "
+                        "one machine would (default 1: one after another, with the threads the environment gives); "
+                        "each is still its own process, W&B run, record and log, with max(1, cores // N) torch "
+                        "threads, because a step of a small model (d_model 64) gets more done per core on one "
+                        "thread than on two, so a sweep of small runs ends sooner (docs/PERF.md); a run's numbers "
+                        "are those it gives one by one at the same thread count")
     args = parser.parse_args(argv)
+    if args.parallel < 1:
+        parser.error(f"--parallel={args.parallel}: must be at least 1")
     if args.sweep is None and args.resume is None:
         parser.error("give a sweep YAML (or --resume SWEEP_ID)")
     if args.count is not None and args.count < 1:
@@ -188,11 +196,19 @@ def run_one(args) -> tuple[int, Sweep | None, Runner | None]:
     install_stop_handlers()
     done = sum(e["status"] == "finished" for e in sweep.runs)
     verb = "resuming" if args.resume else "sweep"
-    print(f"{verb} {sweep.id}: {sweep.state['sweep_file']} ({config['method']}, {runs_text(total)}"
+    if args.parallel > 1:
+        sweep.state["parallel"] = args.parallel  # for the hint to continue it
+        sweep.save()
+    else:
+        sweep.state.pop("parallel", None)
+    threads = threads_per_run(args.parallel, cores())
+    at_once = f", {args.parallel} at once, {threads} thread{'s' if threads > 1 else ''} each" if threads else ""
+    print(f"{verb} {sweep.id}: {sweep.state['sweep_file']} ({config['method']}, {runs_text(total)}{at_once}"
           f"{f', {done} finished already, {len(redo)} to re-run' if args.resume else ''}) -> {sweep.dir}", flush=True)
     runner = None
     try:  # the runner imports train.py's modules once (forked.py): seconds, so after the line above
-        runner = Runner(sweep, config, results_dir, total, live=sys.stdout.isatty(), fork=not args.subprocess)
+        runner = Runner(sweep, config, results_dir, total, live=sys.stdout.isatty(), fork=not args.subprocess,
+                        parallel=args.parallel)
         stopped = run_sweep(sweep, config, runner, count, redo)
     except KeyboardInterrupt:
         stopped = signal.SIGINT

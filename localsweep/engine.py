@@ -1,12 +1,13 @@
-"""The sweep loop: W&B's engine hands out each next run, given the runs so far; its hyperband
-stopping (`early_terminate`) decides, while a run runs, whether to stop it; a run reaching
-`metric.target` ends the hand-out of new runs."""
+"""The sweep loop: W&B's engine hands out each next run, given the runs so far (those in flight
+too, with --parallel N); its hyperband stopping (`early_terminate`) decides, while runs run, which
+to stop; a run reaching `metric.target` ends the hand-out of new runs."""
+import signal
 import sys
 
 from record import number, one_line
 
-from .common import import_engine, new_id, plain
-from .runner import Runner
+from .common import Stop, import_engine, new_id, plain
+from .runner import Flight, Runner, signals_held
 from .state import Sweep
 from .wandb_file import run_history
 
@@ -27,35 +28,41 @@ def engine_runs(sweep: Sweep, metric: str) -> list:
     return runs
 
 
-def early_stop_check(sweep: Sweep, config: dict, entry: dict, metric: str):
-    """For a sweep with `early_terminate`: a function that says whether the running `entry` should
-    stop now, by W&B's own hyperband (`sweeps.stop_runs`) over every run's metric history -- the
-    running one's read from its offline W&B run, as the server reads it online. None without
-    early_terminate."""
+def early_stopper(sweep: Sweep, config: dict, metric: str):
+    """For a sweep with `early_terminate`: a function of the running entries that says which of them
+    to stop now (their ids), by W&B's own hyperband (`sweeps.stop_runs`) over every run's metric
+    history -- each running one's read from its offline W&B run, as the server reads it online, so
+    with runs in flight side by side each is judged against the others' histories so far, as
+    under N agents. None without early_terminate."""
     if not config.get("early_terminate"):
         return None
     sweeps = import_engine()
 
-    def should_stop() -> bool:
-        rows = run_history(sweep.dir / "wandb", entry["id"])
-        entry["metric_history"] = [{"step": row.get("_step"), metric: row[metric]} for row in rows
-                                   if number(row.get(metric)) is not None]
+    def stops(running: list[dict]) -> set[str]:
+        for entry in running:
+            rows = run_history(sweep.dir / "wandb", entry["id"])
+            entry["metric_history"] = [{"step": row.get("_step"), metric: row[metric]} for row in rows
+                                       if number(row.get(metric)) is not None]
         try:
             runs = engine_runs(sweep, metric)
-            stop = [run for run in sweeps.stop_runs(config, runs, validate=False) if run.name == entry["id"]]
-        except Exception as err:  # the engine failing on odd histories must not cost the running run
-            print(f"warning: early_terminate check failed ({one_line(err)[:200]}); the run goes on",
+            stopped = sweeps.stop_runs(config, runs, validate=False)
+        except Exception as err:  # the engine failing on odd histories must not cost the running runs
+            print(f"warning: early_terminate check failed ({one_line(err)[:200]}); the runs go on",
                   file=sys.stderr)
-            return False
-        if stop:
+            return set()
+        ids = {entry["id"]: entry for entry in running}
+        for run in stopped:
+            entry = ids.get(run.name)
+            if entry is None:
+                continue
             # the engine's line for this run: "Run: <id> Step: n  (Band: b Metric: m Threshold: t)  STOP"
-            lines = [line for line in (stop[0].early_terminate_info or {}).get("lines") or []
-                     if line.startswith(f"Run: {entry['id']} ")]
+            lines = [line for line in (run.early_terminate_info or {}).get("lines") or []
+                     if line.startswith(f"Run: {run.name} ")]
             detail = " ".join(lines[-1].replace("STOP", "").split()[2:]) if lines else ""
             entry["stop_reason"] = f"stopped early by hyperband ({detail})" if detail else "stopped early by hyperband"
-        return bool(stop)
+        return {run.name for run in stopped if run.name in ids}
 
-    return should_stop
+    return stops
 
 
 def best_value(entry: dict, metric: str, goal: str) -> float | None:
@@ -93,27 +100,37 @@ def run_name_of(params: dict, fallback: str) -> str:
 
 def run_sweep(sweep: Sweep, config: dict, runner: Runner, count: int | None, redo: list[dict]) -> int | None:
     """Re-run `redo` (interrupted, or failed with --retry-failed), then ask the engine for new runs
-    until the grid is done or `count` runs exist. Returns the signal that stopped it, or None."""
+    until the grid is done or `count` runs exist, with up to runner.parallel runs in flight. The
+    engine is asked for a run when a slot is free, given every run so far, those in flight among
+    them (`running`): a grid never hands out a point twice, bayes treats them as W&B's engine
+    treats runs in flight under several agents. Returns the signal that stopped it, or None."""
     sweeps = import_engine()
     metric = runner.metric_name()
-    for entry in redo:
-        if entry["status"] in ("failed", "diverged"):  # a failed run starts afresh, as a new W&B run;
-            # an interrupted one keeps its id, so train.py continues it from its checkpoint
-            entry.setdefault("previous_ids", []).append(entry["id"])
-            entry["id"] = new_id()
-        stopped = runner.execute(entry, early_stop_check(sweep, config, entry, metric))
-        if stopped:
-            return stopped
-    while count is None or len(sweep.runs) < count:
+    redo, flight, early_stops = list(redo), Flight(), early_stopper(sweep, config, metric)
+    handing_out = True
+
+    def next_entry() -> dict | None:
+        nonlocal handing_out
+        if redo:
+            entry = redo.pop(0)
+            if entry["status"] in ("failed", "diverged"):  # a failed run starts afresh, as a new W&B run;
+                # an interrupted one keeps its id, so train.py continues it from its checkpoint
+                entry.setdefault("previous_ids", []).append(entry["id"])
+                entry["id"] = new_id()
+            return entry
+        if not handing_out or (count is not None and len(sweep.runs) >= count):
+            return None
         reached = target_reached_by(sweep, config)
         if reached:
             sweep.state["target_reached_by"] = reached["id"]
             print(f"{reached['name']} ({reached['id']}) reached the metric target "
                   f"{metric}={config['metric']['target']}: the sweep hands out no new runs", flush=True)
-            break
+            handing_out = False
+            return None
         suggestion = sweeps.next_run(config, engine_runs(sweep, metric), validate=True)
         if suggestion is None:
-            break
+            handing_out = False
+            return None
         params = plain({k: v["value"] for k, v in suggestion.config.items()})
         run_id = new_id()
         args = runner.run_args(params)
@@ -121,7 +138,21 @@ def run_sweep(sweep: Sweep, config: dict, runner: Runner, count: int | None, red
                  "params": params, "args": args, "status": "pending", "metrics": {}}
         sweep.runs.append(entry)
         sweep.save()
-        stopped = runner.execute(entry, early_stop_check(sweep, config, entry, metric))
-        if stopped:
-            return stopped
-    return None
+        return entry
+
+    while True:
+        try:
+            while flight.stopped_by is None and len(flight.runs) < runner.parallel:
+                entry = next_entry()
+                if entry is None:
+                    break
+                with signals_held():  # a run forked but not yet in flight would be left running
+                    flight.runs.append(runner.start(entry, flight.runs))
+            if not flight.runs:
+                return flight.stopped_by
+            for launch in flight.wait(early_stops):
+                with signals_held():  # half settled, it would stay `running` and be run again
+                    flight.runs.remove(launch)
+                    runner.finish(launch)
+        except (KeyboardInterrupt, Stop) as err:  # between waits: asking the engine, starting, settling
+            flight.stop(err.signum if isinstance(err, Stop) else signal.SIGINT)

@@ -10,8 +10,10 @@ process per run kept. Only for the default command (`${env} ${interpreter} ${pro
 with train.py as the program: any other command runs as a subprocess, exactly as `wandb agent` would.
 
 wandb is imported here but never initialised, so each child's wandb.init starts its own service
-as a fresh process would. Nothing here starts threads before a fork (the output pumps of earlier
-runs have ended), so the child inherits no lock held by another thread.
+as a fresh process would. With --parallel N, other runs' output pumps are threads of this process
+when a run is forked: the child never touches what they hold (their pipes and log files, which it
+closes, and the screen lock); everything it uses it sets up afresh (its stdin, stdout, stderr and
+environment, its torch thread count).
 """
 import io
 import os
@@ -57,10 +59,12 @@ class ForkedRun:
     stdout (its output, stderr included), wait([timeout]) -> exit code (negative: killed by that
     signal)."""
 
-    def __init__(self, argv: list[str], env: dict, close_fds: tuple = ()):
+    def __init__(self, argv: list[str], env: dict, close_fds: tuple = (), threads: int | None = None):
         """close_fds: this process's descriptors the run must not hold (the sweep's lock: a run
-        that outlived a killed sweep would keep it locked); Popen closes them all, a fork cannot,
-        since the imported modules' own descriptors must stay."""
+        that outlived a killed sweep would keep it locked; the pipes and logs of the other runs in
+        flight: a run holding another's pipe keeps that one writing into a pipe nobody reads after
+        the sweep is killed); Popen closes them all, a fork cannot, since the imported modules' own
+        descriptors must stay. threads: the run's torch threads (None: as inherited)."""
         args = argv[3:]  # after /usr/bin/env, the interpreter and train.py: the run's --name=value args
         read_end, write_end = os.pipe()
         sys.stdout.flush()
@@ -78,7 +82,7 @@ class ForkedRun:
                     os.close(fd)
                 except OSError:
                     pass
-            _run_child(argv[2], args, env, write_end)  # never returns
+            _run_child(argv[2], args, env, write_end, threads)  # never returns
         os.close(write_end)
         try:
             os.setpgid(pid, pid)  # also done in the child; whichever runs first wins the race
@@ -109,9 +113,11 @@ class ForkedRun:
         return self.returncode
 
 
-def _run_child(program: str, args: list[str], env: dict, output_fd: int) -> None:
+def _run_child(program: str, args: list[str], env: dict, output_fd: int, threads: int | None = None) -> None:
     """In the forked child: become the run's own process, as Popen(process_group=0, stdin=DEVNULL,
-    stdout=PIPE, stderr=STDOUT, env=env) would have started it, run train.main, exit with its code."""
+    stdout=PIPE, stderr=STDOUT, env=env) would have started it, run train.main, exit with its code.
+    torch read OMP_NUM_THREADS when this process imported it, so a thread count in the run's
+    environment must be set by hand here, before the run computes anything."""
     code = 1
     try:
         os.setpgid(0, 0)
@@ -131,6 +137,8 @@ def _run_child(program: str, args: list[str], env: dict, output_fd: int) -> None
         sys.stdin = open(os.devnull)
         os.environ.clear()
         os.environ.update(env)
+        if threads is not None:
+            sys.modules["torch"].set_num_threads(threads)
         sys.argv = [program, *args]
         code = sys.modules["train"].main(args)
     except SystemExit as exc:

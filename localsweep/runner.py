@@ -1,5 +1,7 @@
-"""Running one run: its params file, environment and command line, its output into a log, the
-signals passed on to it, and its status from its record or exit code."""
+"""Running runs: each one's params file, environment, command line and thread count, its output
+into its log, the signals passed on to the runs in flight, and each one's status from its record or
+exit code."""
+import contextlib
 import os
 import re
 import shutil
@@ -38,6 +40,53 @@ def last_error_line(log: Path) -> str | None:
     return lines[-1][:300] if lines else None
 
 
+# One writer at a time on the terminal: the main thread's lines and each run's status line (with
+# --parallel N, N output pumps write at once)
+SCREEN = threading.Lock()
+
+
+def say(text: str, live: bool) -> None:
+    """A line for the user; on a terminal, over whatever status line a run's pump left there."""
+    with SCREEN:
+        if live:
+            sys.stdout.write("\r\033[K")
+        print(text, flush=True)
+
+
+def cores() -> int:
+    """The CPUs this process may run on (its affinity: taskset, a cgroup's cpuset), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def threads_per_run(parallel: int, available: int) -> int | None:
+    """Torch threads for each of `parallel` runs in flight on `available` cores; None for one run at
+    a time, which keeps whatever the environment gives (OMP_NUM_THREADS, else torch's default)."""
+    return None if parallel == 1 else max(1, available // parallel)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Ctrl-C, SIGTERM and SIGHUP wait until the block is done, then act as they would have: a run
+    cut off between its fork and joining the runs in flight would train on unseen, and a run cut
+    off while being settled would stay `running` in the state and be run again."""
+    held, saved = [], {}
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        handler = signal.getsignal(sig)
+        if handler not in (signal.SIG_IGN, None):
+            saved[sig] = handler
+            signal.signal(sig, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        if held:
+            signal.raise_signal(held[0])  # the restored handler acts on it now
+
+
 class OutputPump(threading.Thread):
     """Copies a run's output into its log file; on a terminal, also shows its latest line
     (train.py's progress bar) as a transient status line."""
@@ -67,64 +116,111 @@ class OutputPump(threading.Thread):
                 if parts and now - self.last_shown > 0.3:
                     self.last_shown = now
                     text = f"{self.prefix} {parts[-1].strip()}"[: self.width - 1]
-                    sys.stdout.write("\r\033[K" + text)
-                    sys.stdout.flush()
+                    with SCREEN:
+                        sys.stdout.write("\r\033[K" + text)
+                        sys.stdout.flush()
         if self.live:
-            sys.stdout.write("\r\033[K")
-            sys.stdout.flush()
+            with SCREEN:
+                sys.stdout.write("\r\033[K")
+                sys.stdout.flush()
 
 
-def signal_group(proc: subprocess.Popen, sig: int) -> None:
+def signal_group(proc, sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
 
 
-def wait_for(proc: subprocess.Popen, run_name: str, should_stop=None, stop_file: Path | None = None
-             ) -> tuple[int, int | None, bool]:
-    """Wait for the run; a Ctrl-C (or SIGTERM/SIGHUP) is passed on to it -- it saves a checkpoint
-    and stops at the next step -- a second one stops it at once, a third kills it. With
-    `should_stop` (early termination), it is asked every POLL_S seconds, and when it says so the
-    run gets SIGTERM, as wandb's agent stops a run, after `stop_file` is created: it tells train.py
-    that this SIGTERM is the sweep's stop (the run ends `stopped`, exit 0), not a preemption. Returns (exit code, the signal that stopped
-    the sweep or None, whether should_stop stopped the run)."""
-    stopped_by, asked, early = None, 0, False
-    while True:
-        try:
+class Launch:
+    """A run in flight: its state entry, its process (None when it could not start: `reason` says
+    why), the thread copying its output into its log, and how it is being stopped."""
+
+    def __init__(self, entry: dict, prefix: str, log_file, stop_file: Path):
+        self.entry, self.prefix, self.log_file, self.stop_file = entry, prefix, log_file, stop_file
+        self.proc = self.pump = self.rc = self.reason = None
+        self.stopped_by = None  # the signal that stopped the sweep, when it was passed on to this run
+        self.early = False  # whether early termination stopped it
+        self.started_wall, self.started = time.time(), time.perf_counter()
+
+    def ended(self) -> bool:
+        if self.proc is None:
+            return True
+        self.rc = self.proc.poll()
+        return self.rc is not None
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None:
+            signal_group(self.proc, sig)
+
+    def stop_early(self) -> None:
+        """As wandb's agent stops a run: SIGTERM, after creating the stop file, which tells train.py
+        that this SIGTERM is the sweep's stop (the run ends `stopped`, exit 0), not a preemption."""
+        self.early = True
+        self.stop_file.touch()
+        self.signal(signal.SIGTERM)
+
+
+class Flight:
+    """The runs in flight, and the sweep's stop. A Ctrl-C (or SIGTERM/SIGHUP) is passed on to every
+    run in flight -- each saves a checkpoint and stops at its next step --, a second one stops them
+    at once, a third kills them; after the first, no run starts (`stopped_by`)."""
+
+    def __init__(self):
+        self.runs: list[Launch] = []
+        self.stopped_by, self.asked = None, 0
+
+    def stop(self, sig: int) -> None:
+        self.stopped_by = self.stopped_by or sig
+        self.asked += 1
+        if not self.runs:
+            return
+        names = ", ".join(launch.entry["name"] for launch in self.runs)
+        one = len(self.runs) == 1
+        if self.asked == 1:
+            print(f"\n{signal.Signals(sig).name}: stopping {names} ({'it saves' if one else 'each saves'} a "
+                  f"checkpoint and stops at the next step; press Ctrl-C again to stop {'it' if one else 'them'} "
+                  f"at once)", flush=True)
+        elif self.asked == 2:
+            print(f"stopping {names} at once (Ctrl-C again kills {'it' if one else 'them'})", flush=True)
+        else:
+            print(f"killing {names}", flush=True)
+        for launch in self.runs:
+            launch.stopped_by = launch.stopped_by or self.stopped_by
+            launch.signal(sig if self.asked == 1 else signal.SIGINT if self.asked == 2 else signal.SIGKILL)
+
+    def wait(self, early_stops=None) -> list[Launch]:
+        """Wait until a run in flight ends; the runs that ended. A signal to this script is handled
+        by `stop`. `early_stops(entries)` (early termination) is asked every POLL_S, until a signal
+        stops the sweep, which of the running entries to stop now (a set of their ids)."""
+        next_check = time.monotonic() + POLL_S
+        while True:
             # Never a bare blocking wait: a signal the kernel hands to another thread (torch's or
             # wandb's, preloaded for forked runs) does not interrupt the main thread's waitpid, so
             # Ctrl-C was lost and the run trained on (the Ctrl-C tests hung so in a full suite run);
-            # a timed wait returns to Python between polls, where the handler raises.
+            # a short sleep returns to Python between polls, where the handler raises.
             try:
-                return proc.wait(timeout=POLL_S), stopped_by, early
-            except subprocess.TimeoutExpired:
-                if should_stop is not None and not early and stopped_by is None and should_stop():
-                    early = True
-                    if stop_file is not None:
-                        stop_file.touch()
-                    signal_group(proc, signal.SIGTERM)
-        except (KeyboardInterrupt, Stop) as err:
-            sig = err.signum if isinstance(err, Stop) else signal.SIGINT
-            stopped_by = stopped_by or sig
-            asked += 1
-            if asked == 1:
-                print(f"\n{signal.Signals(sig).name}: stopping {run_name} (it saves a checkpoint and stops at "
-                      f"the next step; press Ctrl-C again to stop it at once)", flush=True)
-                signal_group(proc, sig)
-            elif asked == 2:
-                print(f"stopping {run_name} at once (Ctrl-C again kills it)", flush=True)
-                signal_group(proc, signal.SIGINT)
-            else:
-                print(f"killing {run_name}", flush=True)
-                signal_group(proc, signal.SIGKILL)
+                ended = [launch for launch in self.runs if launch.ended()]
+                if ended:
+                    return ended
+                if early_stops is not None and self.stopped_by is None and time.monotonic() >= next_check:
+                    going = [launch for launch in self.runs if not launch.early]
+                    stop_ids = early_stops([launch.entry for launch in going]) if going else set()
+                    for launch in going:
+                        if launch.entry["id"] in stop_ids:
+                            launch.stop_early()
+                    next_check = time.monotonic() + POLL_S
+                time.sleep(0.05)
+            except (KeyboardInterrupt, Stop) as err:
+                self.stop(err.signum if isinstance(err, Stop) else signal.SIGINT)
 
 
 class Runner:
     def __init__(self, sweep: Sweep, config: dict, results_dir: Path, total: int | None, live: bool,
-                 fork: bool = True):
+                 fork: bool = True, parallel: int = 1):
         self.sweep, self.config, self.results_dir = sweep, config, results_dir
         self.total, self.live = total, live
+        self.parallel, self.threads = parallel, threads_per_run(parallel, cores())
         self.program = resolve_program(str(config.get("program", "")))
         # train.py under the default command: fork each run after importing it once (forked.py)
         self.fork = fork and can_fork(config.get("command"), self.program) and preload(self.program)
@@ -144,7 +240,8 @@ class Runner:
         """The run's environment. No WANDB_SWEEP_ID: the server has never seen this local sweep's
         id, and `wandb sync` of runs carrying it fails (wandb#8115); wandb loads and locks the
         sweep's values from WANDB_SWEEP_PARAM_PATH alone. The sweep id is the run's W&B group and
-        a tag instead, so the synced runs can be found together."""
+        a tag instead, so the synced runs can be found together. With --parallel N, the run's
+        threads (OMP_NUM_THREADS, MKL_NUM_THREADS: what torch reads when it starts)."""
         env = {k: v for k, v in os.environ.items() if k != "WANDB_SWEEP_ID"}
         if env.get("WANDB_MODE") != "disabled":
             env["WANDB_MODE"] = "offline"  # a local sweep exists on no server
@@ -154,6 +251,8 @@ class Runner:
             "WANDB_TAGS": ",".join(dict.fromkeys(tags)),
             "WANDB_PROJECT": str(self.config.get("project") or "attnsweep"), "WANDB_DIR": str(self.sweep.dir),
         })
+        if self.threads is not None:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
         if self.config.get("early_terminate"):
             env.setdefault(FLUSH_INTERVAL_ENV, "1")
         if stop_file is not None:
@@ -165,9 +264,10 @@ class Runner:
         env["PATH"] = bindir + os.pathsep + env.get("PATH", "") if env.get("PATH") else bindir
         return env
 
-    def execute(self, entry: dict, should_stop=None) -> int | None:
-        """Run one entry of the state to its end; returns the signal that stopped the sweep, if any.
-        `should_stop`, when given, is asked while the run runs (see wait_for)."""
+    def start(self, entry: dict, others: list[Launch] = ()) -> Launch:
+        """Start one entry of the state: its params file, log, environment and process, its output
+        pumped into its log. `others`: the runs in flight, whose pipes and logs a forked run must
+        not hold (nor its own log: this process writes it)."""
         sweep, run_id, name = self.sweep, entry["id"], entry["name"]
         base = sweep.dir / "wandb" / f"sweep-{sweep.id}"
         param_path, json_path = base / f"config-{run_id}.yaml", base / f"config-{run_id}.json"
@@ -185,40 +285,51 @@ class Runner:
         entry.update({"status": "running", "log": str(log), "command": argv,
                       "started_as": "fork" if self.fork else "subprocess",
                       "attempts": entry.get("attempts", 0) + 1, "exit_code": None, "error": None})
+        if self.threads is not None:
+            entry["threads"] = self.threads
         sweep.save()
         values = swept_text(entry, swept_names(self.config))
         prefix = f"[{entry['index']}/{self.total or '?'}] {name}" + (f" {values}" if values else "")
-        started_wall, started = time.time(), time.perf_counter()
-        stopped_by, early = None, False
-        with open(log, "ab") as log_file:
-            log_file.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {entry['attempts']}: "
-                           f"{' '.join(argv)}\n".encode())
-            log_file.flush()
-            try:
-                run_env = self.env(run_id, param_path, str(entry["args"].get("group") or sweep.id), stop_file)
-                if self.fork:
-                    lock = getattr(sweep, "_lock", None)
-                    proc = ForkedRun(argv, run_env, close_fds=(lock.fileno(),) if lock else ())
-                else:
-                    proc = subprocess.Popen(argv, env=run_env, stdin=subprocess.DEVNULL,
-                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, process_group=0)
-            except OSError as err:
-                rc, reason = None, f"cannot start {argv[0]!r}: {err.strerror or err}"
-                log_file.write(f"error: {reason}\n".encode())
+        launch = Launch(entry, prefix, open(log, "ab"), stop_file)
+        launch.log_file.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {entry['attempts']}: "
+                              f"{' '.join(argv)}\n".encode())
+        launch.log_file.flush()
+        try:
+            run_env = self.env(run_id, param_path, str(entry["args"].get("group") or sweep.id), stop_file)
+            if self.fork:
+                lock = getattr(sweep, "_lock", None)
+                held = [lock.fileno(), launch.log_file.fileno()] if lock else [launch.log_file.fileno()]
+                for other in others:
+                    held.append(other.log_file.fileno())
+                    if other.proc is not None:
+                        held.append(other.proc.stdout.fileno())
+                launch.proc = ForkedRun(argv, run_env, close_fds=tuple(held), threads=self.threads)
             else:
-                pump = OutputPump(proc.stdout, log_file, prefix, self.live)
-                pump.start()
-                try:
-                    rc, stopped_by, early = wait_for(proc, name, should_stop, stop_file)
-                finally:
-                    pump.join()
-                    proc.stdout.close()
-                reason = None
-        elapsed = time.perf_counter() - started
-        self.settle(entry, rc, reason, stopped_by, started_wall, elapsed, log, early)
-        sweep.save()
-        print(self.progress_line(entry, prefix), flush=True)
-        return stopped_by
+                launch.proc = subprocess.Popen(argv, env=run_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                               stderr=subprocess.STDOUT, process_group=0)
+        except OSError as err:
+            launch.reason = f"cannot start {argv[0]!r}: {err.strerror or err}"
+            launch.log_file.write(f"error: {launch.reason}\n".encode())
+        else:
+            launch.pump = OutputPump(launch.proc.stdout, launch.log_file, prefix, self.live)
+            launch.pump.start()
+            if self.parallel > 1:
+                say(f"{prefix}  started ({self.threads} thread{'s' if self.threads > 1 else ''}, log {log})",
+                    self.live)
+        return launch
+
+    def finish(self, launch: Launch) -> None:
+        """A run that ended: the rest of its output, its status into the state, its progress line."""
+        if launch.pump is not None:
+            launch.pump.join()
+            launch.proc.stdout.close()
+        launch.log_file.close()
+        elapsed = time.perf_counter() - launch.started
+        entry = launch.entry
+        self.settle(entry, launch.rc, launch.reason, launch.stopped_by, launch.started_wall, elapsed,
+                    Path(entry["log"]), launch.early)
+        self.sweep.save()
+        say(self.progress_line(entry, launch.prefix), self.live)
 
     def settle(self, entry, rc, reason, stopped_by, started_wall, elapsed, log, early=False) -> None:
         """The run's status: its record's, when this attempt wrote one, else the exit code's; a run

@@ -22,7 +22,8 @@ def runs_text(n) -> str:
 def continue_hint(sweep: Sweep, results_dir: Path) -> str:
     default = Path("results").resolve() == results_dir.resolve()
     where = "" if default else f" --results-dir {results_dir}"
-    return f"python local_sweep.py {sweep.state['sweep_file']} --resume {sweep.id}{where}"
+    parallel = f" --parallel {sweep.state['parallel']}" if sweep.state.get("parallel", 1) > 1 else ""
+    return f"python local_sweep.py {sweep.state['sweep_file']} --resume {sweep.id}{where}{parallel}"
 
 
 def swept_names(config: dict) -> list[str]:

@@ -19,18 +19,26 @@ from train_helpers import offline_run_contents
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# A stand-in for train.py: reads `--name=value` and WANDB_*, logs each call, writes a record to
-# <results_dir>/<group>/<attention>-s<seed>.json; fails, crashes or sleeps for chosen variants.
+# A stand-in for train.py: reads `--name=value`, WANDB_* and the thread counts, logs each call (and
+# when each ends, in ends.jsonl), writes a record to <results_dir>/<group>/<attention>-s<seed>.json;
+# fails, crashes or sleeps for chosen variants; with FAKE_HOLD_S every run first waits that long.
 FAKE = textwrap.dedent('''
-    import json, os, signal, sys, time
+    import atexit, json, os, signal, sys, time
     from pathlib import Path
 
     here = Path(__file__).parent
     args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
     with open(here / "calls.jsonl", "a") as f:
-        f.write(json.dumps({"argv": sys.argv[1:],
-                            "env": {k: v for k, v in os.environ.items() if k.startswith("WANDB_")}}) + "\\n")
+        f.write(json.dumps({"argv": sys.argv[1:], "t": time.time(), "pid": os.getpid(),
+                            "env": {k: v for k, v in os.environ.items()
+                                    if k.startswith("WANDB_") or k.endswith("_NUM_THREADS")}}) + "\\n")
     attention, seed = args.get("attention", "baseline"), int(args.get("seed", 0))
+
+    def ended():
+        with open(here / "ends.jsonl", "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "t": time.time()}) + "\\n")
+
+    atexit.register(ended)
     group = args.get("group") or os.environ.get("WANDB_RUN_GROUP") or "local"
     out = Path(args.get("results_dir", "results")) / group / f"{attention}-s{seed}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -54,6 +62,10 @@ FAKE = textwrap.dedent('''
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     print(f"fake training {attention}-s{seed}", flush=True)
+    if float(os.environ.get("FAKE_HOLD_S", 0)):
+        (here / "holding").mkdir(exist_ok=True)
+        (here / "holding" / f"{attention}-s{seed}").write_text(str(os.getpid()))
+        time.sleep(float(os.environ["FAKE_HOLD_S"]))
     if attention in os.environ.get("FAKE_FAIL", "").split(","):
         print(f"error: injected failure for {attention}", file=sys.stderr)
         record("failed", f"injected failure for {attention}")
@@ -89,7 +101,8 @@ def calls(program: Path) -> list[dict]:
 
 
 def env(**extra) -> dict:
-    base = {k: v for k, v in os.environ.items() if k not in ("WANDB_SERVICE", "FAKE_FAIL", "FAKE_CRASH", "FAKE_SLEEP")}
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("WANDB_SERVICE", "FAKE_FAIL", "FAKE_CRASH", "FAKE_SLEEP", "FAKE_HOLD_S")}
     return {**base, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **extra}
 
 
@@ -342,6 +355,8 @@ def test_a_grid_with_a_failing_and_a_crashing_run_finishes_and_resumes(tmp_path,
     assert "WANDB_SWEEP_ID" not in run_env
     assert run_env["WANDB_RUN_GROUP"] == sweep_id and f"local-sweep-{sweep_id}" in run_env["WANDB_TAGS"].split(",")
     assert run_env["WANDB_PROJECT"] == "attnsweep" and run_env["WANDB_DIR"] == str(sweep_dir)
+    for threads in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # one at a time: the threads the sweep was given
+        assert run_env.get(threads) == os.environ.get(threads)
     run_id = run_env["WANDB_RUN_ID"]
     assert run_id == state["runs"][0]["id"] and len(run_id) == 8
     param_path = Path(run_env["WANDB_SWEEP_PARAM_PATH"])
@@ -484,11 +499,8 @@ FAKE_WANDB = textwrap.dedent('''
 ''')
 
 
-def test_hyperband_stops_the_run_that_falls_behind_as_stopped(tmp_path):
-    """W&B's hyperband with min_iter=2, eta=3 (bands at 2, 6, 18 steps; r=1/3): at band 2 the
-    threshold over {baseline: 5, rope_only: 9} is sorted([5, 9])[int(2/3)] = 5, and rope_only's best
-    so far, 9, is above it: it is stopped there, read from its W&B history while it runs. Without
-    early termination it would log 100 steps (20 s)."""
+def run_hyperband_sweep(tmp_path: Path, *options) -> tuple[subprocess.CompletedProcess, Path]:
+    """FAKE_WANDB's baseline and rope_only under hyperband (min_iter 2, eta 3): (the run, its sweep dir)."""
     program = tmp_path / "fake" / "fake_wandb.py"
     program.parent.mkdir()
     program.write_text(FAKE_WANDB)
@@ -496,9 +508,17 @@ def test_hyperband_stops_the_run_that_falls_behind_as_stopped(tmp_path):
         "attention": {"values": ["baseline", "rope_only"]}, "lr": {"value": 0.001}},
         early_terminate={"type": "hyperband", "min_iter": 2, "eta": 3})
     results = tmp_path / "results"
-    result = run_cli(sweep, "--results-dir", results, "--no-report", timeout=180)
+    result = run_cli(sweep, "--results-dir", results, "--no-report", *options, timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
-    sweep_dir = only_sweep_dir(results)
+    return result, only_sweep_dir(results)
+
+
+def test_hyperband_stops_the_run_that_falls_behind_as_stopped(tmp_path):
+    """W&B's hyperband with min_iter=2, eta=3 (bands at 2, 6, 18 steps; r=1/3): at band 2 the
+    threshold over {baseline: 5, rope_only: 9} is sorted([5, 9])[int(2/3)] = 5, and rope_only's best
+    so far, 9, is above it: it is stopped there, read from its W&B history while it runs. Without
+    early termination it would log 100 steps (20 s)."""
+    result, sweep_dir = run_hyperband_sweep(tmp_path)
     first, second = state_of(sweep_dir)["runs"]
     assert (first["name"], first["status"]) == ("baseline-s0", "finished")  # alone at its bands: never stopped
     assert (second["name"], second["status"]) == ("rope_only-s0", "stopped")
@@ -562,8 +582,8 @@ def test_reaching_the_metric_target_ends_the_hand_out_of_runs(tmp_path, fake):
 
 def test_a_ctrl_c_the_kernel_hands_to_another_thread_still_stops_the_run():
     """In a sweep that preloaded torch and wandb, the process has threads besides the main one and
-    the kernel may deliver Ctrl-C to any of them. The main thread waits for the run; it must still
-    see the signal and pass it on (a blocking waitpid never woke up: the run trained on)."""
+    the kernel may deliver Ctrl-C to any of them. The main thread waits for the runs in flight; it
+    must still see the signal and pass it on (a blocking waitpid never woke up: the run trained on)."""
     import threading
 
     from localsweep import runner
@@ -571,14 +591,18 @@ def test_a_ctrl_c_the_kernel_hands_to_another_thread_still_stops_the_run():
     # Ctrl-C as a terminal gives it, here and in the sleeper, however the suite was started
     with (processes.terminal_signals(),
           processes.started([sys.executable, "-c", "import time; time.sleep(60)"]) as run):
+        flight = runner.Flight()
+        launch = runner.Launch({"name": "sleeper", "id": "sleeper"}, "sleeper", log_file=None, stop_file=None)
+        launch.proc = run
+        flight.runs.append(launch)
         other = threading.Thread(
             target=lambda: (time.sleep(0.5), signal.pthread_kill(threading.get_ident(), signal.SIGINT)))
         started = time.monotonic()
         other.start()
         try:
-            code, stopped_by, early = runner.wait_for(run, "sleeper")
+            ended = flight.wait()
         finally:
             other.join()
     assert time.monotonic() - started < 20  # not the sleeper's 60 s
-    assert stopped_by == signal.SIGINT and not early
-    assert code == -signal.SIGINT  # the run got the Ctrl-C passed on
+    assert ended == [launch] and flight.stopped_by == signal.SIGINT and not launch.early
+    assert launch.rc == -signal.SIGINT and launch.stopped_by == signal.SIGINT  # the run got the Ctrl-C passed on
