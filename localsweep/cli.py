@@ -30,7 +30,9 @@ class Parser(argparse.ArgumentParser):
 
 def parse_args(argv):
     parser = Parser(prog="local_sweep.py", description="Run a W&B sweep YAML offline on this machine.")
-    parser.add_argument("sweep", nargs="?", help="the sweep YAML (optional with --resume: the sweep's saved copy is used)")
+    parser.add_argument("sweep", nargs="*", help="the sweep YAML (optional with --resume: the sweep's saved copy is "
+                        "used); several run one after another, each its own sweep, results and report (all are "
+                        "checked before the first starts)")
     parser.add_argument("--count", type=int, help="at most this many runs in the sweep in all (required for "
                         "random and bayes; a grid stops at its end)")
     parser.add_argument("--results-dir", help="where sweeps and records go (default: the sweep's results_dir, "
@@ -55,6 +57,12 @@ def parse_args(argv):
                         "thread than on two, so a sweep of small runs ends sooner (docs/PERF.md); a run's numbers "
                         "are those it gives one by one at the same thread count")
     args = parser.parse_args(argv)
+    args.sweeps, args.sweep = args.sweep, (args.sweep[0] if args.sweep else None)
+    if len(args.sweeps) > 1:
+        for option, given in (("--resume", args.resume), ("--then-stage2", args.then_stage2),
+                              ("--report-dir", args.report_dir), ("--count", args.count)):
+            if given:
+                parser.error(f"{option} goes with one sweep YAML, not {len(args.sweeps)}")
     if args.parallel < 1:
         parser.error(f"--parallel={args.parallel}: must be at least 1")
     if args.sweep is None and args.resume is None:
@@ -66,6 +74,29 @@ def parse_args(argv):
     if args.then_stage2 and args.stage2_seeds < 2:
         parser.error(f"--stage2-seeds={args.stage2_seeds}: a paired test needs at least 2")
     return args
+
+
+def check(config: dict, label: str, count: int | None) -> tuple[str, int | None, int | None]:
+    """Refuse a sweep config that cannot run (SweepError); else (method, count, total runs)."""
+    check_schema(config, label)
+    check_engine(config, label)
+    check_early_terminate(config, label)
+    method = config["method"]
+    if isinstance(config.get("run_cap"), int) and config["run_cap"] > 0:
+        count = min(count or config["run_cap"], config["run_cap"])
+    if method != "grid" and count is None:
+        raise SweepError(f"{label}: method {method} never runs out of suggestions: give --count N")
+    total, grid_runs = (grid_size_and_runs(config) if method == "grid" else (count, None))
+    if method == "grid" and count:
+        total = min(total, count)
+    problems = bad_values(config, grid_runs)
+    if problems:
+        raise SweepError(f"{label}: bad values: " + "; ".join(problems))
+    program = config.get("program")
+    command = [str(c) for c in (config.get("command") or DEFAULT_COMMAND)]
+    if "${program}" in command and not Path(resolve_program(str(program))).exists():
+        raise SweepError(f"{label}: program {program!r} not found (looked in {Path.cwd()} and {ROOT})")
+    return method, count, total
 
 
 def prepare(args) -> tuple[Sweep, dict, Path, list[dict], int | None, int | None]:
@@ -90,25 +121,7 @@ def prepare(args) -> tuple[Sweep, dict, Path, list[dict], int | None, int | None
                   f"{sweep.dir / 'sweep.yaml'}", file=sys.stderr)
         config, results_dir = saved, Path(sweep.state["results_dir"])
     label = args.sweep or str(sweep.dir / "sweep.yaml")
-    check_schema(config, label)
-    check_engine(config, label)
-    check_early_terminate(config, label)
-    method = config["method"]
-    count = args.count or (sweep.state.get("count") if sweep else None)
-    if isinstance(config.get("run_cap"), int) and config["run_cap"] > 0:
-        count = min(count or config["run_cap"], config["run_cap"])
-    if method != "grid" and count is None:
-        raise SweepError(f"{label}: method {method} never runs out of suggestions: give --count N")
-    total, grid_runs = (grid_size_and_runs(config) if method == "grid" else (count, None))
-    if method == "grid" and count:
-        total = min(total, count)
-    problems = bad_values(config, grid_runs)
-    if problems:
-        raise SweepError(f"{label}: bad values: " + "; ".join(problems))
-    program = config.get("program")
-    command = [str(c) for c in (config.get("command") or DEFAULT_COMMAND)]
-    if "${program}" in command and not Path(resolve_program(str(program))).exists():
-        raise SweepError(f"{label}: program {program!r} not found (looked in {Path.cwd()} and {ROOT})")
+    method, count, total = check(config, label, args.count or (sweep.state.get("count") if sweep else None))
     if sweep is None:
         sweep_id = new_id()
         while (results_dir / sweep_id).exists():
@@ -146,10 +159,35 @@ def install_stop_handlers() -> None:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if len(args.sweeps) > 1:
+        return run_in_turn(args)
     code, sweep, runner = run_one(args)
     if code != EXIT_OK or not args.then_stage2:
         return code
     return run_stage2(args, sweep, runner)
+
+
+def run_in_turn(args) -> int:
+    """Several sweep YAMLs, one after another, each an ordinary sweep: every one is checked first (a
+    bad second file must not cost the first's runs), then each runs; a stop or a refusal ends the
+    turn with its exit code. The reports' paths come last, together."""
+    try:
+        for path in args.sweeps:
+            check(load_sweep(Path(path)), path, None)
+    except SweepError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    reports = []
+    for path in args.sweeps:
+        code, sweep, _ = run_one(argparse.Namespace(**{**vars(args), "sweep": path}))
+        if code != EXIT_OK:
+            return code
+        if not args.no_report and (sweep.dir / "report" / "report.md").exists():
+            reports.append(sweep.dir / "report" / "report.md")
+        print(flush=True)
+    if reports:
+        print("reports:\n" + "\n".join(f"  {path}" for path in reports), flush=True)
+    return EXIT_OK
 
 
 def run_stage2(args, stage1: Sweep, runner: Runner) -> int:
