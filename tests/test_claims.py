@@ -18,7 +18,8 @@ import processes
 import train
 from config import TrainConfig
 from record import EXIT_CODES, write_record
-from train_helpers import ROOT, offline_env, offline_run_contents, read_record, run_train, small_corpus, tiny_args
+from train_helpers import (REFERENCE_ONLY, ROOT, offline_env, offline_run_contents, read_record, run_train, small_corpus,
+                           tiny_args)
 
 
 @pytest.fixture(scope="module")
@@ -314,10 +315,10 @@ def losses(record):
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="torch.compile needs a C compiler")
 def test_compile_and_bf16_through_the_cli_resume_exactly_and_stay_close_to_fp32(tmp_path, corpus):
     sizes = {"steps": 6, "eval_every": 3, "checkpoint_every": 0, "cache_dir": tmp_path / "cache"}  # tokenized once
-    fp32 = run_train(tiny_args(tmp_path / "fp32", corpus, **sizes, mixed_precision="no"))
+    fp32 = run_train(tiny_args(tmp_path / "fp32", corpus, **sizes, mixed_precision="no"), env=REFERENCE_ONLY)
     assert fp32.returncode == 0, fp32.stderr
     fast = {**sizes, "mixed_precision": "bf16", "compile": True}
-    straight = run_train(tiny_args(tmp_path / "straight", corpus, **fast))
+    straight = run_train(tiny_args(tmp_path / "straight", corpus, **fast), env=REFERENCE_ONLY)
     assert straight.returncode == 0, straight.stderr
 
     args = tiny_args(tmp_path / "resumed", corpus, **fast)

@@ -17,8 +17,8 @@ import model as model_module
 import processes
 import train
 from record import EXIT_CODES
-from train_helpers import (ROOT, offline_env, offline_run_when_ended, read_record, run_train, small_corpus, tiny_args,
-                           wait_for)
+from train_helpers import (REFERENCE_ONLY, ROOT, offline_env, offline_run_when_ended, read_record, run_train,
+                           small_corpus, tiny_args, wait_for)
 
 TIMING_KEYS = ("perf/step_time_ms", "perf/tokens_per_sec", "memory/allocated_gb", "memory/peak_gb")
 
@@ -90,8 +90,18 @@ if os.geteuid() != 0:  # root reads a chmod-0 file anyway
     BAD_INPUTS.append(("unreadable corpus", {"dataset": "@unreadable"}, "unreadable.txt", True))
 
 
+# One case of each way bad input ends a launch goes through the real command line (`python
+# train.py`: the process's exit status, nothing printed at exit): refused on the command line,
+# failed after its W&B run and record were opened, a results directory nothing can be written
+# under. The others call train.main, which is all `python train.py` runs (sys.exit(main(argv))),
+# in this process: the same code, without ~4 s of process start and W&B service each.
+THROUGH_THE_COMMAND_LINE = {"wrong int", "corpus too small", "results dir under a regular file"}
+assert THROUGH_THE_COMMAND_LINE <= {case for case, *_ in BAD_INPUTS}
+
+
 @pytest.mark.parametrize("case,extra,expected,recorded", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_one_error_line_and_nothing_lost(tmp_path, corpus, case, extra, expected, recorded):
+def test_bad_input_one_error_line_and_nothing_lost(tmp_path, corpus, case, extra, expected, recorded, monkeypatch,
+                                                   capsys):
     if case == "unwritable results dir" and os.geteuid() == 0:
         pytest.skip("root writes into a read-only directory")
     files = bad_corpora(tmp_path)
@@ -102,13 +112,19 @@ def test_bad_input_one_error_line_and_nothing_lost(tmp_path, corpus, case, extra
     earlier.write_text('{"schema": 1, "status": "finished", "run_id": "old"}')
     before = tree_snapshot(results)
 
-    result = run_train(tiny_args(tmp_path, corpus, **extra))
+    args = tiny_args(tmp_path, corpus, **extra)
+    if case in THROUGH_THE_COMMAND_LINE:
+        result = run_train(args)
+        code, out, err = result.returncode, result.stdout, result.stderr
+    else:
+        code = in_process(monkeypatch, args)  # an exception would fail the test here: no traceback either
+        out, err = capsys.readouterr()
 
-    assert result.returncode == 2, result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1, result.stderr
+    assert code == 2, err
+    error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, err
     assert expected in error_lines[0]
-    assert "Traceback" not in result.stderr + result.stdout
+    assert "Traceback" not in err + out
     after = tree_snapshot(results)
     own_record = {k for k in after if k.startswith("local/") and k.endswith(".json") and k not in before}
     assert {k: after[k] for k in after if k not in own_record and not k.startswith("wandb/")} == before
@@ -232,7 +248,7 @@ KILL = {**LONG, "steps": 40, "eval_every": 20}
 
 
 def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, corpus):
-    straight = run_train(tiny_args(tmp_path / "straight", corpus, **KILL))
+    straight = run_train(tiny_args(tmp_path / "straight", corpus, **KILL), env=REFERENCE_ONLY)
     assert straight.returncode == 0, straight.stderr
     reference = read_record(tmp_path / "straight" / "results", "local", "baseline-s0")
 
@@ -337,7 +353,7 @@ def test_two_processes_match_one(tmp_path, corpus):
     comparison; with them on, the processes train the same model up to those differences."""
     deterministic = {"dropout": 0.0, "router_noise_std": 0.0, "aux_loss_weight": 0.0, "batch_size": 4,
                      **WARMUP_COSINE}
-    one = run_train(tiny_args(tmp_path / "one", corpus, **deterministic))
+    one = run_train(tiny_args(tmp_path / "one", corpus, **deterministic), env=REFERENCE_ONLY)
     assert one.returncode == 0, one.stderr
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     env = offline_env(OMP_NUM_THREADS="1")

@@ -38,6 +38,12 @@ def offline_env(**extra) -> dict:
     return {**env, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **extra}
 
 
+# For a run that is only a reference (its losses or record compared with another run's): train.py
+# then neither imports wandb nor starts its service, ~2-3 s less a process, and nothing it computes
+# changes (a W&B-dependent difference would show as a mismatch with the run under test).
+REFERENCE_ONLY = {"WANDB_MODE": "disabled"}
+
+
 def run_train(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """train.py through the real command line, offline."""
     return processes.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=offline_env(**(env or {})),
