@@ -234,9 +234,9 @@ def test_real_divergence_in_a_sweep_does_not_stop_the_sweep(tmp_path, corpus):
 
 # --- preemption and resume -----------------------------------------------------------------------
 
-def start_train(args):
+def start_train(args, **env):
     """train.py started, as a context manager that kills what is left of it at the end."""
-    return processes.started([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=offline_env(),
+    return processes.started([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=offline_env(**env),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -271,16 +271,31 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, corpus):
     assert not progress.parent.exists()  # a finished run removes its checkpoint
 
 
-def test_sigterm_checkpoints_and_marks_interrupted(tmp_path, corpus):
+SENTINEL = "sentinel-api-key-0123456789abcdef0123456789abcdef"
+SECRETS = {"WANDB_API_KEY": SENTINEL, "HF_TOKEN": SENTINEL}
+
+
+def assert_no_secret_written(directory: Path) -> list[Path]:
+    files = [p for p in directory.rglob("*") if p.is_file()]
+    for path in files:
+        assert SENTINEL.encode() not in path.read_bytes(), path
+    return files
+
+
+def test_sigterm_checkpoints_and_marks_interrupted_and_no_api_key_reaches_a_written_file(tmp_path, corpus):
+    """A SIGTERM mid-run: a checkpoint, the run interrupted, W&B told so, and --resume finishes it.
+    Both processes run with a W&B key and an HF token in their environment: neither reaches their
+    output or any file they wrote (records, checkpoint, W&B's offline run, logs)."""
     args = tiny_args(tmp_path, corpus, **{**LONG, "checkpoint_every": 0})
     record_file = tmp_path / "results" / "local" / "baseline-s0.json"
     wandb_dir = tmp_path / "results" / "wandb"
-    with start_train(args) as process:
+    with start_train(args, **SECRETS) as process:
         assert wait_for(lambda: any(wandb_dir.glob("offline-run-*")))
         time.sleep(1.0)  # into the training loop
         process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=120)
+        stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == EXIT_CODES["interrupted"], stderr
+    assert SENTINEL not in stdout + stderr
     record = json.loads(record_file.read_text())
     assert record["status"] == "interrupted" and "--resume" in record["error"]
     checkpoint = tmp_path / "results" / "local" / "checkpoints" / f"baseline-s0-{record['run_id']}"
@@ -288,12 +303,17 @@ def test_sigterm_checkpoints_and_marks_interrupted(tmp_path, corpus):
     assert progress["step"] == len(record["history"])
     assert (checkpoint / "state").is_dir()
     assert_wandb_run_says(tmp_path / "results", record, EXIT_CODES["interrupted"])
+    written = assert_no_secret_written(tmp_path)  # the checkpoint too: a finished run removes it
+    assert any(p.suffix == ".wandb" for p in written) and (checkpoint / "progress.json") in written
 
-    resumed = run_train(args + ["--resume"])  # the checkpoint is usable
+    resumed = run_train(args + ["--resume"], env=SECRETS)  # the checkpoint is usable
     assert resumed.returncode == 0, resumed.stderr
     final = read_record(tmp_path / "results", "local", "baseline-s0")
     assert final["status"] == "finished" and len(final["history"]) == LONG["steps"]
     assert final["run_id"] == record["run_id"]  # the same W&B run continues
+
+    assert SENTINEL not in resumed.stdout + resumed.stderr
+    assert_no_secret_written(tmp_path)
 
 
 def test_runs_differing_in_a_knob_keep_their_own_checkpoints_and_resume_checks_the_config(
@@ -376,19 +396,6 @@ def test_two_processes_match_one(tmp_path, corpus):
         assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
         if "val/loss" in a:
             assert b["val/loss"] == pytest.approx(a["val/loss"], rel=1e-5)
-
-
-# --- secrets -------------------------------------------------------------------------------------
-
-def test_api_key_never_reaches_a_written_file(tmp_path, corpus):
-    sentinel = "sentinel-api-key-0123456789abcdef0123456789abcdef"
-    result = run_train(tiny_args(tmp_path, corpus), env={"WANDB_API_KEY": sentinel, "HF_TOKEN": sentinel})
-    assert result.returncode == 0, result.stderr
-    assert sentinel not in result.stdout + result.stderr
-    files = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert any(p.suffix == ".wandb" for p in files)
-    for path in files:
-        assert sentinel.encode() not in path.read_bytes(), path
 
 
 def test_resume_compares_the_resolved_attention_not_only_the_settings():
