@@ -18,7 +18,8 @@ import processes
 import train
 from config import TrainConfig
 from record import EXIT_CODES, write_record
-from train_helpers import ROOT, offline_env, offline_run_contents, read_record, run_train, small_corpus, tiny_args
+from train_helpers import (NO_WANDB, ROOT, offline_env, offline_run_contents, read_record, run_train, small_corpus,
+                           tiny_args)
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +119,11 @@ def test_a_failed_runs_record_survives_a_later_finished_run(tmp_path, corpus):
     then another run of the same name finishes. Both records are there, each with its end time."""
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("only a few words here\n")
-    failed = run_train(tiny_args(tmp_path, tiny), env={"WANDB_RUN_ID": "failedrun"})
+    # the records are what is checked: W&B off (the run ids are WANDB_RUN_ID's all the same)
+    failed = run_train(tiny_args(tmp_path, tiny), env={**NO_WANDB, "WANDB_RUN_ID": "failedrun"})
     assert failed.returncode == 2, failed.stderr
-    finished = run_train(tiny_args(tmp_path, corpus, steps=2, eval_every=2), env={"WANDB_RUN_ID": "finishedrun"})
+    finished = run_train(tiny_args(tmp_path, corpus, steps=2, eval_every=2),
+                         env={**NO_WANDB, "WANDB_RUN_ID": "finishedrun"})
     assert finished.returncode == 0, finished.stderr
     first = read_record(tmp_path / "results", "local", "baseline-s0")
     second = read_record(tmp_path / "results", "local", "baseline-s0-finishedrun")
@@ -314,10 +317,10 @@ def losses(record):
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="torch.compile needs a C compiler")
 def test_compile_and_bf16_through_the_cli_resume_exactly_and_stay_close_to_fp32(tmp_path, corpus):
     sizes = {"steps": 6, "eval_every": 3, "checkpoint_every": 0, "cache_dir": tmp_path / "cache"}  # tokenized once
-    fp32 = run_train(tiny_args(tmp_path / "fp32", corpus, **sizes, mixed_precision="no"))
+    fp32 = run_train(tiny_args(tmp_path / "fp32", corpus, **sizes, mixed_precision="no"), env=NO_WANDB)
     assert fp32.returncode == 0, fp32.stderr
     fast = {**sizes, "mixed_precision": "bf16", "compile": True}
-    straight = run_train(tiny_args(tmp_path / "straight", corpus, **fast))
+    straight = run_train(tiny_args(tmp_path / "straight", corpus, **fast), env=NO_WANDB)
     assert straight.returncode == 0, straight.stderr
 
     args = tiny_args(tmp_path / "resumed", corpus, **fast)

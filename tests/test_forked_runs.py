@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 import processes
-from train_helpers import ROOT, TINY, offline_env, small_corpus
+from train_helpers import NO_WANDB, ROOT, TINY, offline_env, small_corpus
 
 
 def tiny_sweep(tmp: Path, attention: list[str], **overrides) -> Path:
@@ -34,16 +34,17 @@ def state_of(sweep_dir: Path) -> dict:
     return json.loads((sweep_dir / "sweep_state.json").read_text())
 
 
-def local_sweep(*args, timeout=600) -> subprocess.CompletedProcess:
-    return processes.run([sys.executable, "local_sweep.py", *map(str, args)], cwd=ROOT, env=offline_env(),
+def local_sweep(*args, timeout=600, **env) -> subprocess.CompletedProcess:
+    return processes.run([sys.executable, "local_sweep.py", *map(str, args)], cwd=ROOT, env=offline_env(**env),
                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_a_forked_run_gives_the_same_record_as_a_fresh_process(tmp_path):
     sweep = tiny_sweep(tmp_path, ["rope_small"])
     records = {}
-    for how, extra in (("fork", []), ("subprocess", ["--subprocess"])):
-        done = local_sweep(sweep, "--results-dir", tmp_path / how, "--no-report", *extra)
+    # the fresh process is the reference: its W&B side is not read (NO_WANDB), the forked run's is
+    for how, extra, env in (("fork", [], {}), ("subprocess", ["--subprocess"], NO_WANDB)):
+        done = local_sweep(sweep, "--results-dir", tmp_path / how, "--no-report", *extra, **env)
         assert done.returncode == 0, done.stdout + done.stderr
         sweep_dir = sweep_dir_of(tmp_path / how)
         (entry,) = state_of(sweep_dir)["runs"]

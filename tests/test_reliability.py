@@ -17,8 +17,8 @@ import model as model_module
 import processes
 import train
 from record import EXIT_CODES
-from train_helpers import (ROOT, offline_env, offline_run_when_ended, read_record, run_train, small_corpus, tiny_args,
-                           wait_for)
+from train_helpers import (NO_WANDB, ROOT, offline_env, offline_run_when_ended, read_record, run_train,
+                           small_corpus, tiny_args, wait_for)
 
 TIMING_KEYS = ("perf/step_time_ms", "perf/tokens_per_sec", "memory/allocated_gb", "memory/peak_gb")
 
@@ -90,8 +90,18 @@ if os.geteuid() != 0:  # root reads a chmod-0 file anyway
     BAD_INPUTS.append(("unreadable corpus", {"dataset": "@unreadable"}, "unreadable.txt", True))
 
 
+# One case of each way bad input ends a launch goes through the real command line (`python
+# train.py`: the process's exit status, nothing printed at exit): refused on the command line,
+# failed after its W&B run and record were opened, a results directory nothing can be written
+# under. The others call train.main, which is all `python train.py` runs (sys.exit(main(argv))),
+# in this process: the same code, without ~4 s of process start and W&B service each.
+THROUGH_THE_COMMAND_LINE = {"wrong int", "corpus too small", "results dir under a regular file"}
+assert THROUGH_THE_COMMAND_LINE <= {case for case, *_ in BAD_INPUTS}
+
+
 @pytest.mark.parametrize("case,extra,expected,recorded", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_one_error_line_and_nothing_lost(tmp_path, corpus, case, extra, expected, recorded):
+def test_bad_input_one_error_line_and_nothing_lost(tmp_path, corpus, case, extra, expected, recorded, monkeypatch,
+                                                   capsys):
     if case == "unwritable results dir" and os.geteuid() == 0:
         pytest.skip("root writes into a read-only directory")
     files = bad_corpora(tmp_path)
@@ -102,13 +112,19 @@ def test_bad_input_one_error_line_and_nothing_lost(tmp_path, corpus, case, extra
     earlier.write_text('{"schema": 1, "status": "finished", "run_id": "old"}')
     before = tree_snapshot(results)
 
-    result = run_train(tiny_args(tmp_path, corpus, **extra))
+    args = tiny_args(tmp_path, corpus, **extra)
+    if case in THROUGH_THE_COMMAND_LINE:
+        result = run_train(args)
+        code, out, err = result.returncode, result.stdout, result.stderr
+    else:
+        code = in_process(monkeypatch, args)  # an exception would fail the test here: no traceback either
+        out, err = capsys.readouterr()
 
-    assert result.returncode == 2, result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1, result.stderr
+    assert code == 2, err
+    error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, err
     assert expected in error_lines[0]
-    assert "Traceback" not in result.stderr + result.stdout
+    assert "Traceback" not in err + out
     after = tree_snapshot(results)
     own_record = {k for k in after if k.startswith("local/") and k.endswith(".json") and k not in before}
     assert {k: after[k] for k in after if k not in own_record and not k.startswith("wandb/")} == before
@@ -208,7 +224,7 @@ def test_real_divergence_in_a_sweep_does_not_stop_the_sweep(tmp_path, corpus):
     result = processes.run([sys.executable, str(ROOT / "local_sweep.py"), str(sweep),
                             "--results-dir", str(tmp_path / "results")],
                            cwd=ROOT, capture_output=True, text=True, timeout=300,
-                           env=offline_env())
+                           env=offline_env(**NO_WANDB))  # the records are what is checked
     assert result.returncode == 0, result.stdout + result.stderr
     records = [json.loads(p.read_text()) for p in (tmp_path / "results").rglob("baseline-s0*.json")
                if '"schema"' in p.read_text()]
@@ -218,9 +234,9 @@ def test_real_divergence_in_a_sweep_does_not_stop_the_sweep(tmp_path, corpus):
 
 # --- preemption and resume -----------------------------------------------------------------------
 
-def start_train(args):
+def start_train(args, **env):
     """train.py started, as a context manager that kills what is left of it at the end."""
-    return processes.started([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=offline_env(),
+    return processes.started([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=offline_env(**env),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -232,7 +248,7 @@ KILL = {**LONG, "steps": 40, "eval_every": 20}
 
 
 def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, corpus):
-    straight = run_train(tiny_args(tmp_path / "straight", corpus, **KILL))
+    straight = run_train(tiny_args(tmp_path / "straight", corpus, **KILL), env=NO_WANDB)
     assert straight.returncode == 0, straight.stderr
     reference = read_record(tmp_path / "straight" / "results", "local", "baseline-s0")
 
@@ -255,16 +271,31 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, corpus):
     assert not progress.parent.exists()  # a finished run removes its checkpoint
 
 
-def test_sigterm_checkpoints_and_marks_interrupted(tmp_path, corpus):
+SENTINEL = "sentinel-api-key-0123456789abcdef0123456789abcdef"
+SECRETS = {"WANDB_API_KEY": SENTINEL, "HF_TOKEN": SENTINEL}
+
+
+def assert_no_secret_written(directory: Path) -> list[Path]:
+    files = [p for p in directory.rglob("*") if p.is_file()]
+    for path in files:
+        assert SENTINEL.encode() not in path.read_bytes(), path
+    return files
+
+
+def test_sigterm_checkpoints_and_marks_interrupted_and_no_api_key_reaches_a_written_file(tmp_path, corpus):
+    """A SIGTERM mid-run: a checkpoint, the run interrupted, W&B told so, and --resume finishes it.
+    Both processes run with a W&B key and an HF token in their environment: neither reaches their
+    output or any file they wrote (records, checkpoint, W&B's offline run, logs)."""
     args = tiny_args(tmp_path, corpus, **{**LONG, "checkpoint_every": 0})
     record_file = tmp_path / "results" / "local" / "baseline-s0.json"
     wandb_dir = tmp_path / "results" / "wandb"
-    with start_train(args) as process:
+    with start_train(args, **SECRETS) as process:
         assert wait_for(lambda: any(wandb_dir.glob("offline-run-*")))
         time.sleep(1.0)  # into the training loop
         process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=120)
+        stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == EXIT_CODES["interrupted"], stderr
+    assert SENTINEL not in stdout + stderr
     record = json.loads(record_file.read_text())
     assert record["status"] == "interrupted" and "--resume" in record["error"]
     checkpoint = tmp_path / "results" / "local" / "checkpoints" / f"baseline-s0-{record['run_id']}"
@@ -272,12 +303,17 @@ def test_sigterm_checkpoints_and_marks_interrupted(tmp_path, corpus):
     assert progress["step"] == len(record["history"])
     assert (checkpoint / "state").is_dir()
     assert_wandb_run_says(tmp_path / "results", record, EXIT_CODES["interrupted"])
+    written = assert_no_secret_written(tmp_path)  # the checkpoint too: a finished run removes it
+    assert any(p.suffix == ".wandb" for p in written) and (checkpoint / "progress.json") in written
 
-    resumed = run_train(args + ["--resume"])  # the checkpoint is usable
+    resumed = run_train(args + ["--resume"], env=SECRETS)  # the checkpoint is usable
     assert resumed.returncode == 0, resumed.stderr
     final = read_record(tmp_path / "results", "local", "baseline-s0")
     assert final["status"] == "finished" and len(final["history"]) == LONG["steps"]
     assert final["run_id"] == record["run_id"]  # the same W&B run continues
+
+    assert SENTINEL not in resumed.stdout + resumed.stderr
+    assert_no_secret_written(tmp_path)
 
 
 def test_runs_differing_in_a_knob_keep_their_own_checkpoints_and_resume_checks_the_config(
@@ -300,11 +336,13 @@ def test_runs_differing_in_a_knob_keep_their_own_checkpoints_and_resume_checks_t
     assert [p.name for p in checkpoints.iterdir()] == [first.name]  # untouched by the other run
     before = tree_snapshot(first)
 
-    refused = run_train(tiny_args(tmp_path, corpus, **base, lr=2e-3) + ["--resume"])
-    assert refused.returncode == 2, refused.stderr
-    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "another config" in errors[0] and "lr=0.001 there, 0.002 here" in errors[0]
-    assert "Traceback" not in refused.stderr
+    capsys.readouterr()
+    # in this process (bad input through the real command line: test_bad_input_one_error_line_and_nothing_lost)
+    assert in_process(monkeypatch, tiny_args(tmp_path, corpus, **base, lr=2e-3) + ["--resume"]) == 2
+    refused = capsys.readouterr().err
+    errors = [line for line in refused.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "another config" in errors[0] and "lr=0.001 there, 0.002 here" in errors[0], refused
+    assert "Traceback" not in refused
     assert tree_snapshot(first) == before
 
     resumed = run_train(tiny_args(tmp_path, corpus, **base, lr=1e-3) + ["--resume"])
@@ -337,7 +375,7 @@ def test_two_processes_match_one(tmp_path, corpus):
     comparison; with them on, the processes train the same model up to those differences."""
     deterministic = {"dropout": 0.0, "router_noise_std": 0.0, "aux_loss_weight": 0.0, "batch_size": 4,
                      **WARMUP_COSINE}
-    one = run_train(tiny_args(tmp_path / "one", corpus, **deterministic))
+    one = run_train(tiny_args(tmp_path / "one", corpus, **deterministic), env=NO_WANDB)
     assert one.returncode == 0, one.stderr
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     env = offline_env(OMP_NUM_THREADS="1")
@@ -358,19 +396,6 @@ def test_two_processes_match_one(tmp_path, corpus):
         assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
         if "val/loss" in a:
             assert b["val/loss"] == pytest.approx(a["val/loss"], rel=1e-5)
-
-
-# --- secrets -------------------------------------------------------------------------------------
-
-def test_api_key_never_reaches_a_written_file(tmp_path, corpus):
-    sentinel = "sentinel-api-key-0123456789abcdef0123456789abcdef"
-    result = run_train(tiny_args(tmp_path, corpus), env={"WANDB_API_KEY": sentinel, "HF_TOKEN": sentinel})
-    assert result.returncode == 0, result.stderr
-    assert sentinel not in result.stdout + result.stderr
-    files = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert any(p.suffix == ".wandb" for p in files)
-    for path in files:
-        assert sentinel.encode() not in path.read_bytes(), path
 
 
 def test_resume_compares_the_resolved_attention_not_only_the_settings():

@@ -24,8 +24,8 @@ from data import load_tokens, make_batches
 from localsweep.common import import_engine
 from localsweep.validate import bad_values, check_engine, check_schema, grid_size_and_runs
 from test_analysis import FakeWandbRun, make_record, write_records
-from train_helpers import (ROOT, TINY, offline_env, offline_run_contents, read_record, run_train, small_corpus,
-                           tiny_args)
+from train_helpers import (NO_WANDB, ROOT, TINY, offline_env, offline_run_contents, read_record, run_train,
+                           small_corpus, tiny_args)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_a_real_run_never_trains_on_a_test_block_and_scores_the_test_set_once(tm
     (wandb_run,) = (tmp_path / "results" / "wandb").glob("offline-run-*")
     assert offline_run_contents(wandb_run)["summary"]["test/loss"] == summary["test/loss"]  # W&B has it too
     # without eval_test there is no test score at all
-    plain = run_train(tiny_args(tmp_path, corpus, group="plain"))
+    plain = run_train(tiny_args(tmp_path, corpus, group="plain"), env=NO_WANDB)  # its record is what is read
     assert plain.returncode == 0
     assert not any(k.startswith("test/") for k in read_record(tmp_path / "results", "plain", "baseline-s0")["summary"])
 

@@ -38,6 +38,13 @@ def offline_env(**extra) -> dict:
     return {**env, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **extra}
 
 
+# For a run whose W&B side no assertion reads (a reference whose losses another run must match, or a
+# run checked by its record alone): train.py then neither imports wandb nor starts its service, ~2-3 s
+# less a process, and trains and records the same (a W&B-dependent difference in a reference would
+# show as a mismatch with the run under test, which keeps W&B on).
+NO_WANDB = {"WANDB_MODE": "disabled"}
+
+
 def run_train(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """train.py through the real command line, offline."""
     return processes.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=offline_env(**(env or {})),
