@@ -89,10 +89,11 @@ def refuse_overwriting(out_dir: Path, input_path: Path | None) -> None:
 
 
 def build(runs: list[Run], out_dir, source: str, input_path: Path | None = None,
-          min_effect: float = stats.MIN_EFFECT, decode=None) -> Report:
+          min_effect: float = stats.MIN_EFFECT, decode=None, figures: bool = True) -> Report:
     """Compute every table and write every file. input_path: the file read, never overwritten.
     min_effect: the smallest difference worth resolving, in nats (the seeds-where-needed plan).
-    decode: measured decode speeds (analysis.decode.DecodeSpeeds) for the cost figure, or None."""
+    decode: measured decode speeds (analysis.decode.DecodeSpeeds) for the cost figure, or None.
+    figures: False writes no figures (the tables, report.md and the JSON only)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise SourceError(f"--out {out_dir}: exists and is not a directory")
@@ -104,7 +105,7 @@ def build(runs: list[Run], out_dir, source: str, input_path: Path | None = None,
     by_key = {s.key: s for s in sections}
     title = f"Attention architecture search ({len(runs)} runs)"
     files[RESULTS_JSON].write_text(json.dumps(to_seed_schema(runs), indent=2) + "\n")
-    if any(r.succeeded for r in runs):
+    if figures and any(r.succeeded for r in runs):  # matplotlib is most of a report's time
         files[COMPREHENSIVE_PNG] = plots.comprehensive_figure(runs, out_dir / COMPREHENSIVE_PNG, title)
         files[CURVES_PNG] = plots.curves_figure(runs, out_dir / CURVES_PNG, "Learning curves")
         files[COSTS_PNG] = plots.costs_figure(runs, out_dir / COSTS_PNG, "What each design costs", decode)
@@ -214,6 +215,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--decode-context", type=int, metavar="N", help="with --decode: the context of the speeds "
                         "(default: the longest every variant in the file has)")
     parser.add_argument("--decode-batch", type=int, metavar="N", help="with --decode: the batch (default: the smallest)")
+    parser.add_argument("--no-figures", dest="figures", action="store_false",
+                        help="the tables, report.md and the seed-schema JSON only: no figures (drawing them is "
+                        "most of the report's time)")
     parser.add_argument("--log", "--log-to-wandb", dest="log_to_wandb", action="store_true",
                         help="also log the tables, figures and files to a W&B run of job_type 'analysis'")
     return parser
@@ -283,7 +287,7 @@ def main(argv=None) -> int:
             raise SourceError("--decode-context/--decode-batch: only used with --decode")
         decode = (decode_speeds.speeds(decode_speeds.load(args.decode), args.decode, args.decode_context,
                                        args.decode_batch) if args.decode else None)
-        report = build(runs, args.out, source, inputs[0] if inputs else None, args.min_effect, decode)
+        report = build(runs, args.out, source, inputs[0] if inputs else None, args.min_effect, decode, args.figures)
     except (SourceError, RuntimeError) as exc:
         return error_exit(exc)
     print(terminal_text(report))

@@ -59,7 +59,7 @@ def test_regime_statement_where_attention_cannot_matter(tmp_path, loss_base, gai
 def test_report_opens_the_seed_tables_and_the_verdicts_with_the_regime(tmp_path):
     runs = _runs(tmp_path, 6.72, 0.02)
     text = tables.regime(runs)
-    built = report.build(runs, tmp_path / "report", "test")
+    built = report.build(runs, tmp_path / "report", "test", figures=False)
     markdown = built.path.read_text()
     summary_part = markdown.split("## Results summary", 1)[1].split("## Architecture insights")[0]
     verdicts = markdown.split("## Is the difference real?", 1)[1].split("### ", 2)[1]
@@ -72,7 +72,7 @@ def test_no_regime_statement_when_runs_learned_context(tmp_path):
     """Runs well below the unigram loss with a context gain: no statement anywhere."""
     runs = _runs(tmp_path, 4.5, 0.5)
     assert tables.regime(runs) is None
-    markdown = report.build(runs, tmp_path / "report", "test").path.read_text()
+    markdown = report.build(runs, tmp_path / "report", "test", figures=False).path.read_text()
     assert "Regime" not in markdown
 
 
@@ -131,14 +131,14 @@ def test_length_statistics_pair_each_length_against_the_baseline_at_that_length(
         assert rows[("baseline", length)][-1] == "reference"
     assert rows[("nope", 32)][-1] == "worse" and rows[("alibi", 64)][-1] == "better"
     assert rows[("nope", 64)][-1] == "indistinguishable"
-    markdown = report.build(runs, tmp_path / "report", "test").path.read_text()
+    markdown = report.build(runs, tmp_path / "report", "test", figures=False).path.read_text()
     assert "### Longer contexts than trained on, paired against the baseline" in markdown
 
 
 def test_no_length_statistics_without_eval_lengths(tmp_path):
     runs = _runs(tmp_path, 4.5, 0.5)
     assert tables.length_statistics(runs).lines == []
-    assert "Longer contexts than trained on, paired" not in report.build(runs, tmp_path / "r", "t").path.read_text()
+    assert "Longer contexts than trained on, paired" not in report.build(runs, tmp_path / "r", "t", figures=False).path.read_text()
 
 
 def _task_runs(tmp_path, accuracies):
@@ -161,7 +161,7 @@ def test_task_regime_says_whether_any_configuration_learned_the_task(tmp_path):
     assert text.startswith("**Regime (mqar): the task is learned here.** 2 of 3 configurations")
     assert "from 0.290 (lora_small) to 0.990 (baseline)" in text
     assert tables.regime(runs) is None and tables.regime_section(runs).lines == [text]
-    assert text in report.build(runs, tmp_path / "report", "test").path.read_text()
+    assert text in report.build(runs, tmp_path / "report", "test", figures=False).path.read_text()
     runs = _task_runs(tmp_path / "b", {"baseline": [0.3, 0.95, 0.3], "lora_small": [0.28, 0.3, 0.29]})
     (text,) = tables.task_regime(runs)
     assert text.startswith("**Regime (mqar): no configuration has learned the task yet** (mean answer accuracy "

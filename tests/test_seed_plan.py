@@ -64,7 +64,7 @@ def test_the_adaptive_seed_step_resolves_a_planted_effect(tmp_path, capsys):
     rng = np.random.default_rng(3)
     first = write_records(tmp_path / "results", planted_records([0, 1, 2], "sweepA", rng))
     out1 = tmp_path / "report1"
-    assert report.main(["--results", str(first / "sweepA"), "--out", str(out1), "--min-effect", "0.02"]) == 0
+    assert report.main(["--results", str(first / "sweepA"), "--out", str(out1), "--min-effect", "0.02", "--no-figures"]) == 0
     assert verdict(out1) == "indistinguishable"  # 3 seeds cannot tell 0.05 from 0 at SD 0.04
     text = (out1 / report.REPORT).read_text()
     assert "Seeds where they are needed" in text and "| rope_small | 3 |" in text
@@ -101,14 +101,14 @@ def test_the_adaptive_seed_step_resolves_a_planted_effect(tmp_path, capsys):
     assert not (out2 / "more_seeds.yaml").exists()  # nothing left to resolve
     # a parent directory pools both sweeps the same way
     out3 = tmp_path / "report3"
-    assert report.main(["--results", str(tmp_path / "results"), "--out", str(out3)]) == 0
+    assert report.main(["--results", str(tmp_path / "results"), "--out", str(out3), "--no-figures"]) == 0
     assert verdict(out3) == "worse"
 
 
 def test_report_states_the_noise_and_the_mde_against_the_seed_reports_gaps(tmp_path):
     rng = np.random.default_rng(3)
     write_records(tmp_path / "r", planted_records([0, 1, 2], "g", rng))
-    assert report.main(["--results", str(tmp_path / "r"), "--out", str(tmp_path / "o")]) == 0
+    assert report.main(["--results", str(tmp_path / "r"), "--out", str(tmp_path / "o"), "--no-figures"]) == 0
     runs = load_path(tmp_path / "r")
     sd = stats.seed_noise(runs, stats.compare_to_baseline(runs)).paired_std
     text = (tmp_path / "o" / report.REPORT).read_text()
@@ -127,15 +127,15 @@ def test_resolved_comparisons_get_no_seeds(tmp_path):
                 "bias_only": (0.06, -0.05, 0.02)}  # wide: open
     records = [make_record(v, s, 7.8 + offsets[s] + d[s]) for v, d in per_seed.items() for s in range(3)]
     write_records(tmp_path / "r", records)
-    assert report.main(["--results", str(tmp_path / "r"), "--out", str(tmp_path / "o")]) == 0
+    assert report.main(["--results", str(tmp_path / "r"), "--out", str(tmp_path / "o"), "--no-figures"]) == 0
     plan = yaml.safe_load((tmp_path / "o" / "more_seeds.yaml").read_text())
     assert plan["parameters"]["attention"]["values"] == ["baseline", "bias_only"]
     # a smaller smallest effect reopens lora_small
-    assert report.main(["--results", str(tmp_path / "r"), "--out", str(tmp_path / "o2"), "--min-effect", "0.005"]) == 0
+    assert report.main(["--results", str(tmp_path / "r"), "--out", str(tmp_path / "o2"), "--min-effect", "0.005", "--no-figures"]) == 0
     plan = yaml.safe_load((tmp_path / "o2" / "more_seeds.yaml").read_text())
     assert plan["parameters"]["attention"]["values"] == ["baseline", "bias_only", "lora_small"]
     # one that would need more than MAX_SEEDS is named, and left out of the sweep
-    assert report.main(["--results", str(tmp_path / "r"), "--out", str(tmp_path / "o3"), "--min-effect", "0.001"]) == 0
+    assert report.main(["--results", str(tmp_path / "r"), "--out", str(tmp_path / "o3"), "--min-effect", "0.001", "--no-figures"]) == 0
     plan = yaml.safe_load((tmp_path / "o3" / "more_seeds.yaml").read_text())
     assert plan["parameters"]["attention"]["values"] == ["baseline", "bias_only"]
     assert "Not in the sweep (they need more than 1000 seeds): lora_small." in (tmp_path / "o3" / "report.md").read_text()
@@ -143,16 +143,30 @@ def test_resolved_comparisons_get_no_seeds(tmp_path):
 
 def test_bad_min_effect_is_one_error_line(tmp_path, capsys):
     write_records(tmp_path / "r", [make_record("baseline", 0, 7.8)])
-    assert report.main(["--results", str(tmp_path / "r"), "--out", str(tmp_path / "o"), "--min-effect", "0"]) == 2
+    assert report.main(["--results", str(tmp_path / "r"), "--out", str(tmp_path / "o"), "--min-effect", "0", "--no-figures"]) == 2
     assert capsys.readouterr().err.startswith("error: --min-effect")
 
 
 def test_no_results_given_is_overwritten_by_the_report(tmp_path, capsys):
     write_records(tmp_path / "r", planted_records([0, 1, 2], "g", np.random.default_rng(3)))
-    assert report.main(["--results", str(tmp_path / "r"), "--out", str(tmp_path / "o")]) == 0
+    assert report.main(["--results", str(tmp_path / "r"), "--out", str(tmp_path / "o"), "--no-figures"]) == 0
     exported = tmp_path / "o" / report.RESULTS_JSON
     before = exported.read_text()
     capsys.readouterr()
-    assert report.main(["--results", str(tmp_path / "r"), "--results", str(exported), "--out", str(tmp_path / "o")]) == 2
+    assert report.main(["--results", str(tmp_path / "r"), "--results", str(exported), "--out", str(tmp_path / "o"), "--no-figures"]) == 2
     assert "would overwrite the input" in capsys.readouterr().err
     assert exported.read_text() == before
+
+
+def test_no_figures_writes_the_same_tables_and_no_figure(tmp_path):
+    """--no-figures: report.md's text up to its figures and the seed-schema JSON as with figures; no PNG."""
+    rng = np.random.default_rng(3)
+    results = write_records(tmp_path / "results", planted_records([0, 1, 2], "sweepA", rng))
+    with_figures, without = tmp_path / "with", tmp_path / "without"
+    assert report.main(["--results", str(results / "sweepA"), "--out", str(with_figures)]) == 0
+    assert report.main(["--results", str(results / "sweepA"), "--out", str(without), "--no-figures"]) == 0
+    assert list(with_figures.glob("*.png")) and not list(without.glob("*.png"))
+    tables_of = lambda out: (out / report.REPORT).read_text().split("## Figures")[0]
+    assert tables_of(without) == tables_of(with_figures).replace(str(with_figures), str(without))
+    assert (without / report.RESULTS_JSON).read_text() == (with_figures / report.RESULTS_JSON).read_text()
+    assert "![" not in (without / report.REPORT).read_text()
