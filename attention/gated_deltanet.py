@@ -23,7 +23,7 @@ the matrix S per value head and the conv's last kernel-1 inputs, whatever the co
 
 Sizes (knob names as transformers' config; the registry entry declares them): linear_num_key_heads,
 linear_num_value_heads, linear_key_head_dim, linear_value_head_dim, linear_conv_kernel_dim. A spec
-without them gets Qwen3-Next's shape scaled to the model: n_heads value heads and n_heads / 2 key
+without them gets Qwen3-Next's shape scaled to the model (registry.gated_deltanet_defaults): n_heads value heads and n_heads / 2 key
 heads of d_model / n_heads dims, kernel 4, so in_proj_qkvz + out_proj hold 4 d_model^2 weights, as
 multi-head attention's q, k, v, o.
 
@@ -39,7 +39,7 @@ from torch import nn
 
 from .cache import CacheSize
 from .init import Constant, Drawn, Normal
-from .registry import AttentionSpec
+from .registry import AttentionSpec, gated_deltanet_defaults
 
 CHUNK_SIZE = 64  # tokens per chunk of the chunked form (transformers' and fla's default)
 NORM_EPS = 1e-6  # Qwen3NextConfig.rms_norm_eps's default: the gated RMSNorm's eps
@@ -56,13 +56,13 @@ class GatedDeltaNetSizes:
 
     @classmethod
     def of(cls, spec, d_model: int, n_heads: int) -> "GatedDeltaNetSizes":
-        """The spec's sizes where it has the knobs, else Qwen3-Next's proportions at this model size."""
-        head_dim = d_model // n_heads
-        return cls(num_k_heads=getattr(spec, "linear_num_key_heads", None) or max(1, n_heads // 2),
-                   num_v_heads=getattr(spec, "linear_num_value_heads", None) or n_heads,
-                   head_k_dim=getattr(spec, "linear_key_head_dim", None) or head_dim,
-                   head_v_dim=getattr(spec, "linear_value_head_dim", None) or head_dim,
-                   conv_kernel_size=getattr(spec, "linear_conv_kernel_dim", None) or 4)
+        """The spec's sizes (its knobs, registry.KNOBS), the ones it leaves None Qwen3-Next's
+        proportions at this model size (registry.gated_deltanet_defaults)."""
+        sizes = {name: getattr(spec, name, None) or default
+                 for name, default in gated_deltanet_defaults(d_model // n_heads, n_heads).items()}
+        return cls(num_k_heads=sizes["linear_num_key_heads"], num_v_heads=sizes["linear_num_value_heads"],
+                   head_k_dim=sizes["linear_key_head_dim"], head_v_dim=sizes["linear_value_head_dim"],
+                   conv_kernel_size=sizes["linear_conv_kernel_dim"])
 
     @property
     def key_dim(self) -> int:
