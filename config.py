@@ -134,13 +134,18 @@ class TrainConfig:
     # --- derived ---------------------------------------------------------------------------
 
     def attention_spec(self) -> AttentionSpec:
-        """The named variant with any knob overrides applied, and its sizes resolved (integers)."""
+        """The named variant with any knob overrides applied, and its sizes resolved (integers); a
+        hybrid's interval as it is at --n_layers (AttentionSpec.interval_at), so the record shows the
+        pattern the model has."""
         changes = {}
         for name in ATTENTION_KNOBS:
             value = getattr(self, name)
             if value is not None:
                 changes[name] = KNOBS[name].aliases.get(value, value) if isinstance(value, str) else value
-        return VARIANTS[self.attention].with_overrides(**changes).resolved(self.d_model, self.n_heads, self.seq_len)
+        spec = VARIANTS[self.attention]
+        if spec.full_attention and not spec.hybrid_problem():
+            changes["full_attention_interval"] = spec.interval_at(self.n_layers)
+        return spec.with_overrides(**changes).resolved(self.d_model, self.n_heads, self.seq_len)
 
     @property
     def lengths(self) -> tuple[int, ...]:

@@ -29,8 +29,8 @@ from config import FIELD_TYPES, ConfigError, TrainConfig, config_from_values, he
 import record
 from record import EXIT_CODES, one_line, write_json_atomic, write_record
 from probes import Probes, with_layer_means
-from model import (IGNORE_INDEX, ModelConfig, MoELM, count_parameters, flops_per_token, init_weights, kv_cache_bytes_per_token,
-                   shared_parameters_fingerprint)
+from model import (IGNORE_INDEX, ModelConfig, MoELM, count_parameters, flops_per_token, init_weights, kv_cache_bytes,
+                   kv_cache_bytes_per_token, shared_parameters_fingerprint)
 
 GB = 1024 ** 3
 STOP_REQUEST_WAIT_S = 15.0  # W&B's SDK polls the server's stop request this often (run_stopping.py)
@@ -52,7 +52,8 @@ class Stopped(Exception):
 
 def describe_model(cfg: TrainConfig, vocab_size: int) -> dict:
     """Sizes, FLOPs and KV cache of the configured model, built on the meta device (no memory, no
-    data). The KV cache is per generated token, at a context of seq_len (kv_cache_context);
+    data). The KV cache is per generated token, at a context of seq_len (kv_cache_context), and
+    whole, for one sequence at that context (kv_cache_bytes: a recurrent kind's fixed state);
     attention_spec: the variant's knobs with its sizes resolved for this model."""
     with torch.device("meta"):
         model = MoELM(ModelConfig.from_train_config(cfg, vocab_size))
@@ -60,7 +61,8 @@ def describe_model(cfg: TrainConfig, vocab_size: int) -> dict:
     return {"attention": cfg.attention, "family": cfg.family, "attention_spec": cfg.attention_spec().knob_values(),
             "params_total": params["total"],
             "params_attention": params["attention"], "flops_per_token": flops_per_token(model),
-            "kv_cache_bytes_per_token": kv_cache_bytes_per_token(model.cfg), "kv_cache_context": cfg.seq_len}
+            "kv_cache_bytes_per_token": kv_cache_bytes_per_token(model.cfg), "kv_cache_context": cfg.seq_len,
+            "kv_cache_bytes": kv_cache_bytes(model.cfg, cfg.seq_len)}
 
 
 # --- results records (their contract: record.py) -------------------------------------------

@@ -5,7 +5,9 @@
 - learning_curves.png: train loss per step, val loss per eval, and val loss minus the baseline's
   on the same seed; mean over seeds with a min-max band.
 - costs.png: validation loss against the two costs of an attention design, parameters and the KV
-  cache a decoder keeps per token, one point per variant, each with its Pareto front.
+  cache a decoder keeps per token, one point per variant, each with its Pareto front. The cache is
+  the record's, at the run's context (seq_len): a recurrent kind's fixed state, or a window's
+  cache, over that many tokens, so it is placed where it stands at the length it was trained at.
 - baseline_differences.png (several seeds only): each variant's paired difference to baseline with
   its 95% CI and the per-seed differences, coloured by verdict.
 - lengths.png (runs with --eval_lengths only): validation loss and accuracy against the context
@@ -174,7 +176,8 @@ def costs_figure(runs: list[Run], path: Path, title: str, decode=None) -> Path:
     variants = sorted(data, key=lambda v: data[v]["loss"][0])
     fig, axes = plt.subplots(1, 3 if decode else 2, figsize=(22 if decode else 15, 6.5), dpi=DPI)
     panels = [(axes[0], "params", "Parameters (millions)", "Loss vs parameters"),
-              (axes[1], "kv_cache", "KV cache per token (bytes, all layers, 2 bytes a value; counted)",
+              (axes[1], "kv_cache", "KV cache per token at the run's context (bytes, all layers, 2 bytes a value; "
+               "counted; a window or a recurrent state: its bytes / context)",
                "Loss vs KV cache per token")]
     if decode is not None:
         panels.append((axes[2], "decode", f"Decode tokens/s at context {decode.context:,}, batch {decode.batch} "

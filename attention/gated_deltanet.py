@@ -23,7 +23,7 @@ the matrix S per value head and the conv's last kernel-1 inputs, whatever the co
 
 Sizes (knob names as transformers' config; the registry entry declares them): linear_num_key_heads,
 linear_num_value_heads, linear_key_head_dim, linear_value_head_dim, linear_conv_kernel_dim. A spec
-without them gets Qwen3-Next's shape scaled to the model: n_heads value heads and n_heads / 2 key
+without them gets Qwen3-Next's shape scaled to the model (registry.gated_deltanet_defaults): n_heads value heads and n_heads / 2 key
 heads of d_model / n_heads dims, kernel 4, so in_proj_qkvz + out_proj hold 4 d_model^2 weights, as
 multi-head attention's q, k, v, o.
 
@@ -39,7 +39,7 @@ from torch import nn
 
 from .cache import CacheSize
 from .init import Constant, Drawn, Normal
-from .registry import AttentionSpec
+from .registry import AttentionSpec, gated_deltanet_defaults
 
 CHUNK_SIZE = 64  # tokens per chunk of the chunked form (transformers' and fla's default)
 NORM_EPS = 1e-6  # Qwen3NextConfig.rms_norm_eps's default: the gated RMSNorm's eps
@@ -56,13 +56,13 @@ class GatedDeltaNetSizes:
 
     @classmethod
     def of(cls, spec, d_model: int, n_heads: int) -> "GatedDeltaNetSizes":
-        """The spec's sizes where it has the knobs, else Qwen3-Next's proportions at this model size."""
-        head_dim = d_model // n_heads
-        return cls(num_k_heads=getattr(spec, "linear_num_key_heads", None) or max(1, n_heads // 2),
-                   num_v_heads=getattr(spec, "linear_num_value_heads", None) or n_heads,
-                   head_k_dim=getattr(spec, "linear_key_head_dim", None) or head_dim,
-                   head_v_dim=getattr(spec, "linear_value_head_dim", None) or head_dim,
-                   conv_kernel_size=getattr(spec, "linear_conv_kernel_dim", None) or 4)
+        """The spec's sizes (its knobs, registry.KNOBS), the ones it leaves None Qwen3-Next's
+        proportions at this model size (registry.gated_deltanet_defaults)."""
+        sizes = {name: getattr(spec, name, None) or default
+                 for name, default in gated_deltanet_defaults(d_model // n_heads, n_heads).items()}
+        return cls(num_k_heads=sizes["linear_num_key_heads"], num_v_heads=sizes["linear_num_value_heads"],
+                   head_k_dim=sizes["linear_key_head_dim"], head_v_dim=sizes["linear_value_head_dim"],
+                   conv_kernel_size=sizes["linear_conv_kernel_dim"])
 
     @property
     def key_dim(self) -> int:
@@ -145,7 +145,7 @@ def recurrent_gated_delta_step(q, k, v, g, beta, state):
 
 class GatedRMSNorm(nn.Module):
     """weight * RMSNorm(x) * SiLU(z) over the last dim (Qwen3NextRMSNormGated: norm before gate),
-    in float32, returned in x's dtype."""
+    in float32 (float64 for float64 inputs), returned in x's dtype."""
 
     def __init__(self, dim: int, eps: float = NORM_EPS):
         super().__init__()
@@ -153,17 +153,18 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        normed = self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-        return (normed * F.silu(z.float())).to(x.dtype)
+        norm_dtype = torch.promote_types(x.dtype, torch.float32)
+        normed = self.weight * F.rms_norm(x.to(norm_dtype), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return (normed * F.silu(z.to(norm_dtype))).to(x.dtype)
 
 
 class RecurrentState:
     """A Gated DeltaNet layer's decode state for a batch, in the cache's dtype: the last kernel-1
     inputs of the short convolution (B, conv_dim, kernel-1) and the delta-rule matrices
     (B, num_v_heads, d_k, d_v). Fixed size: `length` counts the tokens seen, nothing grows with it.
-    The rule itself runs in float32 (as transformers and fla); the matrices are stored in the cache's
-    dtype like every kind's cache, so its bytes are cache_size's values at that width (fla and vLLM
-    keep them in float32: twice the bytes in a bf16 model). transformers' cache keeps the last
+    The rule itself runs in float32 or wider (as transformers and fla); the matrices are stored in
+    the cache's dtype like every kind's cache, so its bytes are cache_size's values at that width
+    (fla and vLLM keep them in float32: twice the bytes in a bf16 model). transformers' cache keeps the last
     `kernel` conv inputs; the oldest of them is never read."""
 
     def __init__(self, conv: torch.Tensor, recurrent: torch.Tensor):
@@ -307,14 +308,16 @@ class GatedDeltaNet(nn.Module):
         mixed, conv_state = self.short_conv(mixed, cache)
         q, k, v = mixed.transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         # (B, heads, T, d) in float32; each key head serves num_v_heads / num_k_heads consecutive value heads
-        q, k = (l2norm(t.reshape(batch, length, self.num_k_heads, self.head_k_dim).float()).transpose(1, 2)
+        # the rule in float32 at least (as transformers and fla; float64 in a float64 model)
+        rule = torch.promote_types(x.dtype, torch.float32)
+        q, k = (l2norm(t.reshape(batch, length, self.num_k_heads, self.head_k_dim).to(rule)).transpose(1, 2)
                 for t in (q, k))
         q = q * self.head_k_dim ** -0.5
-        v = v.reshape(batch, length, self.num_v_heads, self.head_v_dim).float().transpose(1, 2)
-        beta = b.float().sigmoid().transpose(1, 2)
-        g = (-self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)).transpose(1, 2)
+        v = v.reshape(batch, length, self.num_v_heads, self.head_v_dim).to(rule).transpose(1, 2)
+        beta = b.to(rule).sigmoid().transpose(1, 2)
+        g = (-self.A_log.to(rule).exp() * F.softplus(a.to(rule) + self.dt_bias)).transpose(1, 2)
 
-        initial_state = cache.recurrent.float() if cache is not None else None
+        initial_state = cache.recurrent.to(rule) if cache is not None else None
         if cache is not None and length == 1:
             out, state = recurrent_gated_delta_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], g[..., 0], beta[..., 0],
                                                     initial_state)

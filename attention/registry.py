@@ -154,6 +154,17 @@ KNOBS: dict[str, Knob] = {k.name: k for k in [
          "(Mistral); 0: full causal; None: the variant's", _non_negative),
     Knob("global_every", int, 0, "with a window, every Nth layer (N, 2N, ..) attends to all keys, "
          "the others are local (Gemma 2: 2); 0: every layer local; None: the variant's", _non_negative),
+    # Gated DeltaNet's sizes, with transformers' Qwen3NextConfig names; None: Qwen3-Next's
+    # proportions at the model's size (_gated_deltanet_resolve)
+    Knob("linear_num_key_heads", int | None, None, "key heads (each serves linear_num_value_heads / "
+         "linear_num_key_heads value heads); None: n_heads / 2", _positive),
+    Knob("linear_num_value_heads", int | None, None, "value heads, each with its own d_k x d_v state "
+         "(must divide by linear_num_key_heads); None: n_heads", _positive),
+    Knob("linear_key_head_dim", int | None, None, "query/key dims per key head; None: d_model / n_heads", _positive),
+    Knob("linear_value_head_dim", int | None, None, "value dims per value head; None: d_model / n_heads",
+         _positive),
+    Knob("linear_conv_kernel_dim", int | None, None, "taps of the short causal convolution on q, k, v; None: 4",
+         _positive),
 ]}
 
 
@@ -217,8 +228,8 @@ class AttentionSpec:
     del _knob
     # A hybrid layer pattern (Qwen3-Next, Kimi Linear: three linear-attention layers to one full):
     # layers N-1, 2N-1, .. (0-based, N = full_attention_interval) are built from the VARIANTS entry
-    # `full_attention` names, the others from this spec (layer_types). The command line's knobs
-    # change this spec's layers only.
+    # `full_attention` names, the others from this spec (layer_types; a model shallower than N: its
+    # last layer). The command line's knobs change this spec's layers only.
     full_attention: str | None = None
     full_attention_interval: int = 0
 
@@ -247,14 +258,22 @@ class AttentionSpec:
             values.update(full_attention=self.full_attention, full_attention_interval=self.full_attention_interval)
         return values
 
+    def interval_at(self, n_layers: int) -> int:
+        """The hybrid's interval in a model of n_layers: full_attention_interval, or n_layers where
+        that is fewer. A pattern with no full layer would be the linear kind under another name, so a
+        model shallower than the interval keeps one full layer, the last, as Qwen3-Next's last layer is
+        (the smoke's 2 layers: linear, full). At n_layers >= the interval it is transformers' pattern."""
+        return min(self.full_attention_interval, n_layers)
+
     def layer_types(self, n_layers: int) -> list[str]:
         """A hybrid's layer pattern as transformers' Qwen3NextConfig derives layer_types from its
         full_attention_interval: layer i is "full_attention" when (i + 1) % interval == 0, else
-        "linear_attention" (this spec's kind, whatever it is)."""
+        "linear_attention" (this spec's kind, whatever it is); the interval at most n_layers
+        (interval_at)."""
         if not self.full_attention:
             raise ValueError(f"{self.name}: not a hybrid (no full_attention)")
-        return [FULL_ATTENTION if (layer + 1) % self.full_attention_interval == 0 else LINEAR_ATTENTION
-                for layer in range(n_layers)]
+        interval = self.interval_at(n_layers)
+        return [FULL_ATTENTION if (layer + 1) % interval == 0 else LINEAR_ATTENTION for layer in range(n_layers)]
 
     def layer_spec(self, layer: int, n_layers: int) -> "AttentionSpec":
         """The spec layer `layer` of `n_layers` is built from: on a hybrid's full_attention layers the
@@ -323,6 +342,36 @@ def _mla_refuse(spec, head_dim, n_heads):
     return None
 
 
+def _diff_refuse(spec, head_dim, n_heads):
+    # heads pair up (head i with i + n_heads/2) and so do the key/value heads' values
+    if head_dim % 2:
+        return f"head dim {head_dim} (d_model/n_heads) must be even for RoPE"
+    if spec.n_kv_heads % 2 or n_heads % spec.n_kv_heads:
+        return (f"--n_kv_heads={spec.n_kv_heads}: differential attention pairs heads, so it must be even and "
+                f"--n_heads={n_heads} must divide by it")
+    return None
+
+
+def gated_deltanet_defaults(head_dim: int, n_heads: int) -> dict:
+    """Gated DeltaNet's sizes where a spec leaves them None: Qwen3-Next's proportions at this model
+    size (n_heads value heads and n_heads / 2 key heads of the head dim, kernel 4), so its
+    in_proj_qkvz + out_proj hold 4 d_model^2 weights, as multi-head attention's q, k, v, o."""
+    return dict(linear_num_key_heads=max(1, n_heads // 2), linear_num_value_heads=n_heads,
+                linear_key_head_dim=head_dim, linear_value_head_dim=head_dim, linear_conv_kernel_dim=4)
+
+
+def _gated_deltanet_resolve(spec, head_dim, n_heads):
+    defaults = gated_deltanet_defaults(head_dim, n_heads)
+    return replace(spec, **{name: value for name, value in defaults.items() if getattr(spec, name) is None})
+
+
+def _gated_deltanet_refuse(spec, head_dim, n_heads):
+    if spec.linear_num_value_heads % spec.linear_num_key_heads:
+        return (f"--linear_num_value_heads={spec.linear_num_value_heads}: must divide by "
+                f"--linear_num_key_heads={spec.linear_num_key_heads} (each key head serves as many value heads)")
+    return None
+
+
 KINDS: dict[str, Kind] = {k.name: k for k in [
     Kind("mha", "multi-head attention (MHA/GQA/MQA)", "attention.modules:MultiHeadAttention",
          ("n_kv_heads", "qk_norm", "attention_bias", "rope_scaling", "rope_scaling_factor",
@@ -340,6 +389,20 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
          test="tests/test_attention.py",
          resolve=_mla_resolve,
          refuse=_mla_refuse),
+    Kind("diff", "differential attention", "attention.diff:DifferentialAttention",
+         ("n_kv_heads", "attention_bias"),
+         "transformers DiffLlamaAttention",
+         test="tests/test_diff.py",
+         resolve=_mha_resolve,
+         refuse=_diff_refuse),
+    Kind("gated_deltanet", "Gated DeltaNet (linear attention)", "attention.gated_deltanet:GatedDeltaNet",
+         ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+          "linear_conv_kernel_dim"),
+         "transformers Qwen3NextGatedDeltaNet (its torch path: torch_chunk_gated_delta_rule, the recurrent "
+         "step, the torch causal convolution)",
+         test="tests/test_gated_deltanet.py",
+         resolve=_gated_deltanet_resolve,
+         refuse=_gated_deltanet_refuse),
 ]}
 
 
@@ -377,6 +440,8 @@ FAMILIES: dict[str, Family] = {
     "window": Family("Window", "#aec7e8", "Blues"),
     "positions": Family("Positions", "#ffbb78", "Oranges"),
     "mla_v3": Family("MLA (V3)", "#98df8a", "Greens"),
+    "diff": Family("Differential", "#e7ba52", "YlOrBr"),
+    "linear": Family("Linear / hybrid", "#637939", "summer"),  # a recurrent state instead of a KV cache
     "control": Family("Control", "#525252", "Greys"),
 }
 OTHER_FAMILY = Family("Other", "#7f7f7f", "Greys")
@@ -451,6 +516,18 @@ VARIANTS: dict[str, AttentionSpec] = {spec.name: spec for spec in [
                   global_every=2),  # gpt-oss: sinks and GQA on every layer
     AttentionSpec(name="gemma2", family="softcap", attn_softcap=50.0, window=OfContext(1 / 4),
                   global_every=2),  # Gemma 2: the logit soft-cap 50 on every layer
+    # Beyond one softmax: differential attention (DiffLlama: pairs of heads, one softmax map minus
+    # lambda x the other; as many heads and key/value heads as the baseline), Gated DeltaNet on every
+    # layer (a fixed d_k x d_v state per value head instead of a KV cache; Qwen3-Next's head
+    # proportions at the model's size), and Qwen3-Next's hybrid: three Gated DeltaNet layers to one
+    # full-attention layer. Qwen3-Next's full layers are its gated attention (Qwen3NextAttention: the
+    # element-wise output gate, QK-norm, grouped-query), which is the `gated` variant here, so the
+    # hybrid's full layers are that variant and not plain softmax. At fewer layers than the interval
+    # the last layer is the full one (AttentionSpec.layer_types): 1:1 at the smoke's 2 layers.
+    AttentionSpec(name="diff", family="diff", kind="diff"),
+    AttentionSpec(name="gated_deltanet", family="linear", kind="gated_deltanet"),
+    AttentionSpec(name="hybrid_gdn", family="linear", kind="gated_deltanet", full_attention="gated",
+                  full_attention_interval=4),
     # Positive controls (family "control": sweeps/controls_smoke.yaml, not the zoo): designs the
     # literature predicts to fail associative recall, so a sweep must see them fail (README, "Can the
     # tool see an effect?"). one_attention_layer: layer 0 attends to itself only (a window of 1),

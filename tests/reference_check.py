@@ -32,19 +32,6 @@ def relative_errors(ours: torch.nn.Module, ref: torch.nn.Module, run_ours, run_r
     return errors
 
 
-
-def register_kind(monkeypatch, kind: str, module: str, knobs: tuple, reference: str, test: str) -> None:
-    """For one test: the kind in KINDS (its module, knobs, reference and test file; nothing refused)
-    and a variant of the same name in VARIANTS, as its registry entry will have them."""
-    from dataclasses import replace
-
-    from attention import KINDS, VARIANTS, AttentionSpec
-
-    monkeypatch.setitem(KINDS, kind, replace(KINDS["mha"], name=kind, module=module, knobs=knobs, reference=reference,
-                                             test=test, refuse=lambda spec, head_dim, n_heads: None))
-    monkeypatch.setitem(VARIANTS, kind, AttentionSpec(name=kind, family="baseline", kind=kind))
-
-
 def assert_bench_compares_with_the_reference(kind: str) -> None:
     """bench/'s comparison of a kind without a seed-style twin: the model with every attention layer
     swapped for the kind's reference_attention (bench.reference.build_reference), our weights loaded,
@@ -58,21 +45,3 @@ def assert_bench_compares_with_the_reference(kind: str) -> None:
     assert all(isinstance(layer.self_attn, KindReference) for layer in ref.layers)
     ids = torch.randint(0, SMALL["vocab_size"], (2, SMALL["seq_len"] + 1), generator=torch.Generator().manual_seed(1))
     assert_same_step(ours, ref, ids)
-
-
-def contract_tests(kind: str, module: str, knobs: tuple, reference: str, test: str):
-    """A kind's two registry-level tests, for its test file to collect before the kind is in KINDS:
-    attention/registry.py's contract as tests/test_kind_contract.py checks it, and bench's comparison
-    with the reference, each on the registry entry the kind will get (register_kind)."""
-
-    def test_meets_the_kind_contract(monkeypatch):
-        from test_kind_contract import contract_problems
-
-        register_kind(monkeypatch, kind, module, knobs, reference, test)
-        assert contract_problems(kind) == []
-
-    def test_bench_compares_it_with_its_reference(monkeypatch):
-        register_kind(monkeypatch, kind, module, knobs, reference, test)
-        assert_bench_compares_with_the_reference(kind)
-
-    return test_meets_the_kind_contract, test_bench_compares_it_with_its_reference

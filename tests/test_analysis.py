@@ -607,6 +607,27 @@ def test_kv_cache_per_token_reaches_the_table_and_the_round_trip(tmp_path):
     assert {r.variant: r.kv_cache_bytes_per_token for r in again} == {"baseline": 16384, "gqa": 4096}
 
 
+def test_the_cost_figure_places_a_recurrent_state_at_the_runs_context(tmp_path):
+    """gated_deltanet caches no token: its record's bytes per token are its fixed state over the
+    run's context (train.py at seq_len 32, d_model 64, 2 layers: 2 x 1408 values x 2 bytes / 32 = 176),
+    and the cost figure plots it there, in the linear family's colour."""
+    from analysis.plots import FAMILY_COLORS, _per_variant, costs_figure
+    from config import config_from_values
+    from model import ModelConfig, kv_cache_bytes_per_token
+
+    records = [make_record("baseline", 0, 7.8), make_record("gated_deltanet", 0, 7.9)]
+    for record in records:
+        cfg = config_from_values({k: v for k, v in record["config"].items()
+                                  if k in ("attention", "d_model", "n_layers", "n_heads", "seq_len")})
+        record["summary"]["kv_cache/bytes_per_token"] = kv_cache_bytes_per_token(ModelConfig.from_train_config(cfg, 512))
+    assert [r["summary"]["kv_cache/bytes_per_token"] for r in records] == [2 * 2 * 64 * 2, 2 * (128 * 3 + 4 * 16 * 16) * 2 // 32]
+    runs = load_path(write_records(tmp_path / "results", records))
+    data = _per_variant(runs)
+    assert data["gated_deltanet"]["kv_cache"] == (176.0, 0.0) and data["gated_deltanet"]["family"] == "linear"
+    assert FAMILY_COLORS["linear"] not in (FAMILY_COLORS["other"], FAMILY_COLORS["baseline"])
+    assert costs_figure(runs, tmp_path / "costs.png", "costs").stat().st_size > 0
+
+
 def load_path_from_seed_schema(tmp_path, obj):
     path = tmp_path / "seed_schema.json"
     path.write_text(json.dumps(obj))

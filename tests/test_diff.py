@@ -9,8 +9,7 @@
 - attention dropout (which the reference refuses) drops entries of each softmax map, one mask for
   both halves of a pair's value, and is off in eval;
 - prefill + one-token decode equals the full forward; the init declaration and the costs;
-- the kind contract (attention/registry.py) and bench's comparison with the reference, on a
-  registry entry like the one the kind will get.
+- bench's comparison with the reference on the registry's variant, and what the registry refuses.
 """
 import math
 import types
@@ -21,7 +20,7 @@ import torch
 from attention import VARIANTS
 from attention.diff import LAMBDA_STD, DifferentialAttention, lambda_init
 from attention.init import Constant, Normal
-from reference_check import contract_tests, relative_errors
+from reference_check import assert_bench_compares_with_the_reference, relative_errors
 from test_attention import TOL, randomize_
 
 THETA = 10000.0
@@ -205,9 +204,10 @@ def test_costs():
     assert ours.token_mixing_flops(64) == 24576
 
 
-# the kind contract and bench's comparison, on the registry entry the kind will get ("diff")
-test_meets_the_kind_contract, test_bench_compares_it_with_its_reference = contract_tests(
-    "diff", "attention.diff:DifferentialAttention", ("n_kv_heads", "attention_bias"), "transformers DiffLlamaAttention", "tests/test_diff.py")
+def test_bench_compares_it_with_its_reference():
+    """bench/ times the "diff" variant against the model with every layer its reference (weights copied);
+    the kind contract itself is tests/test_kind_contract.py's, over every kind in KINDS."""
+    assert_bench_compares_with_the_reference("diff")
 
 
 @pytest.mark.parametrize("n_kv_heads", [3, 1])
@@ -216,3 +216,18 @@ def test_refuses_heads_that_do_not_pair(n_kv_heads):
                                  rope_scaling_factor=1.0)
     with pytest.raises(ValueError, match="must be even"):
         DifferentialAttention(spec, 48, 6 if n_kv_heads == 3 else 4, 0.0, THETA)
+
+
+@pytest.mark.parametrize("values,match", [
+    ({"n_kv_heads": "1"}, r"--n_kv_heads=1: differential attention pairs heads, so it must be even"),
+    ({"n_kv_heads": "3", "n_heads": "6", "d_model": "96"}, r"--n_kv_heads=3: .* must be even"),
+    ({"n_kv_heads": "4", "n_heads": "6", "d_model": "96"}, r"--n_heads=6 must divide by it"),
+    ({"qk_norm": "True"}, r"--qk_norm=True: only multi-head attention .* variants have it"),
+])
+def test_the_registry_refuses_heads_that_do_not_pair(values, match):
+    """The registry entry's refusal, as the command line meets it (one line, before a model is built)."""
+    from config import ConfigError, config_from_values
+
+    assert config_from_values({"attention": "diff", "n_kv_heads": "2"}).attention_spec().n_kv_heads == 2
+    with pytest.raises(ConfigError, match=match):
+        config_from_values({"attention": "diff", **values})

@@ -12,8 +12,7 @@ torch path.
   without its SiLU(z) gate, each fail that same comparison;
 - prefill + decode (one token at a time, and chunks from a state) equals the full forward, with a
   state whose size does not depend on the context; the init declaration and the costs;
-- the kind contract (attention/registry.py) and bench's comparison with the reference, on a
-  registry entry like the one the kind will get.
+- bench's comparison with the reference on the registry's variant, and what the registry refuses.
 """
 import importlib.util
 import inspect
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from attention import VARIANTS
 from attention.gated_deltanet import CHUNK_SIZE, GatedDeltaNet, GatedDeltaNetSizes, GatedRMSNorm
 from attention.init import Constant, Drawn, Normal
-from reference_check import contract_tests, relative_errors
+from reference_check import assert_bench_compares_with_the_reference, relative_errors
 from test_attention import TOL, randomize_
 
 TORCH_PATH = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule", "causal_conv1d_fn",
@@ -208,11 +207,35 @@ def test_costs():
     assert projections == 64 * (64 + 128 + 8) + 64 * 64
 
 
-# the kind contract and bench's comparison, on the registry entry the kind will get ("gated_deltanet")
-test_meets_the_kind_contract, test_bench_compares_it_with_its_reference = contract_tests(
-    "gated_deltanet", "attention.gated_deltanet:GatedDeltaNet", (), "transformers Qwen3NextGatedDeltaNet (torch path)", "tests/test_gated_deltanet.py")
+def test_bench_compares_it_with_its_reference():
+    """bench/ times the "gated_deltanet" variant against the model with every layer its reference (weights copied);
+    the kind contract itself is tests/test_kind_contract.py's, over every kind in KINDS."""
+    assert_bench_compares_with_the_reference("gated_deltanet")
 
 
 def test_refuses_value_heads_that_key_heads_do_not_divide():
     with pytest.raises(ValueError, match="must divide"):
         GatedDeltaNet(sizes_spec(num_key_heads=3, num_value_heads=4), 64, 4, 0.0, 10000.0)
+
+
+def test_the_registry_resolves_and_refuses_its_sizes():
+    """Unset sizes are Qwen3-Next's proportions at the model's size, as the module builds them; the
+    command line sets each by transformers' name; bad ones are refused in one line."""
+    from config import ConfigError, config_from_values
+
+    spec = config_from_values({"attention": "gated_deltanet", "d_model": "64", "n_heads": "4"}).attention_spec()
+    assert spec.knob_values() == dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                                      linear_value_head_dim=16, linear_conv_kernel_dim=4)
+    assert GatedDeltaNetSizes.of(spec, 64, 4) == GatedDeltaNetSizes.of(VARIANTS["gated_deltanet"], 64, 4)
+    set_ = config_from_values({"attention": "gated_deltanet", "linear_num_key_heads": "1", "linear_key_head_dim": "8",
+                               "linear_conv_kernel_dim": "3"}).attention_spec()
+    ours = GatedDeltaNet(set_, 512, 8, 0.0, 10000.0)
+    assert (ours.num_k_heads, ours.num_v_heads, ours.head_k_dim, ours.head_v_dim, ours.conv_kernel_size) == (1, 8, 8, 64, 3)
+    for values, match in [({"linear_num_key_heads": "3"}, r"--linear_num_value_heads=8: must divide by "
+                                                          r"--linear_num_key_heads=3"),
+                          ({"linear_conv_kernel_dim": "0"}, r"--linear_conv_kernel_dim=0: must be greater than 0"),
+                          ({"n_kv_heads": "2"}, r"--n_kv_heads=2: only .* variants have it, not --attention=gated_deltanet")]:
+        with pytest.raises(ConfigError, match=match):
+            config_from_values({"attention": "gated_deltanet", **values})
+    with pytest.raises(ConfigError, match=r"--linear_key_head_dim=8: only Gated DeltaNet"):
+        config_from_values({"attention": "baseline", "linear_key_head_dim": "8"})

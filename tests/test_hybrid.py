@@ -4,6 +4,7 @@ every 4th, as Qwen3-Next puts one full-attention layer after three linear ones):
 transformers' Qwen3NextConfig.layer_types; the KV cache by hand; decoding equals the full forward;
 the full layers start from the values the full variant's layers start from (fair init); bench's
 seed-style reference matches it; bad patterns are refused."""
+import json
 from dataclasses import replace
 
 import pytest
@@ -79,7 +80,6 @@ def test_bench_reference_matches_a_hybrid(hybrid):
 
 def test_dry_run_shows_the_pattern_and_bad_patterns_are_refused(hybrid, monkeypatch, capsys):
     assert train.main([f"--attention={hybrid.name}", "--vocab_size=64", "--dry_run"]) == 0
-    import json
     described = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert described["attention_spec"]["full_attention"] == "gqa"
     assert described["attention_spec"]["full_attention_interval"] == 4
@@ -93,3 +93,34 @@ def test_dry_run_shows_the_pattern_and_bad_patterns_are_refused(hybrid, monkeypa
     # the full layers' variant is checked at the run's size too: gqa's 2 key/value heads do not divide 3 heads
     with pytest.raises(ConfigError, match=r"its full-attention layers \(gqa\): --n_kv_heads=2: --n_heads=3"):
         config_from_values({"attention": hybrid.name, "n_heads": "3", "d_model": "48"})
+
+
+def test_hybrid_gdn_is_qwen3_nexts_pattern_with_its_gated_full_layers(capsys):
+    """The registry's hybrid_gdn: at 8 layers transformers' Qwen3NextConfig layer_types (3 Gated
+    DeltaNet layers to 1 full), the full layers the `gated` variant (element-wise output gate,
+    QK-norm, 2 key/value heads: Qwen3NextAttention's design); at fewer layers than the interval, one
+    full layer, the last (the smoke's 2 layers: 1:1), which --dry_run shows as the interval."""
+    from transformers.models.qwen3_next.configuration_qwen3_next import Qwen3NextConfig
+
+    from attention.gated_deltanet import GatedDeltaNet
+
+    spec = VARIANTS["hybrid_gdn"]
+    assert spec.layer_types(8) == Qwen3NextConfig(num_hidden_layers=8, full_attention_interval=4).layer_types
+    assert spec.layer_types(12) == Qwen3NextConfig(num_hidden_layers=12, full_attention_interval=4).layer_types
+    assert spec.layer_types(2) == ["linear_attention", "full_attention"]
+    assert spec.layer_types(1) == ["full_attention"] and spec.layer_types(5)[3:] == ["full_attention", "linear_attention"]
+    model = MoELM(ModelConfig(attention=spec, **SIZE))
+    full = [layer.self_attn for layer in model.layers[3::4]]
+    assert all(isinstance(layer.self_attn, GatedDeltaNet) for i, layer in enumerate(model.layers) if i % 4 != 3)
+    assert all(isinstance(m, MultiHeadAttention) and m.gate_dim == m.head_dim and hasattr(m, "q_norm")
+               and m.n_kv_heads == 2 for m in full)  # one gate per output dim: element-wise
+    for n_layers, interval, kinds in [(2, 2, ["GatedDeltaNet", "MultiHeadAttention"]), (8, 4, None)]:
+        assert train.main(["--attention=hybrid_gdn", f"--n_layers={n_layers}", "--d_model=64", "--n_heads=4",
+                           "--vocab_size=64", "--dry_run"]) == 0
+        described = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert described["attention_spec"]["full_attention_interval"] == interval
+        if kinds:
+            cfg = config_from_values({"attention": "hybrid_gdn", "n_layers": str(n_layers), "d_model": "64",
+                                      "n_heads": "4"})
+            model = MoELM(ModelConfig.from_train_config(cfg, 64))
+            assert [type(layer.self_attn).__name__ for layer in model.layers] == kinds

@@ -174,32 +174,76 @@ def name_pattern_init(name: str, std: float, residual_std: float) -> Init:
 
 
 TINY_MODEL = dict(vocab_size=64, d_model=32, n_layers=N_LAYERS, n_heads=4, d_ff=32, n_experts=4, top_k=2, seq_len=16)
+# The kinds that existed before kinds declared their init: what they declare must be that rule, so
+# their variants start bit for bit as before. A later kind declares its own (diff's lambdas N(0, 0.1),
+# Gated DeltaNet's decay rates), which its own test checks against its reference's init.
+NAME_PATTERN_KINDS = ("mha", "mla")
+
+
+def oracle_init(model: MoELM, name: str, std: float, residual_std: float) -> Init | None:
+    """The name-pattern rule for a parameter outside attention (shared by every variant, so equal
+    init across variants) or in a layer of a kind that existed before; None for a later kind's."""
+    if name.startswith("layers.") and ".self_attn." in name:
+        layer = int(name.split(".")[1])
+        if model.cfg.attention.layer_spec(layer, model.cfg.n_layers).kind not in NAME_PATTERN_KINDS:
+            return None
+    return name_pattern_init(name, std, residual_std)
+
+
+def test_the_oracle_covers_the_kinds_from_before_and_leaves_the_later_ones_to_their_tests():
+    later = {name for name, spec in VARIANTS.items() if spec.kind not in NAME_PATTERN_KINDS}
+    assert later == {name for name, spec in VARIANTS.items() if spec.kind in ("diff", "gated_deltanet")}
+    assert all(f'"{kind}"' in (ROOT / KINDS[kind].test).read_text() and "parameter_init" in
+               (ROOT / KINDS[kind].test).read_text() for kind in KINDS if kind not in NAME_PATTERN_KINDS)
+
+
+def init_mismatches(spec: AttentionSpec, residual_scaling: bool = True) -> list[str]:
+    """The parameters whose declared init is not the oracle's (where the oracle covers them)."""
+    residual_std = 0.02 / math.sqrt(2 * N_LAYERS) if residual_scaling else 0.02
+    with torch.device("meta"):
+        model = MoELM(ModelConfig(attention=spec, init_residual_scaling=residual_scaling, **TINY_MODEL))
+    declared = parameter_inits(model)
+    return [name for name, _ in model.named_parameters()
+            if (rule := oracle_init(model, name, 0.02, residual_std)) is not None and declared[name] != rule]
 
 
 @pytest.mark.parametrize("residual_scaling", [True, False])
 def test_every_variants_declared_init_is_the_name_pattern_rule(residual_scaling):
-    residual_std = 0.02 / math.sqrt(2 * N_LAYERS) if residual_scaling else 0.02
+    """All of it for the kinds from before; for a later kind's variant, everything outside its
+    attention layers (a hybrid's full layers included)."""
     for name, spec in VARIANTS.items():
-        with torch.device("meta"):
-            model = MoELM(ModelConfig(attention=spec, init_residual_scaling=residual_scaling, **TINY_MODEL))
-        expected = {n: name_pattern_init(n, 0.02, residual_std) for n, _ in model.named_parameters()}
-        assert parameter_inits(model) == expected, name
+        assert init_mismatches(spec, residual_scaling) == [], name
+
+
+def test_the_init_oracle_sees_a_changed_rule(monkeypatch):
+    """Negative control: multi-head attention declaring o_proj at the plain std is caught on the
+    baseline and on the hybrid's full layer (layer 2 of 3: the interval at 3 layers), not elsewhere."""
+    declare = MultiHeadAttention.parameter_init
+    monkeypatch.setattr(MultiHeadAttention, "parameter_init",
+                        lambda self, std, residual_std: declare(self, std, std))
+    assert init_mismatches(VARIANTS["baseline"]) == [f"layers.{i}.self_attn.o_proj.weight" for i in range(N_LAYERS)]
+    assert init_mismatches(VARIANTS["hybrid_gdn"]) == ["layers.2.self_attn.o_proj.weight"]
+    assert init_mismatches(VARIANTS["mla_v3"]) == init_mismatches(VARIANTS["gated_deltanet"]) == []
 
 
 def test_init_weights_draws_as_before_for_every_variant():
     """Bit for bit the values of the per-name generators the seed's init drew from: sha256 of
-    "seed:name", its first 8 bytes little-endian, one normal_ per parameter (norms 1, biases 0)."""
+    "seed:name", its first 8 bytes little-endian, one normal_ per parameter (norms 1, biases 0); a
+    later kind's parameters by its declared rule from that same generator."""
     residual_std = 0.02 / math.sqrt(2 * N_LAYERS)
     for name, spec in VARIANTS.items():
         model = MoELM(ModelConfig(attention=spec, **TINY_MODEL))
         init_weights(model, 11)
+        declared = parameter_inits(model)
         for param_name, param in model.named_parameters():
-            rule = name_pattern_init(param_name, 0.02, residual_std)
-            if isinstance(rule, Constant):
+            rule = oracle_init(model, param_name, 0.02, residual_std)
+            digest = hashlib.sha256(f"11:{param_name}".encode()).digest()
+            generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+            if rule is None:
+                expected = declared[param_name].draw(param.shape, generator)
+            elif isinstance(rule, Constant):
                 expected = torch.full(param.shape, rule.value)
             else:
-                digest = hashlib.sha256(f"11:{param_name}".encode()).digest()
-                generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
                 expected = torch.empty(param.shape).normal_(0.0, rule.std, generator=generator)
             assert torch.equal(param.detach(), expected), (name, param_name)
 

@@ -208,13 +208,31 @@ def test_kv_cache_bytes_per_token_by_hand(name):
     assert kv_cache_bytes_per_token(model_config(name, **SEED)) == KV_CACHE_BYTES[name]
 
 
+# Gated DeltaNet's fixed state a layer at the seed's size: 4 key heads and 8 value heads of 64 dims,
+# kernel 4: a 64 x 64 matrix per value head, 8 x 4096 = 32,768, plus the conv's last 3 inputs of its
+# 2 x 256 + 512 = 1024 channels, 3,072: 35,840 values, 71,680 bytes, whatever the context
+GDN_STATE_BYTES = (8 * 64 * 64 + 3 * (2 * 4 * 64 + 8 * 64)) * 2
+
+
 def test_dry_run_prints_the_kv_cache(capsys):
     for argv, expected in [(["--attention=baseline"], 16_384), (["--attention=baseline", "--n_kv_heads=2"], 4_096),
-                           (["--attention=lora_xl"], 8 * (512 + 64) * 2)]:
+                           (["--attention=lora_xl"], 8 * (512 + 64) * 2),
+                           (["--attention=gated_deltanet"], round(8 * GDN_STATE_BYTES / 512)),
+                           # 6 Gated DeltaNet layers, 2 of `gated`'s: K and V of 2 key/value heads of 64
+                           (["--attention=hybrid_gdn"], round(6 * GDN_STATE_BYTES / 512) + 2 * 2 * 128 * 2)]:
         assert train.main([*argv, "--vocab_size=49152", "--dry_run"]) == 0
         record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert record["kv_cache_bytes_per_token"] == expected, argv
         assert record["kv_cache_context"] == 512
+    # the whole cache of one sequence: a recurrent kind's is its state at any context
+    for context in (64, 512, 2048):
+        assert train.main(["--attention=gated_deltanet", f"--seq_len={context}", "--vocab_size=49152",
+                           "--dry_run"]) == 0
+        record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert record["kv_cache_bytes"] == 8 * GDN_STATE_BYTES == 573_440
+        assert record["kv_cache_bytes_per_token"] == round(8 * GDN_STATE_BYTES / context)
+    assert train.main(["--attention=baseline", "--seq_len=64", "--vocab_size=49152", "--dry_run"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["kv_cache_bytes"] == 16_384 * 64
 
 
 # --- FLOPs ---------------------------------------------------------------------------------------
