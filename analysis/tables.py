@@ -296,16 +296,13 @@ TASK_LEARNED = 0.9
 def task_regime(runs: list[Run]) -> list[str]:
     """Per synthetic task in the runs, one sentence: whether any configuration learned it (mean final
     answer accuracy over seeds at least TASK_LEARNED) and the range of the configurations' means."""
-    varying, out = varying_settings(runs), []
+    out = []
     tasks = sorted({r.config.get("task") for r in runs if r.succeeded and r.config.get("task", "lm") != "lm"})
     for task in tasks:
-        by_config: dict = {}
-        for r in runs:
-            if r.succeeded and r.config.get("task") == task and r.val_accuracy is not None:
-                by_config.setdefault(configuration(r, varying), []).append(r.val_accuracy)
+        by_config = stats.losses_by_variant(runs, lambda r: r.val_accuracy if r.config.get("task") == task else None)
         if not by_config:
             continue
-        means = {label: fmean(values) for label, values in by_config.items()}
+        means = {label: fmean(by_seed.values()) for label, by_seed in by_config.items()}
         best, worst = max(means, key=means.get), min(means, key=means.get)
         spread = f"from {means[worst]:.3f} ({worst}) to {means[best]:.3f} ({best})"
         if means[best] >= TASK_LEARNED:
@@ -419,7 +416,7 @@ def length_statistics(runs: list[Run]) -> Section:
     trained = sorted({r.config.get("seq_len") for r in runs if r.succeeded and r.config.get("seq_len")})
     columns = ["configuration", "length", "seeds", "accuracy mean", "val loss mean", "Δ vs baseline",
                "95% CI of Δ", "p (Holm)", "verdict"]
-    rows, cells = [], []
+    rows, cells, baselines = [], [], _baselines(runs)
     for length in lengths:
         metric = stats.loss_at_length(length)
         comparisons = {c.configuration: c for c in stats.compare_to_baseline(runs, BASELINE, metric=metric)}
@@ -429,7 +426,7 @@ def length_statistics(runs: list[Run]) -> Section:
             c = comparisons.get(label)
             acc = fmean(accuracy[label].values()) if label in accuracy else None
             loss = fmean(by_seed.values())
-            verdict = c.verdict if c else ("reference" if label in _baselines(runs) else "n/a (no baseline run)")
+            verdict = c.verdict if c else ("reference" if label in baselines else "n/a (no baseline run)")
             rows.append([label, length, len(by_seed), acc, loss, c.mean_diff if c else None,
                          c.ci_low if c else None, c.ci_high if c else None, c.p_holm if c else None, verdict])
             cells.append([label, length, len(by_seed), fmt(acc, ".3f"), f"{loss:.4f}",
