@@ -538,3 +538,30 @@ def test_shared_init_is_equal_across_every_kind():
     other = MoELM(model_config("baseline", **SMALL))
     init_weights(other, 6)
     assert shared_parameters_fingerprint(other) != prints["baseline"]  # the fingerprint sees the seed
+
+
+def test_one_attention_layer_mixes_no_tokens_in_its_first_layer_and_all_in_its_second():
+    """The positive control `one_attention_layer` (README, "Can the tool see an effect?"): layer 0's
+    attention output at every position is a function of that position's input alone (a window of 1),
+    layer 1's reaches back to the first token (global), as the baseline's layer 0 does."""
+    from test_decode import tiny_model
+
+    def moved_by_the_first_token(model, layer):
+        x = torch.randn(1, 6, model.cfg.d_model, generator=torch.Generator().manual_seed(1))
+        y = x.clone()
+        y[:, 0] += 1.0
+        with torch.no_grad():
+            before, after = model.layers[layer].self_attn(x), model.layers[layer].self_attn(y)
+        return (after - before)[:, 1:].abs().max().item()
+
+    control, baseline = tiny_model("one_attention_layer"), tiny_model("baseline")
+    assert moved_by_the_first_token(control, 0) == 0.0
+    assert moved_by_the_first_token(control, 1) > 1e-3 and moved_by_the_first_token(baseline, 0) > 1e-3
+
+
+def test_tiny_latent_is_a_32nd_of_the_model():
+    """The control `tiny_latent`: keys and values through a latent of d_model / 32 (2 at the smoke
+    size, 16 at the seed's), with no query compression."""
+    assert VARIANTS["tiny_latent"].resolved(64, 2, seq_len=16).kv_lora_rank == 2
+    assert VARIANTS["tiny_latent"].resolved(512, 8, seq_len=512).kv_lora_rank == 16
+    assert VARIANTS["tiny_latent"].resolved(64, 2, seq_len=16).q_lora_rank is None
