@@ -90,9 +90,15 @@ def final_val_loss(run: Run) -> float | None:
     return run.val_loss
 
 
-def loss_at_length(length: int):
-    """The metric `run -> validation loss at context length` (--eval_lengths; None where not evaluated)."""
-    return lambda run: run.length_metrics.get(length, {}).get("loss")
+def at_length(length: int, name: str = "loss"):
+    """The metric `run -> validation loss (or accuracy) at context length` (--eval_lengths; None
+    where not evaluated)."""
+    return lambda run: run.length_metrics.get(length, {}).get(name)
+
+
+def loss_at_step(step: int):
+    """The metric `run -> validation loss of its evaluation at step` (None where it has none)."""
+    return lambda run: next((row.get("val/loss") for row in run.eval_history if row.get("step") == step), None)
 
 
 def losses_by_variant(runs: list[Run], metric=final_val_loss) -> dict[str, dict]:
@@ -237,13 +243,6 @@ def compare_to_baseline(runs: list[Run], baseline: str = "baseline", alpha: floa
     return sorted(out, key=lambda c: c.mean_diff if math.isfinite(c.mean_diff) else math.inf)
 
 
-def loss_at_step(step: int):
-    """The metric `run -> validation loss of its evaluation at step` (None where it has none)."""
-    def metric(run: Run):
-        return next((row.get("val/loss") for row in run.eval_history if row.get("step") == step), None)
-    return metric
-
-
 def resolved_from_step(runs: list[Run], baseline: str = "baseline", alpha: float = ALPHA) -> dict:
     """{configuration: the first evaluation step from which on its verdict against the baseline
     (the paired test on the validation loss at that step, Holm across the configurations there) is
@@ -256,11 +255,10 @@ def resolved_from_step(runs: list[Run], baseline: str = "baseline", alpha: float
                 for step in steps}
     out = {}
     for label, verdict in final.items():
-        held = [step for step in steps if verdicts[step].get(label) == verdict]
-        later = [step for step in steps if step not in held]
-        first = next((step for step in held if not any(other > step for other in later)), None)
-        out[label] = first
+        last_other = max((step for step in steps if verdicts[step].get(label) != verdict), default=-math.inf)
+        out[label] = min((step for step in steps if step > last_other), default=None)
     return out
+
 
 @dataclass
 class Noise:

@@ -418,9 +418,9 @@ def length_statistics(runs: list[Run]) -> Section:
                "95% CI of Δ", "p (Holm)", "verdict"]
     rows, cells, baselines = [], [], _baselines(runs)
     for length in lengths:
-        metric = stats.loss_at_length(length)
+        metric = stats.at_length(length)
         comparisons = {c.configuration: c for c in stats.compare_to_baseline(runs, BASELINE, metric=metric)}
-        accuracy = stats.losses_by_variant(runs, lambda r: r.length_metrics.get(length, {}).get("accuracy"))
+        accuracy = stats.losses_by_variant(runs, stats.at_length(length, "accuracy"))
         for label, by_seed in sorted(stats.losses_by_variant(runs, metric).items(),
                                      key=lambda item: fmean(item[1].values())):
             c = comparisons.get(label)
