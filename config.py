@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from attention.registry import KINDS, KNOBS, VARIANTS, AttentionSpec, kinds_with, knob_help
+from attention.registry import KERNELS, KINDS, KNOBS, VARIANTS, AttentionSpec, kinds_with, knob_help
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CORPUS = str(ROOT / "corpus" / "corpus.txt.gz")
@@ -123,6 +123,7 @@ class TrainConfig:
     # runtime
     mixed_precision: str = "auto"  # auto: accelerate launch's choice, else bf16 on CUDA, fp32 on CPU
     compile: bool = False
+    attention_kernel: str = "auto"  # how softmax attention runs (attention/kernels.py): the same function
     results_dir: str = "results"
     group: str | None = None  # None: the sweep id under an agent, else "local"
     project: str = "attnsweep"
@@ -222,6 +223,8 @@ class TrainConfig:
             raise ConfigError(f"--aux_loss_reduction={self.aux_loss_reduction}: allowed: {', '.join(AUX_LOSS_REDUCTIONS)}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"--lr_schedule={self.lr_schedule}: allowed: {', '.join(LR_SCHEDULES)}")
+        if self.attention_kernel not in KERNELS:
+            raise ConfigError(f"--attention_kernel={self.attention_kernel}: allowed: {', '.join(KERNELS)}")
         self.lengths  # parsing --eval_lengths is its validation: a bad value raises here
         self._validate_attention()
         self._validate_task()
@@ -278,6 +281,11 @@ class TrainConfig:
         problem = kind.refuse(spec, self.d_model // self.n_heads, self.n_heads)
         if problem:
             raise ConfigError(problem)
+        with_sinks_or_cap = [s for s in (spec, spec.full_attention and VARIANTS[spec.full_attention])
+                     if s and (s.attention_sinks or s.attn_softcap)]
+        if self.attention_kernel == "sdpa" and with_sinks_or_cap:
+            raise ConfigError(f"--attention_kernel=sdpa: SDPA has no attention sinks or soft-cap, which "
+                              f"--attention={self.attention} has; use auto, explicit or flex")
         if spec.full_attention:  # a hybrid: its full layers' variant must fit this size too
             full = VARIANTS[spec.full_attention].resolved(self.d_model, self.n_heads, self.seq_len)
             problem = KINDS[full.kind].refuse(full, self.d_model // self.n_heads, self.n_heads)
@@ -391,6 +399,8 @@ OPTION_HELP = {
         "seed": "initial weights, data order, dropout; all variants of a seed see the same data and init",
         "mixed_precision": "auto (the launcher's choice, else bf16 on CUDA, fp32 on CPU), no, bf16 or fp16",
         "compile": "torch.compile the model",
+        "attention_kernel": "how attention is computed, the same function on each: auto (sdpa, or explicit with "
+                            "sinks or a soft-cap), sdpa, explicit (materialised scores) or flex (FlexAttention)",
         "results_dir": "where the run's JSON record, checkpoints and offline W&B runs go",
         "checkpoint_every": "save a resumable checkpoint every N steps; 0: only when stopped by a signal",
         "checkpoint_artifact": "also log each checkpoint as a W&B Artifact; a requeued run restores it on another machine",

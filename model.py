@@ -23,7 +23,7 @@ from torch import nn
 
 from attention import AttentionSpec, RMSNorm, build_attention
 from attention.init import Constant, Init, Normal
-from attention.modules import SDPA_PAD_MODES
+from attention.kernels import AttentionKernel
 
 
 @dataclass(frozen=True)
@@ -46,17 +46,23 @@ class ModelConfig:
     final_dropout: float = 0.0  # after the final norm, before the LM head (the seed: 0.1)
     init_residual_scaling: bool = True  # o_proj/down_proj start at 0.02/sqrt(2 n_layers); off: 0.02 (the seed)
     # fast paths: how the same arithmetic runs (bench/ measures each; see their comments below)
-    sdpa_pad: str = "auto"  # attention.modules: pad q/k/v head dims to one size for the flash kernel
+    attention_kernel: str = "auto"  # attention.kernels: auto, sdpa, explicit or flex (the same function)
+    sdpa_pad: str = "auto"  # attention.kernels: pad q/k/v head dims to one size for the flash kernel
     moe_matmul: str = "auto"  # MoE experts: "grouped", "loop" or "auto" (MOE_EXPERT_MATMUL_MODES)
 
     def __post_init__(self):
-        for name, allowed in (("sdpa_pad", SDPA_PAD_MODES), ("moe_matmul", MOE_EXPERT_MATMUL_MODES)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r}: allowed: {', '.join(allowed)}")
+        self.kernel  # validates attention_kernel and sdpa_pad (attention.kernels.AttentionKernel)
+        if self.moe_matmul not in MOE_EXPERT_MATMUL_MODES:
+            raise ValueError(f"moe_matmul={self.moe_matmul!r}: allowed: {', '.join(MOE_EXPERT_MATMUL_MODES)}")
         # The one place a model's attention gets its sizes: a variant's relative sizes (head dims,
         # ranks, a window as a share of the context) become integers for this d_model, n_heads and
         # seq_len; everything built from this config (modules, FLOPs, KV cache, bench's twin) reads them.
         object.__setattr__(self, "attention", self.attention.resolved(self.d_model, self.n_heads, self.seq_len))
+
+    @property
+    def kernel(self) -> AttentionKernel:
+        """The kernel choice every layer's attention module is built with."""
+        return AttentionKernel(self.attention_kernel, self.sdpa_pad)
 
     @classmethod
     def from_train_config(cls, cfg, vocab_size: int, **fast_paths) -> "ModelConfig":
@@ -251,7 +257,7 @@ def layer_attention(cfg: ModelConfig, layer: int) -> nn.Module:
     kind applies its own per-layer schedule (a local/global pattern's windows, a depth-dependent
     constant)."""
     return build_attention(cfg.attention.layer_spec(layer, cfg.n_layers), cfg.d_model, cfg.n_heads, cfg.dropout,
-                           cfg.rope_theta, max_len=cfg.seq_len, sdpa_pad=cfg.sdpa_pad, layer=layer,
+                           cfg.rope_theta, max_len=cfg.seq_len, kernel=cfg.kernel, layer=layer,
                            n_layers=cfg.n_layers)
 
 

@@ -21,6 +21,7 @@ FAMILIES = tuple(FAMILY_REGISTRY)  # attention/registry.py, in its order
 # attention and seed, are what every comparison is about), so they never tell configurations apart.
 BOOKKEEPING = {"attention", "family", "seed", "results_dir", "group", "project", "run_name", "cache_dir",
                "checkpoint_every", "checkpoint_artifact", "resume", "dry_run", "compile", "trust_remote_code",
+               "attention_kernel",  # how attention is computed (attention/kernels.py), not what: like compile
                "processes",  # how many GPUs shared each (global) batch; train.py adds it to the W&B config
                "attention_spec",  # the variant's resolved knobs, which train.py adds to the W&B config
                # tuning's stage 2: variant_lr is attention + lr in one value (both are in the config),

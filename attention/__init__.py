@@ -24,15 +24,15 @@ def attention_class(kind: str):
 
 
 def build_attention(spec: AttentionSpec, d_model: int, n_heads: int, dropout: float = 0.0,
-                    rope_theta: float = 10000.0, max_len: int = 0, sdpa_pad: str = "auto", layer: int = 0,
+                    rope_theta: float = 10000.0, max_len: int = 0, kernel=None, layer: int = 0,
                     n_layers: int = 1):
     """The module of the spec's kind for layer `layer` (0-based) of `n_layers`, at this model size.
     The kind reads its per-layer schedule from them (a window on some layers, a depth-dependent
     constant). max_len: build the RoPE tables for this many positions now (the model's seq_len)
     rather than on the first forward, and resolve a window relative to the context
-    (registry.OfContext) at it; sdpa_pad: see attention.modules.causal_attention."""
+    (registry.OfContext) at it; kernel: an attention.kernels.AttentionKernel (None: auto)."""
     return attention_class(spec.kind)(spec.resolved(d_model, n_heads, max_len or None), d_model, n_heads, dropout,
-                                      rope_theta, max_len, sdpa_pad, layer=layer, n_layers=n_layers)
+                                      rope_theta, max_len, kernel, layer=layer, n_layers=n_layers)
 
 
 __all__ = [

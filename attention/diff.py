@@ -42,7 +42,7 @@ from torch import nn
 
 from .cache import CacheSize, LayerCache
 from .init import Constant, Normal
-from .modules import causal_attention
+from .kernels import AttentionKernel
 from .registry import AttentionSpec
 from .rope import RotaryEmbedding, apply_rotary
 
@@ -61,13 +61,13 @@ class DifferentialAttention(nn.Module):
     loads unchanged: the group norm has no weight). n_heads and n_kv_heads must be even."""
 
     def __init__(self, spec: AttentionSpec, d_model: int, n_heads: int, dropout: float, rope_theta: float,
-                 max_len: int = 0, sdpa_pad: str = "auto", layer: int = 0, n_layers: int = 1):
+                 max_len: int = 0, kernel: AttentionKernel | None = None, layer: int = 0, n_layers: int = 1):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, spec.n_kv_heads or n_heads
         if self.n_kv_heads % 2 or n_heads % self.n_kv_heads:
             raise ValueError(f"differential attention pairs heads: n_kv_heads={self.n_kv_heads} must be even "
                              f"and divide n_heads={n_heads}")
-        self.head_dim, self.dropout, self.sdpa_pad = d_model // n_heads, dropout, sdpa_pad
+        self.head_dim, self.dropout, self.kernel = d_model // n_heads, dropout, kernel or AttentionKernel()
         self.layer_idx, self.n_layers = layer, n_layers  # (transformers' name for the layer index)
         self.lambda_init = lambda_init(layer)  # the kind's per-layer schedule: a constant of the depth
         kv_dim = self.n_kv_heads * self.head_dim
@@ -172,8 +172,7 @@ class DifferentialAttention(nn.Module):
         # kv head m's value is pair m mod H_kv/2's: the pairs' values twice over the kv heads, so that
         # query head i and its partner i + H/2 (on kv heads i//g and H_kv/2 + i//g) read the same one
         values = v_pairs.repeat(1, 2, 1, 1)
-        out = causal_attention(q, k, values, self.head_dim ** -0.5, self.dropout if self.training else 0.0,
-                               self.sdpa_pad)
+        out = self.kernel(q, k, values, scale=self.head_dim ** -0.5, dropout=self.dropout if self.training else 0.0)
         batch, length, _ = x.shape
         return self.combine(out.view(batch, length, self.n_heads, 2 * self.head_dim))
 

@@ -198,11 +198,11 @@ def _decay_rates(shape, generator: torch.Generator) -> torch.Tensor:
 class GatedDeltaNet(nn.Module):
     """Gated DeltaNet; parameter names and layouts as transformers' Qwen3NextGatedDeltaNet, so a
     state dict loads unchanged either way. Built like every kind (dropout, rope_theta, max_len and
-    sdpa_pad have no meaning here: no attention map, no positions but the recurrence's order, no
+    the attention kernel have no meaning here: no attention map, no positions but the recurrence's order, no
     SDPA), plus its layer index and the model's depth."""
 
     def __init__(self, spec: AttentionSpec, d_model: int, n_heads: int, dropout: float, rope_theta: float,
-                 max_len: int = 0, sdpa_pad: str = "auto", layer: int = 0, n_layers: int = 1):
+                 max_len: int = 0, kernel=None, layer: int = 0, n_layers: int = 1):
         super().__init__()
         sizes = self.sizes = GatedDeltaNetSizes.of(spec, d_model, n_heads)
         if sizes.num_v_heads % sizes.num_k_heads:

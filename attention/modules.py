@@ -10,7 +10,8 @@ from torch import nn
 
 from .cache import CacheSize, LayerCache
 from .init import Constant, Normal
-from .modulated import apply_output_gate, attention_weights, causal_scores, explicit_causal_attention, gate_width
+from .kernels import AttentionKernel, attention_weights, cached_attention, causal_scores, explicit_causal_attention
+from .modulated import apply_output_gate, gate_width
 from .positions import alibi_slopes, score_mask
 from .rope import RotaryEmbedding, apply_rotary
 from .registry import AttentionSpec
@@ -27,51 +28,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
-
-
-# When q/k and v head dims differ (MLA: qk_rope_head_dim 128 vs v_head_dim 192, say), the flash
-# kernels -- CUDA's, and PyTorch's CPU one -- do not apply: they need one head dim for q, k and v,
-# and SDPA falls back to the memory-efficient kernel (CUDA) or to the math path (CPU), which
-# materialises the T x T scores. Zero-padding the smaller side to the larger changes nothing
-# (zero dims add nothing to q.k, padded value columns are sliced off; the softmax scale is passed
-# explicitly) and lets flash run. "auto" pads on CUDA, and on CPU only without attention dropout:
-# the CPU flash kernel has no dropout, so with it SDPA takes the math path anyway and padding would
-# only add work. "always" / "never" force the choice (ModelConfig.sdpa_pad);
-# `python -m bench.step --sdpa_pad` measures it.
-SDPA_PAD_MODES = ("auto", "always", "never")
-
-
-def _pad_head_dims(q: torch.Tensor, dropout: float, sdpa_pad: str) -> bool:
-    if sdpa_pad == "auto":
-        return q.device.type == "cuda" or dropout == 0.0
-    return sdpa_pad == "always"
-
-
-def causal_attention(q, k, v, scale: float, dropout: float, sdpa_pad: str = "auto", mask=None) -> torch.Tensor:
-    """(B, H, T, d) queries and (B, H_kv, T, d) keys/values -> (B, T, H * d_v). Fused kernel, causal
-    mask, explicit softmax scale; with fewer key/value heads than query heads (grouped-query), each
-    key/value head serves H / H_kv consecutive query heads (SDPA's enable_gqa, Llama's repeat_kv).
-    mask: a causal mask of its own (a window, ALiBi: attention.positions.score_mask) instead of SDPA's."""
-    v_dim = v.shape[-1]
-    if q.shape[-1] != v_dim and _pad_head_dims(q, dropout, sdpa_pad):
-        dim = max(q.shape[-1], v_dim)
-        if q.shape[-1] < dim:
-            q, k = F.pad(q, (0, dim - q.shape[-1])), F.pad(k, (0, dim - k.shape[-1]))
-        else:
-            v = F.pad(v, (0, dim - v_dim))
-    grouped = k.shape[1] != q.shape[1]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
-                                         scale=scale, enable_gqa=grouped)
-    batch, heads, length, _ = out.shape
-    return out[..., :v_dim].transpose(1, 2).reshape(batch, length, heads * v_dim)
-
-
-def cached_attention(q, k, v, scale: float, bias=None) -> torch.Tensor:
-    """One decode step: (B, H, 1, d) queries on every cached key (B, H_kv, n, d) -- all of them in
-    the past, so no causal mask -- -> (B, 1, H * d_v). bias: ALiBi's (H, 1, n), or None."""
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
-    batch, heads, length, v_dim = out.shape
-    return out.transpose(1, 2).reshape(batch, length, heads * v_dim)
 
 
 def layer_window(spec: AttentionSpec, layer: int) -> int:
@@ -98,10 +54,10 @@ class MultiHeadAttention(nn.Module):
     an output gate, attention sinks or soft-capped logits, see attention/modulated.py."""
 
     def __init__(self, spec: AttentionSpec, d_model: int, n_heads: int, dropout: float, rope_theta: float,
-                 max_len: int = 0, sdpa_pad: str = "auto", layer: int = 0, n_layers: int = 1):
+                 max_len: int = 0, kernel: AttentionKernel | None = None, layer: int = 0, n_layers: int = 1):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, spec.n_kv_heads or n_heads
-        self.head_dim, self.dropout, self.sdpa_pad = d_model // n_heads, dropout, sdpa_pad
+        self.head_dim, self.dropout, self.kernel = d_model // n_heads, dropout, kernel or AttentionKernel()
         self.qk_head_dim = self.v_head_dim = self.head_dim
         kv_dim = self.n_kv_heads * self.head_dim
         self.gate_dim = gate_width(spec.output_gate, self.head_dim)
@@ -202,11 +158,8 @@ class MultiHeadAttention(nn.Module):
         else:
             if cache is not None:
                 cache.append(k=k, v=v)
-            mask = score_mask(x.shape[1], self.window, self.alibi_slopes, x.device)
-            if sinks is not None or self.softcap:  # SDPA has neither
-                out = explicit_causal_attention(q, k, v, self.head_dim ** -0.5, dropout, sinks, self.softcap, mask)
-            else:
-                out = causal_attention(q, k, v, self.head_dim ** -0.5, dropout, self.sdpa_pad, mask)
+            out = self.kernel(q, k, v, scale=self.head_dim ** -0.5, dropout=dropout, window=self.window,
+                              alibi_slopes=self.alibi_slopes, sinks=sinks, softcap=self.softcap)
         if self.gate_dim:
             out = apply_output_gate(out, gate)
         return self.o_proj(out)
@@ -237,9 +190,9 @@ class MultiHeadLatentAttention(nn.Module):
     """
 
     def __init__(self, spec: AttentionSpec, d_model: int, n_heads: int, dropout: float, rope_theta: float,
-                 max_len: int = 0, sdpa_pad: str = "auto", layer: int = 0, n_layers: int = 1):
+                 max_len: int = 0, kernel: AttentionKernel | None = None, layer: int = 0, n_layers: int = 1):
         super().__init__()  # layer, n_layers: every MLA layer is alike
-        self.n_heads, self.dropout, self.sdpa_pad = n_heads, dropout, sdpa_pad
+        self.n_heads, self.dropout, self.kernel = n_heads, dropout, kernel or AttentionKernel()
         self.kv_lora_rank = spec.kv_lora_rank
         self.qk_nope_head_dim = spec.qk_nope_head_dim
         self.qk_rope_head_dim = spec.qk_rope_head_dim
@@ -354,8 +307,7 @@ class MultiHeadLatentAttention(nn.Module):
         if cache is not None:
             cache.append(latent=latent, k_rot=k_rot)
         q, k, v = self.keys_and_values(latent, k_rot, q_nope, q_rot)
-        out = causal_attention(q, k, v, self.qk_head_dim ** -0.5, self.dropout if self.training else 0.0,
-                               self.sdpa_pad)
+        out = self.kernel(q, k, v, scale=self.qk_head_dim ** -0.5, dropout=self.dropout if self.training else 0.0)
         return self.o_proj(out)
 
     def naive_step(self, q_nope, q_rot, latent, k_rot) -> torch.Tensor:

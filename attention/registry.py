@@ -13,8 +13,11 @@ lines in the zoo sweeps, below). tests/test_kind_contract.py checks the items be
 in KINDS and names what a kind is missing.
 
 1. The module, one file in attention/, one class (KINDS[kind].module names it):
-   - `__init__(spec, d_model, n_heads, dropout, rope_theta, max_len=0, sdpa_pad="auto", layer=0,
-     n_layers=1)`: the resolved spec, the model size, and which layer of how many it is. A per-layer
+   - `__init__(spec, d_model, n_heads, dropout, rope_theta, max_len=0, kernel=None, layer=0,
+     n_layers=1)`: the resolved spec, the model size, the kernel choice (an
+     attention.kernels.AttentionKernel, None: its default; a softmax kind computes its attention by
+     calling it, so every kernel and ModelConfig.attention_kernel serve a new kind unchanged; a kind
+     without a softmax ignores it), and which layer of how many it is. A per-layer
      schedule is the kind's own and lives here only (MHA's local/global windows: layer_window in
      attention/modules.py; a depth-dependent constant such as a lambda_init). It must build on the
      meta device too (the costs below are asked of modules built there).
@@ -98,6 +101,10 @@ def _rope_scaling(value) -> str | None:
 
 OUTPUT_GATES = ("none", "headwise", "elementwise")  # --output_gate (attention/modulated.py: gate_width)
 POSITIONS = ("rope", "none", "alibi")  # the `positions` knob: RoPE, NoPE (no position signal), ALiBi
+# --attention_kernel (ModelConfig.attention_kernel): how every softmax attention runs, the same
+# function on each; attention/kernels.py implements them. Named here, as plain data, so config.py
+# validates the option without torch.
+KERNELS = ("auto", "sdpa", "explicit", "flex")
 
 
 def _position_kind(value) -> str | None:

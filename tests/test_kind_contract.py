@@ -118,8 +118,8 @@ class Incomplete(MultiHeadAttention):
     no layer index."""
     cache_size = token_mixing_flops = None
 
-    def __init__(self, spec, d_model, n_heads, dropout, rope_theta, max_len=0, sdpa_pad="auto"):
-        super().__init__(spec, d_model, n_heads, dropout, rope_theta, max_len, sdpa_pad)
+    def __init__(self, spec, d_model, n_heads, dropout, rope_theta, max_len=0, kernel=None):
+        super().__init__(spec, d_model, n_heads, dropout, rope_theta, max_len, kernel)
         self.extra = torch.nn.Parameter(torch.zeros(3))
 
 

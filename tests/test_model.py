@@ -517,7 +517,7 @@ def test_model_config_takes_every_model_setting_from_the_train_config():
 
     changed = dict(d_model=96, n_layers=3, n_heads=6, d_ff=40, n_experts=5, top_k=3, seq_len=17, dropout=0.2,
                    router_noise_std=0.3, rope_theta=500.0, embed_scale=True, aux_loss_reduction="sum",
-                   expert_dropout=0.05, final_dropout=0.07, init_residual_scaling=False)
+                   expert_dropout=0.05, final_dropout=0.07, init_residual_scaling=False, attention_kernel="explicit")
     shared = {f.name for f in fields(ModelConfig)} - {"attention", "vocab_size", "sdpa_pad", "moe_matmul"}
     assert shared == set(changed)  # a new shared field needs a value here
     cfg = ModelConfig.from_train_config(TrainConfig(attention="gqa", **changed), 321, moe_matmul="loop")

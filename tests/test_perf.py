@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import model as model_module
-from attention import VARIANTS, modulated, modules
+from attention import VARIANTS, kernels, modules
 from bench.reference import build_reference, has_reference
 from config import TrainConfig
 from model import ModelConfig, MoELM, init_weights
@@ -86,12 +86,12 @@ def test_soft_cap_that_bites_matches_the_reference(name):
     assert_same_step(ours, ref, ids)
 
 
-def _tiled_kv(causal_attention):
+def _tiled_kv(sdpa_attention):
     """Grouped-query with keys/values tiled (head h uses kv head h % H_kv) instead of Llama's
     interleave (h // group): a plausible layout bug."""
     def attention(q, k, v, *args, **kwargs):
         repeats = q.shape[1] // k.shape[1]
-        return causal_attention(q, k.repeat(1, repeats, 1, 1), v.repeat(1, repeats, 1, 1), *args, **kwargs)
+        return sdpa_attention(q, k.repeat(1, repeats, 1, 1), v.repeat(1, repeats, 1, 1), *args, **kwargs)
     return attention
 
 
@@ -108,12 +108,12 @@ def _sinks_negated(attention_weights):
 # layers of a local/global pattern are local is the kind's schedule, which the twin takes from it;
 # tests/test_attention_zoo_combined.py checks it against transformers' layer_types.)
 BUGS = [
-    ("gqa", {}, modules, "causal_attention", _tiled_kv),
-    ("swa", {}, modules, "score_mask", _window_one_longer),
+    ("gqa", {}, kernels.ATTENTION_KERNELS, "sdpa", _tiled_kv),
+    ("swa", {}, kernels, "score_mask", _window_one_longer),
     ("alibi", {}, modules, "alibi_slopes", lambda slopes: lambda n: slopes(n).flip(0)),
-    ("sinks", {}, modulated, "attention_weights", _sinks_negated),
+    ("sinks", {}, kernels, "attention_weights", _sinks_negated),
     ("gated", {}, modules, "apply_output_gate", lambda gate: lambda out, g: gate(out, 2 * g)),
-    ("softcap", SHARP["softcap"], modulated, "causal_scores",
+    ("softcap", SHARP["softcap"], kernels, "causal_scores",
      lambda scores: lambda q, k, scale, softcap=0.0, mask=None: scores(q, k, scale, 2 * softcap, mask)),
 ]
 
@@ -121,7 +121,10 @@ BUGS = [
 @pytest.mark.parametrize("name,knobs,owner,attribute,bug", BUGS, ids=[b[0] for b in BUGS])
 def test_reference_catches_a_bug_in_the_zoo_helpers(name, knobs, owner, attribute, bug, monkeypatch):
     """Negative controls: with one of the model's helpers broken, the comparison fails."""
-    monkeypatch.setattr(owner, attribute, bug(getattr(owner, attribute)))
+    if isinstance(owner, dict):  # a kernel in attention.kernels.ATTENTION_KERNELS
+        monkeypatch.setitem(owner, attribute, bug(owner[attribute]))
+    else:
+        monkeypatch.setattr(owner, attribute, bug(getattr(owner, attribute)))
     ours, ref = ours_and_reference(small_config(name, **knobs))
     ids = torch.randint(0, SMALL["vocab_size"], (2, SMALL["seq_len"] + 1), generator=torch.Generator().manual_seed(1))
     with pytest.raises(AssertionError):
