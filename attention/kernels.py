@@ -176,11 +176,18 @@ def flex_can_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: flo
     if flex_attention is None or dropout:
         return False
     if q.device.type == "cpu":
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, sinks) if t is not None):
+        if any(t.requires_grad for t in (q, k, v)):  # what torch checks, whether or not grad mode is on
             return False
         if sinks is not None and torch.compiler.is_compiling():
             return False
     return True
+
+
+def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, d_v) attention output and (B, H, T) log-sum-exp of its scores -> the output of the
+    softmax over [scores, sink]: each key's weight times exp(lse) / (exp(lse) + exp(sink)), which is
+    sigmoid(lse - sink)."""
+    return out * torch.sigmoid(lse - sinks.float().view(1, -1, 1)).unsqueeze(-1).to(out.dtype)
 
 
 def flex_attend(q, k, v, *, scale: float, window: int = 0, alibi_slopes=None, sinks=None,
@@ -188,10 +195,13 @@ def flex_attend(q, k, v, *, scale: float, window: int = 0, alibi_slopes=None, si
     """FlexAttention itself (no fallback): the mask as a BlockMask, the soft-cap then ALiBi as one
     score_mod (the explicit path's order), the sinks through the log-sum-exp."""
     slopes = None if alibi_slopes is None else alibi_slopes.to(device=q.device, dtype=torch.float32)
+    # the cap as a tensor the score_mod captures: FlexAttention traces score_mod, and a Python float
+    # there becomes a symbol its tracing cannot return (torch 2.13: "Pending unbacked symbols")
+    cap = torch.tensor(softcap, dtype=torch.float32, device=q.device) if softcap else None
 
     def score_mod(score, batch, head, query, key):
-        if softcap:
-            score = torch.tanh(score / softcap) * softcap
+        if cap is not None:
+            score = torch.tanh(score / cap) * cap
         if slopes is not None:  # -slope x distance, as score_mask's bias
             score = score + slopes[head] * (key - query)
         return score
@@ -206,8 +216,7 @@ def flex_attend(q, k, v, *, scale: float, window: int = 0, alibi_slopes=None, si
               return_aux=AuxRequest(lse=True) if sinks is not None else None)
     if sinks is not None:
         out, aux = out
-        # softmax over [scores, sink]: the keys' weights times exp(lse) / (exp(lse) + exp(sink))
-        out = out * torch.sigmoid(aux.lse - sinks.float().view(1, -1, 1)).unsqueeze(-1).to(out.dtype)
+        out = with_sinks(out, aux.lse, sinks)
     batch, heads, _, v_dim = out.shape
     return out.transpose(1, 2).reshape(batch, length, heads * v_dim)
 

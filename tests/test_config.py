@@ -117,6 +117,7 @@ BAD = {
     "top_k_over_n_experts": (["--top_k=9"], ["top_k=9", "n_experts=8"]),
     "steps_ten": (["--steps=ten"], ["steps=ten", "integer"]),
     "compile_maybe": (["--compile=maybe"], ["compile=maybe", "True/False"]),
+    "attention_kernel_typo": (["--attention_kernel=fast"], ["attention_kernel=fast", "auto, sdpa, explicit, flex"]),
     "unknown_option": (["--bogus_option=1"], ["bogus_option"]),
     "misspelt_option": (["--atention=baseline"], ["--atention", "did you mean --attention?"]),
     "misspelt_variant": (["--attention=lora_smal"], ["lora_smal", "did you mean lora_small?"]),
@@ -128,7 +129,7 @@ BAD = {
 # refuse, run through it; every case is also checked in-process below.
 SUBPROCESS_CASES = ["unknown_variant", "zero_d_ff", "negative_n_layers", "d_model_not_divisible",
                     "odd_rotary_dim_mla", "top_k_over_n_experts", "steps_ten", "compile_maybe", "unknown_option",
-                    "misspelt_option"]
+                    "misspelt_option", "attention_kernel_typo"]
 
 
 @pytest.fixture(scope="module")
