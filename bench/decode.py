@@ -266,7 +266,7 @@ def resolve(args) -> list[dict]:
                          f"({args.warmup + args.repeats})")
     sizes.pop("batch_size")  # --batch: a list
     base = dict(sizes, warmup=args.warmup, repeats=args.repeats, device=device, dropout=0.0, seed=args.seed,
-                threads=args.threads or os.cpu_count(), impl="ours", sdpa_pad="auto", moe_matmul="auto",
+                threads=args.threads or os.cpu_count(), impl="ours", attention_kernel="auto", sdpa_pad="auto", moe_matmul="auto",
                 copy_mb=args.copy_mb or (1024 if device == "cuda" else 256),
                 isolated=args.isolate == "yes" or (args.isolate == "auto" and device == "cpu"))
     return [dict(base, variant=v, mla_decode=mode, context=c, batch=b)

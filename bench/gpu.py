@@ -57,14 +57,15 @@ SECTIONS = [
     ("choices", 20, "the fast path's switches (pad for flash, grouped experts) on unequal head dims"),
     ("peak", 10, "the bf16 matmul peak, n = 4096, 8192, 16384"),
     ("zoo", 40, "the zoo's variants (sweeps/zoo.yaml) at the seed's fast setup, ours vs reference, where time is left"),
+    ("kernels", 40, "one attention layer on each attention kernel (sdpa, explicit, flex), train and eval, 1k to 8k"),
     ("decode", 90, "bench.decode: prefill and cached decode, batch 1 and 16, contexts 2k to 32k, beside the "
                    "memory-bandwidth limit"),
 ]
 # Printed characters per section in the summary (all of it is in the archive).
 SUMMARY_SHARE = {"env": 400, "check": 1800, "train": 1000, "main": 3000, "compile": 600, "scan": 1000,
-                 "choices": 500, "peak": 300, "zoo": 900, "decode": 1500}
+                 "choices": 500, "kernels": 900, "peak": 300, "zoo": 900, "decode": 1500}
 # bench.step and bench.decode take --time_budget (no case starts past it) and --out
-BUDGETED = (["-m", "bench.step"], ["-m", "bench.decode"])
+BUDGETED = (["-m", "bench.step"], ["-m", "bench.decode"], ["-m", "bench.kernels"])
 # the decode section's variants: one of each cache design (softcap/sinks' explicit softmax would
 # materialise batch x heads x context^2 scores in the prefill, 64 GiB at 16 x 32k)
 DECODE_VARIANTS = "baseline,gqa,mqa,swa,local_global,mla_v3,lora_small,enhanced_medium"
@@ -111,6 +112,13 @@ def section_commands(args, scratch: Path) -> dict[str, list[str]]:
         "choices": step + ["--preset", "gpu", "--variants", "rope_large,enhanced_small", "--impls", "ours",
                            "--sdpa_pad", "auto,never", "--moe_matmul", "auto,loop",
                            "--title", "choices: fast-path switches (auto = pad + grouped on CUDA bf16)"] + extra,
+        # FlexAttention's fused kernel (compiled by attention/kernels.py on CUDA) against SDPA and the
+        # materialised scores, with sinks and a soft-cap and without; flex's `runs` column says flex
+        "kernels": [py, "-m", "bench.kernels", "--device", dev, "--variants", "baseline,sinks,softcap,gptoss",
+                    "--kernels", "sdpa,explicit,flex"]
+                   + (["--d_model", "64", "--n_heads", "4", "--seq_lens", "32", "--batch", "2", "--warmup", "1",
+                       "--repeats", "1", "--threads", "2"] if args.dry_run else
+                      ["--dtype", "bf16", "--seq_lens", "1024,4096,8192", "--batch", "4", "--repeats", "10"]),
         "peak": step + ["--preset", "gpu", "--peak_only"] + extra,
         # fewer timed steps than main, so more of the zoo fits in its budget (the cases that do not
         # are recorded as skipped); the baseline it is compared with is main's

@@ -10,7 +10,8 @@ Each row says which kernel really computed the attention (`runs`): flex takes th
 where FlexAttention cannot run (attention/kernels.py: a CPU backward, sinks under torch.compile on
 the CPU), so such a row times the explicit kernel, and says so. A kernel that cannot compute the
 variant at all (sdpa with sinks or a soft-cap) is left out. ms is the median of --repeats calls
-after --warmup (the first compiled call compiles).
+after one call and --warmup more, best ms the fastest of them (on a shared machine the least
+disturbed), first ms the first call (a compiled one compiles).
 """
 import argparse
 import json
@@ -35,45 +36,64 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_layer(variant: str, kernel: str, mode: str, compiled: bool, seq_len: int, args) -> dict:
-    """One row: the variant's layer 0 on `kernel`, `mode` train (forward + backward) or eval."""
+def time_kernels(variant: str, names: list[str], mode: str, compiled: bool, seq_len: int, args) -> list[dict]:
+    """One row per kernel: the variant's layer 0 (the same weights and input on each), `mode` train
+    (forward + backward) or eval. The timed calls are interleaved, one call on each kernel per
+    round, so that a shared machine's load falls on every kernel alike."""
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    row = dict(variant=variant, kernel=kernel, mode=mode, compile=compiled, seq_len=seq_len, batch=args.batch,
-               d_model=args.d_model, n_heads=args.n_heads, dtype=args.dtype, device=args.device)
-    torch.manual_seed(0)
-    module = build_attention(VARIANTS[variant], args.d_model, args.n_heads, 0.0, max_len=seq_len,
-                             kernel=AttentionKernel(kernel)).to(device=device, dtype=dtype)
-    forward = torch.compile(module) if compiled else module
-    x = torch.randn(args.batch, seq_len, args.d_model, device=device, dtype=dtype, requires_grad=mode == "train")
-    flex_calls = []
+    x = torch.randn(args.batch, seq_len, args.d_model, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    x.requires_grad_(mode == "train")
+    rows, calls = {}, {}
+    for name in names:
+        torch.manual_seed(0)
+        module = build_attention(VARIANTS[variant], args.d_model, args.n_heads, 0.0, max_len=seq_len,
+                                 kernel=AttentionKernel(name)).to(device=device, dtype=dtype)
+        calls[name] = torch.compile(module) if compiled else module
+        rows[name] = dict(variant=variant, kernel=name, mode=mode, compile=compiled, seq_len=seq_len,
+                          batch=args.batch, d_model=args.d_model, n_heads=args.n_heads, dtype=args.dtype,
+                          device=args.device, status="ok", times=[])
+    # Which kernels call flex_attend, seen in the first round only: the counting wrapper is then
+    # taken out, and a second untimed call per kernel recompiles without it (under torch.compile a
+    # wrapper that mutates a set recompiles on every call)
+    ran_flex, current = set(), [None]
     flex_attend = kernels.flex_attend
-    kernels.flex_attend = lambda *a, **k: flex_calls.append(1) or flex_attend(*a, **k)  # traced once if compiled
+    kernels.flex_attend = lambda *a, **k: ran_flex.add(current[0]) or flex_attend(*a, **k)
 
-    def call():
+    def call(name):
+        current[0] = name
+        _sync(device)
+        start = time.perf_counter()
         if mode == "train":
-            forward(x).float().square().mean().backward()
+            calls[name](x).float().square().mean().backward()
         else:
             with torch.no_grad():
-                forward(x)
+                calls[name](x)
+        _sync(device)
+        return time.perf_counter() - start
 
-    times = []
     try:
-        for _ in range(args.warmup + args.repeats):
-            _sync(device)
-            start = time.perf_counter()
-            call()
-            _sync(device)
-            times.append(time.perf_counter() - start)
-    except Exception as err:  # noqa: BLE001 -- a kernel torch cannot build here is a row, not a crash
-        return dict(row, status="failed", error=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+        for round_ in range(1 + args.warmup + args.repeats):
+            if round_ == 1:
+                kernels.flex_attend = flex_attend
+            for name, row in rows.items():
+                if row["status"] != "ok":
+                    continue
+                try:
+                    row["times"].append(call(name))
+                except Exception as err:  # noqa: BLE001 -- a kernel torch cannot build here is a row, not a crash
+                    row.update(status="failed", error=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
     finally:
         kernels.flex_attend = flex_attend
         torch._dynamo.reset()
-    # flex without a call of flex_attend: its explicit fallback ran
-    runs = "flex" if flex_calls else ("explicit" if kernel == "flex" else kernel)
-    return dict(row, status="ok", runs=runs, ms=1000 * statistics.median(times[args.warmup:]),
-                first_ms=1000 * times[0])
+    for name, row in rows.items():
+        times = row.pop("times")
+        if row["status"] == "ok":
+            timed = times[1 + args.warmup:]
+            # flex without a call of flex_attend: its explicit fallback ran
+            row.update(runs="flex" if name in ran_flex else ("explicit" if name == "flex" else name),
+                       ms=1000 * statistics.median(timed), best_ms=1000 * min(timed), first_ms=1000 * times[0])
+    return list(rows.values())
 
 
 def main(argv=None) -> int:
@@ -107,25 +127,25 @@ def main(argv=None) -> int:
     for seq_len in (int(s) for s in args.seq_lens.split(",")):
         for variant in args.variants.split(","):
             spec = VARIANTS[variant]
-            for kernel in args.kernels.split(","):
-                if kernel == "sdpa" and (spec.attention_sinks or spec.attn_softcap):
-                    continue  # sdpa cannot compute it (attention/kernels.py)
-                for mode in args.modes.split(","):
-                    for compiled in compiles:
-                        if args.time_budget and time.perf_counter() - started > args.time_budget:
-                            rows.append(dict(variant=variant, kernel=kernel, mode=mode, compile=compiled,
-                                             seq_len=seq_len, status="skipped"))
-                            continue
-                        rows.append(time_layer(variant, kernel, mode, compiled, seq_len, args))
-                        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            # sdpa cannot compute sinks or a soft-cap (attention/kernels.py): left out
+            names = [k for k in args.kernels.split(",") if k != "sdpa" or not (spec.attention_sinks or spec.attn_softcap)]
+            for mode in args.modes.split(","):
+                for compiled in compiles:
+                    if args.time_budget and time.perf_counter() - started > args.time_budget:
+                        rows += [dict(variant=variant, kernel=name, mode=mode, compile=compiled, seq_len=seq_len,
+                                      status="skipped") for name in names]
+                        continue
+                    rows += time_kernels(variant, names, mode, compiled, seq_len, args)
+                    print("\n".join(json.dumps(r) for r in rows[-len(names):]), file=sys.stderr, flush=True)
     where = torch.cuda.get_device_name() if args.device == "cuda" else cpu_model()
     print(f"one attention layer, d_model {args.d_model}, {args.n_heads} heads, batch {args.batch}, {args.dtype}, "
           f"{where}, torch {torch.__version__}")
-    print(f"{'variant':8} {'kernel':8} {'runs':8} {'mode':5} {'compile':7} {'seq':>5} {'ms':>9} {'first ms':>9}")
+    print(f"{'variant':8} {'kernel':8} {'runs':8} {'mode':5} {'compile':7} {'seq':>5} {'ms':>9} {'best ms':>9} "
+          f"{'first ms':>9}")
     for r in rows:
         if r["status"] == "ok":
             print(f"{r['variant']:8} {r['kernel']:8} {r['runs']:8} {r['mode']:5} {'on' if r['compile'] else 'off':7} "
-                  f"{r['seq_len']:>5} {r['ms']:>9.2f} {r['first_ms']:>9.0f}")
+                  f"{r['seq_len']:>5} {r['ms']:>9.2f} {r['best_ms']:>9.2f} {r['first_ms']:>9.0f}")
         else:
             print(f"{r['variant']:8} {r['kernel']:8} {'-':8} {r['mode']:5} {'on' if r['compile'] else 'off':7} "
                   f"{r['seq_len']:>5} {r['status'].upper()}: {r.get('error', '')}")

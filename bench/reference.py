@@ -4,8 +4,8 @@ dict unchanged.
 
 - attention: eager, explicit softmax over a materialised (T, T) causal mask, RoPE tables
   recomputed on every call; the zoo's options written out the plain way, without the model's
-  helpers (attention/modulated.py, attention/positions.py), so a bug there shows: keys and values
-  repeat_interleave'd for grouped-query, RMSNorm on q and k, the tanh soft-cap, the window as a
+  helpers (attention/kernels.py, modulated.py, positions.py), so a bug there shows: keys and
+  values repeat_interleave'd for grouped-query, RMSNorm on q and k, the tanh soft-cap, the window as a
   second triangle of the mask, ALiBi's slopes as the paper's code computes them, the sink logit
   concatenated before the softmax, the sigmoid output gate (which layers of a local/global pattern
   get the window is the kind's own schedule, attention.modules.layer_window, checked against

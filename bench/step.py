@@ -65,6 +65,8 @@ PRESETS = {
                  seq_len=32, batch_size=2, dtype="fp32", warmup=1, repeats=2),
 }
 SIZE_FIELDS = list(PRESETS["cpu"])
+# ModelConfig's switches of how the same arithmetic runs, each a --option here (a comma list sweeps)
+FAST_PATHS = ("attention_kernel", "sdpa_pad", "moe_matmul")
 
 # BENCH_FAIL=name,...: the cases so named raise (a variant, "variant:impl", or "variant:check" in
 # bench.check). It exercises the failure path -- one case fails, the others' results are kept --
@@ -123,8 +125,7 @@ def build_model(case: dict, device: torch.device):
 
     sizes = {k: case[k] for k in ("d_model", "n_layers", "n_heads", "d_ff", "n_experts", "top_k", "seq_len", "dropout")}
     train_cfg = TrainConfig(attention=case["variant"], **sizes)
-    cfg = ModelConfig.from_train_config(train_cfg, case["vocab_size"], sdpa_pad=case["sdpa_pad"],
-                                        moe_matmul=case["moe_matmul"])
+    cfg = ModelConfig.from_train_config(train_cfg, case["vocab_size"], **{k: case[k] for k in FAST_PATHS})
     # The same weights for both implementations: ours initialised (each kind declares its init),
     # the reference given ours. init_weights draws ~1 s per model on the CPU, so an in-process run
     # (GPU) keeps the last two variants' initial weights for the next case.
@@ -301,6 +302,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile_variants", default=None,
                    help="with --compile on/both: only these variants get the compiled case")
     p.add_argument("--seq_lens", default=None, help="comma list: the sequence-length scan")
+    p.add_argument("--attention_kernel", default="auto",
+                   help="ModelConfig.attention_kernel for ours (auto, sdpa, explicit, flex); a comma list sweeps")
     p.add_argument("--sdpa_pad", default="auto", help="ModelConfig.sdpa_pad for ours; a comma list sweeps")
     p.add_argument("--moe_matmul", default="auto", help="ModelConfig.moe_matmul for ours; a comma list sweeps")
     p.add_argument("--dropout", type=float, default=0.1, help="the model's dropout (default 0.1, as trained)")
@@ -352,15 +355,14 @@ def resolve(args: argparse.Namespace) -> tuple[dict, list[dict]]:
         for variant in variants:
             for impl in impls:
                 if impl == "reference":
-                    options = [(False, "n/a", "n/a")]
+                    options = [(False, "auto", "auto", "auto")]
                 else:
-                    options = [(c, pad, moe) for c in compiles for pad in args.sdpa_pad.split(",")
-                               for moe in args.moe_matmul.split(",")
+                    options = [(c, kernel, pad, moe) for c in compiles for kernel in args.attention_kernel.split(",")
+                               for pad in args.sdpa_pad.split(",") for moe in args.moe_matmul.split(",")
                                if not c or variant in compile_variants]
-                for compiled, pad, moe in options:
+                for compiled, kernel, pad, moe in options:
                     cases.append(dict(base, seq_len=seq_len, variant=variant, impl=impl, compile=compiled,
-                                      sdpa_pad=pad if impl == "ours" else "auto",
-                                      moe_matmul=moe if impl == "ours" else "auto",
+                                      attention_kernel=kernel, sdpa_pad=pad, moe_matmul=moe,
                                       scan=args.seq_lens is not None))
     return base, cases
 
@@ -417,7 +419,7 @@ def table(results: list[dict]) -> str:
         header.remove("reserved MB")
     for r in results:
         impl = r["impl"] if r["impl"] == "reference" else "ours" + "".join(
-            f" {k}={r[k]}" for k in ("sdpa_pad", "moe_matmul") if r[k] != "auto")
+            f" {k}={r[k]}" for k in FAST_PATHS if r[k] != "auto")
         row = [r["variant"], impl, "on" if r["compile"] else "off"]
         if scan:
             row.append(str(r["seq_len"]))
@@ -445,7 +447,7 @@ def write_out(path: str, meta: dict, results: list[dict]) -> None:
     stem = stem.with_suffix("") if stem.suffix in (".json", ".csv") else stem
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    fields = ["variant", "impl", "compile", "sdpa_pad", "moe_matmul", "seq_len", "batch_size", "dtype", "device",
+    fields = ["variant", "impl", "compile", *FAST_PATHS, "seq_len", "batch_size", "dtype", "device",
               "status", "ms_per_step", "tokens_per_s", "flops_per_token", "achieved_flops", "peak_flops",
               "peak_mem_bytes", "peak_mem_reserved_bytes", "mem_ratio", "time_ratio", "first_step_s", "loss", "params",
               "error"]
@@ -527,7 +529,7 @@ def main(argv=None) -> int:
         for i, case in enumerate(cases, 1):
             label = f"[{i}/{len(cases)}] {case['variant']} {case['impl']} seq={case['seq_len']}" + (
                 " compiled" if case["compile"] else "") + "".join(
-                f" {k}={case[k]}" for k in ("sdpa_pad", "moe_matmul") if case[k] != "auto")
+                f" {k}={case[k]}" for k in FAST_PATHS if case[k] != "auto")
             if args.time_budget and time.perf_counter() - started > args.time_budget:
                 results.append(dict(case, status="skipped", error="over --time_budget"))
                 print(f"{label}: skipped (time budget)", file=sys.stderr, flush=True)

@@ -257,3 +257,31 @@ def test_the_option_is_refused_when_bad_or_when_sdpa_cannot_compute_the_variant(
                                               f"which --attention={name} has; use auto, explicit or flex"):
             config_from_values(parse_args([f"--attention={name}", "--attention_kernel=sdpa"]))
     assert config_from_values(parse_args(["--attention=sinks", "--attention_kernel=flex"])).attention_kernel == "flex"
+
+
+def test_the_report_does_not_tell_runs_apart_by_their_kernel():
+    """analysis: two runs that differ only in --attention_kernel are one configuration; lr, which
+    changes what is trained, tells them apart (the positive control)."""
+    from analysis.runs import Run, varying_settings
+
+    def run(kernel, lr):
+        return Run(name=f"sinks-{kernel}", variant="sinks", family="sinks", seed=0, status="finished", val_loss=1.0,
+                   config={"attention_kernel": kernel, "lr": lr})
+    assert varying_settings([run("explicit", 1e-3), run("flex", 1e-3)]) == []
+    assert varying_settings([run("explicit", 1e-3), run("flex", 3e-3)]) == ["lr"]
+
+
+def test_the_layer_benchmark_says_which_kernel_ran(tmp_path, capsys):
+    """bench.kernels: flex's training row on the CPU ran the explicit path, its evaluation row flex;
+    sdpa is left out for sinks (it cannot compute them)."""
+    import json
+
+    from bench import kernels as bench_kernels
+
+    assert bench_kernels.main(["--variants", "sinks", "--d_model", "16", "--n_heads", "2", "--seq_lens", "8",
+                               "--batch", "1", "--warmup", "0", "--repeats", "1", "--out", str(tmp_path / "k")]) == 0
+    rows = json.loads((tmp_path / "k.json").read_text())
+    assert {(r["kernel"], r["mode"]): r["runs"] for r in rows} == {
+        ("explicit", "train"): "explicit", ("explicit", "eval"): "explicit",
+        ("flex", "train"): "explicit", ("flex", "eval"): "flex"}
+    assert "sinks    flex     flex     eval" in capsys.readouterr().out
