@@ -25,9 +25,10 @@ Gemma 2's soft-cap (cap * tanh(score / cap), before the mask).
   where it is one fused kernel, forward and backward. Where it cannot run the call takes the
   explicit path, the same function: with attention dropout (FlexAttention has none: dropping it
   would change what is trained), and on the CPU whenever a gradient is needed (torch 2.13 refuses
-  FlexAttention's backward on the CPU) or, under torch.compile, with sinks (its CPU kernel returns
-  no log-sum-exp). On the CPU without a gradient (evaluation) it runs torch's eager FlexAttention,
-  which materialises the scores as explicit does.
+  FlexAttention's backward on the CPU) or under torch.compile (torch 2.13's compiled CPU
+  FlexAttention returns no log-sum-exp for the sinks and fails to build with a score_mod, ALiBi's
+  or the cap's: an InductorError). On the CPU without a gradient (evaluation) it runs torch's eager
+  FlexAttention, which materialises the scores as explicit does.
 
 ModelConfig.attention_kernel picks one for every layer (AttentionKernel below): "auto" is SDPA,
 and explicit where there are sinks or a soft-cap (SDPA has neither). Decoding one token at a time
@@ -170,16 +171,13 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_can_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float, sinks) -> bool:
+def flex_can_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> bool:
     """Whether FlexAttention computes this call, else the explicit path does (the module docstring:
-    no dropout in FlexAttention; on the CPU no backward, and compiled no log-sum-exp for the sinks)."""
+    no dropout in FlexAttention; on the CPU no backward, and nothing compiled)."""
     if flex_attention is None or dropout:
         return False
-    if q.device.type == "cpu":
-        if any(t.requires_grad for t in (q, k, v)):  # what torch checks, whether or not grad mode is on
-            return False
-        if sinks is not None and torch.compiler.is_compiling():
-            return False
+    if q.device.type == "cpu":  # requires_grad: what torch checks, whether or not grad mode is on
+        return not any(t.requires_grad for t in (q, k, v)) and not torch.compiler.is_compiling()
     return True
 
 
@@ -224,7 +222,7 @@ def flex_attend(q, k, v, *, scale: float, window: int = 0, alibi_slopes=None, si
 def flex_kernel(q, k, v, *, scale: float, dropout: float = 0.0, window: int = 0, alibi_slopes=None,
                 sinks=None, softcap: float = 0.0, sdpa_pad: str = "auto") -> torch.Tensor:
     """The "flex" kernel: flex_attend where it can run (flex_can_run), else the explicit kernel."""
-    if not flex_can_run(q, k, v, dropout, sinks):
+    if not flex_can_run(q, k, v, dropout):
         return explicit_attention(q, k, v, scale=scale, dropout=dropout, window=window, alibi_slopes=alibi_slopes,
                                   sinks=sinks, softcap=softcap)
     return flex_attend(q, k, v, scale=scale, window=window, alibi_slopes=alibi_slopes, sinks=sinks, softcap=softcap)

@@ -170,8 +170,9 @@ def test_a_window_one_key_too_wide_is_caught(monkeypatch):
 
 def test_flex_with_attention_dropout_is_the_explicit_kernel_with_its_dropout():
     """FlexAttention has no dropout: with dropout > 0 the flex kernel is the explicit one, the same
-    random mask for the same seed, and the dropout is applied (not silently dropped)."""
-    q, k, v, options, _ = inputs("sinks+softcap+window")
+    random mask for the same seed, and the dropout is applied (not silently dropped). (Without
+    gradients, where flex would run on the CPU: the fallback is dropout's alone.)"""
+    q, k, v, options = inputs("sinks+softcap+window", grad=False)
     results = []
     for kernel, dropout in ((flex_kernel, 0.3), (ATTENTION_KERNELS["explicit"], 0.3), (flex_kernel, 0.0)):
         torch.manual_seed(7)
@@ -186,6 +187,15 @@ def test_flex_with_a_gradient_on_the_cpu_is_the_explicit_kernel():
         out, grads = outputs_and_grads(flex_kernel, case)
         ref_out, ref_grads = outputs_and_grads(ATTENTION_KERNELS["explicit"], case)
         assert torch.equal(out, ref_out) and all(torch.equal(g, r) for g, r in zip(grads, ref_grads, strict=True))
+
+
+def test_flex_under_torch_compile_on_the_cpu_is_the_explicit_kernel(monkeypatch):
+    """torch 2.13's compiled CPU FlexAttention has no log-sum-exp and fails with a score_mod: under
+    torch.compile (as the model is with --compile=True) the CPU takes the explicit path."""
+    q, k, v, options = inputs("alibi+softcap+window", grad=False)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(kernels, "flex_attend", None)  # not called
+    assert torch.equal(flex_kernel(q, k, v, **options), ATTENTION_KERNELS["explicit"](q, k, v, **options))
 
 
 def test_auto_is_sdpa_or_explicit_with_sinks_or_a_cap():
@@ -225,7 +235,7 @@ def kernel_model(name: str, kernel: str, **knobs) -> MoELM:
                                         ("gemma2", {"attn_softcap": 0.05}), ("alibi", {})])
 def test_model_on_every_kernel_gives_the_same_loss_and_gradients(name, knobs, flex_backward_on_cpu, monkeypatch):
     """explicit, flex (FlexAttention itself: the CPU fallback off) and auto, weights copied."""
-    monkeypatch.setattr(kernels, "flex_can_run", lambda q, k, v, dropout, sinks: True)
+    monkeypatch.setattr(kernels, "flex_can_run", lambda q, k, v, dropout: True)
     explicit = kernel_model(name, "explicit", **knobs)
     init_weights(explicit, 3)
     ids = torch.randint(0, SMALL["vocab_size"], (2, SMALL["seq_len"] + 1), generator=torch.Generator().manual_seed(4))
@@ -285,3 +295,16 @@ def test_the_layer_benchmark_says_which_kernel_ran(tmp_path, capsys):
         ("explicit", "train"): "explicit", ("explicit", "eval"): "explicit",
         ("flex", "train"): "explicit", ("flex", "eval"): "flex"}
     assert "sinks    flex     flex     eval" in capsys.readouterr().out
+
+
+def test_bench_step_sweeps_the_kernel_for_ours_only():
+    """bench.step --attention_kernel auto,flex: a case of ours per kernel, the seed-style reference
+    (which has its own attention) once; the model each case builds has that kernel."""
+    from bench import step
+
+    _, cases = step.resolve(step.parse_args(["--preset", "tiny", "--device", "cpu", "--variants", "sinks",
+                                             "--attention_kernel", "auto,flex"]))
+    assert [(c["impl"], c["attention_kernel"]) for c in cases] == [("ours", "auto"), ("ours", "flex"),
+                                                                  ("reference", "auto")]
+    model, _ = step.build_model(dict(cases[1], isolated=True), torch.device("cpu"))
+    assert model.cfg.attention_kernel == "flex"
