@@ -24,6 +24,8 @@ dense arithmetic the fused CUDA kernel implements), so the gradient tests lift t
 (`flex_backward_on_cpu`) to check our mask_mod, score_mod and sink algebra there. On a GPU the
 compiled kernel is measured by bench/gpu.sh, not tested here.
 """
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.attention.flex_attention as torch_flex
@@ -36,6 +38,7 @@ from model import ModelConfig, MoELM, init_weights
 from test_attention import rel_err
 from test_perf import SMALL, assert_same_step
 
+ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile:UserWarning")
 
 TOL = 1e-5
@@ -308,3 +311,19 @@ def test_bench_step_sweeps_the_kernel_for_ours_only():
                                                                   ("reference", "auto")]
     model, _ = step.build_model(dict(cases[1], isolated=True), torch.device("cpu"))
     assert model.cfg.attention_kernel == "flex"
+
+
+def test_the_gpu_run_compares_the_kernels():
+    """bench/gpu.sh's kernels section: bench.kernels, every kernel, the sinks and soft-cap variants
+    and the baseline, bf16 at 1k to 8k tokens (its CPU dry run: `--dry_run --sections env,kernels`)."""
+    import argparse
+
+    from bench.gpu import BUDGETED, SECTIONS, section_commands
+
+    args = argparse.Namespace(device="cuda", dry_run=False, variants="all", zoo_variants="zoo", train_args=None)
+    command = section_commands(args, ROOT)["kernels"]
+    after = lambda flag: command[command.index(flag) + 1]  # noqa: E731
+    assert command[1:3] in BUDGETED and "kernels" in [name for name, _, _ in SECTIONS]
+    assert after("--kernels").split(",") == list(ATTENTION_KERNELS)
+    assert {"baseline", "sinks", "softcap"} <= set(after("--variants").split(","))
+    assert (after("--dtype"), after("--seq_lens")) == ("bf16", "1024,4096,8192")
