@@ -39,6 +39,9 @@ def contract_problems(kind: str) -> list[str]:
     problems = [f"{cls.__name__}: no {name}() method (the contract, attention/registry.py)"
                 for name in METHODS if not callable(getattr(cls, name, None))]
     arguments = inspect.signature(cls.__init__).parameters
+    if "kernel" not in arguments:
+        problems.append(f"{cls.__name__}.__init__ takes no 'kernel' (every module is built with the attention "
+                        f"kernel choice, attention.kernels.AttentionKernel)")
     problems += [f"{cls.__name__}.__init__ takes no {name!r} (every module is built with its layer index)"
                  for name in ("layer", "n_layers") if name not in arguments]
     if "cache" not in inspect.signature(cls.forward).parameters:
@@ -115,11 +118,11 @@ def test_every_kind_meets_the_contract(kind):
 
 class Incomplete(MultiHeadAttention):
     """A kind as a contributor might first write it: no cost methods, a parameter without an init,
-    no layer index."""
+    no kernel choice, no layer index."""
     cache_size = token_mixing_flops = None
 
-    def __init__(self, spec, d_model, n_heads, dropout, rope_theta, max_len=0, kernel=None):
-        super().__init__(spec, d_model, n_heads, dropout, rope_theta, max_len, kernel)
+    def __init__(self, spec, d_model, n_heads, dropout, rope_theta, max_len=0):
+        super().__init__(spec, d_model, n_heads, dropout, rope_theta, max_len)
         self.extra = torch.nn.Parameter(torch.zeros(3))
 
 
@@ -149,6 +152,8 @@ def test_the_contract_names_what_a_kind_lacks(monkeypatch):
     assert contract_problems("half") == [
         "Incomplete: no cache_size() method (the contract, attention/registry.py)",
         "Incomplete: no token_mixing_flops() method (the contract, attention/registry.py)",
+        "Incomplete.__init__ takes no 'kernel' (every module is built with the attention kernel choice, "
+        "attention.kernels.AttentionKernel)",
         "Incomplete.__init__ takes no 'layer' (every module is built with its layer index)",
         "Incomplete.__init__ takes no 'n_layers' (every module is built with its layer index)",
         "half: its reference test KINDS['half'].test = 'tests/test_half.py' does not exist",
