@@ -626,7 +626,7 @@ def test_several_sweeps_run_in_turn_each_its_own_and_a_bad_one_stops_all_before_
         assert exit_info.value.code == 2 and len(err) == 1
         assert err[0].startswith(f"error: {option[0]} goes with one sweep YAML, not 2"), err
     results = tmp_path / "results"
-    result = run_cli(first, second, "--results-dir", results, "--no-report")
+    result = run_cli(first, second, "--results-dir", results)
     assert result.returncode == 0, result.stdout + result.stderr
     ran = [dict(a[2:].split("=", 1) for a in c["argv"] if a.startswith("--")) for c in calls(fake)]
     assert [(r["attention"], r["seed"]) for r in ran] == [("baseline", "0"), ("lora_small", "0"),
@@ -635,3 +635,8 @@ def test_several_sweeps_run_in_turn_each_its_own_and_a_bad_one_stops_all_before_
                     key=lambda state: state["sweep_file"])
     assert [(s["sweep_file"], s["complete"], len(s["runs"])) for s in states] == [(str(first), True, 2), (str(second), True, 2)]
     assert result.stdout.index(f"{states[0]['sweep_id']}: {first}") < result.stdout.index(f"{states[1]['sweep_id']}: {second}")
+    # the two reports' paths come last, together, each in its own sweep's directory
+    tail = result.stdout.rstrip().split("reports:\n")[-1].splitlines()
+    reports = [results / s["sweep_id"] / "report" / "report.md" for s in states]
+    assert sorted(line.strip() for line in tail) == sorted(str(path) for path in reports)
+    assert all(path.is_file() for path in reports)
