@@ -467,7 +467,8 @@ def test_a_failing_report_is_a_warning(tmp_path, capsys, monkeypatch):
 # --- early_terminate and metric.target -----------------------------------------------------------
 
 # A stand-in for train.py that logs through a real offline W&B run, as train.py does: val/loss at
-# steps 1, 2, 3, ... from a fixed curve per variant, 0.2 s apart; SIGTERM ends it after the step.
+# steps 1, 2, 3, ... from a fixed curve per variant, baseline's 20 0.05 s apart (past hyperband's
+# bands 2, 6 and 18 within a second), rope_only's 100 0.2 s apart; SIGTERM ends it after the step.
 FAKE_WANDB = textwrap.dedent('''
     import json, os, signal, sys, time
     from pathlib import Path
@@ -475,7 +476,7 @@ FAKE_WANDB = textwrap.dedent('''
 
     args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
     attention = args["attention"]
-    curve = {"baseline": [10, 5, 4, 3], "rope_only": [10, 9] + [9] * 98}[attention]
+    curve = {"baseline": [10, 5, 4, 3] + [3] * 16, "rope_only": [10, 9] + [9] * 98}[attention]
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     # the command line says lr=-1, then tries to change it: the sweep's value must win (locked)
@@ -487,7 +488,7 @@ FAKE_WANDB = textwrap.dedent('''
             break
         run.log({"val/loss": loss}, step=step)
         history.append({"step": step, "val/loss": loss})
-        time.sleep(0.2)
+        time.sleep(0.05 if attention == "baseline" else 0.2)
     status = "interrupted" if stop else "finished"
     out = Path(args["results_dir"]) / args["group"] / f"{attention}-s0.json"
     out.parent.mkdir(parents=True, exist_ok=True)
