@@ -28,6 +28,7 @@ if str(ROOT) not in sys.path:
 
 from attention import VARIANTS, build_attention, kernels  # noqa: E402
 from attention.kernels import AttentionKernel  # noqa: E402
+from bench.layer import forward_backward  # noqa: E402
 from bench.step import cpu_model  # noqa: E402
 
 
@@ -43,7 +44,6 @@ def time_kernels(variant: str, names: list[str], mode: str, compiled: bool, seq_
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     x = torch.randn(args.batch, seq_len, args.d_model, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    x.requires_grad_(mode == "train")
     rows, calls = {}, {}
     for name in names:
         torch.manual_seed(0)
@@ -64,8 +64,8 @@ def time_kernels(variant: str, names: list[str], mode: str, compiled: bool, seq_
         current[0] = name
         _sync(device)
         start = time.perf_counter()
-        if mode == "train":
-            calls[name](x).float().square().mean().backward()
+        if mode == "train":  # bench.layer's step: module(x).sum().backward() on a fresh leaf x
+            forward_backward(calls[name], x)
         else:
             with torch.no_grad():
                 calls[name](x)

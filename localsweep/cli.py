@@ -182,8 +182,7 @@ def run_in_turn(args) -> int:
         code, sweep, _ = run_one(argparse.Namespace(**{**vars(args), "sweep": path}))
         if code != EXIT_OK:
             return code
-        if not args.no_report and (sweep.dir / "report" / "report.md").exists():
-            reports.append(sweep.dir / "report" / "report.md")
+        reports += [path for path in sweep.reports if path not in reports]
         print(flush=True)
     if reports:
         print("reports:\n" + "\n".join(f"  {path}" for path in reports), flush=True)

@@ -15,16 +15,20 @@ from .wandb_file import run_history
 ENGINE_STATES = {"finished": "finished", "failed": "failed", "diverged": "failed", "interrupted": "preempted",
                  "stopped": "killed", "running": "running", "pending": "pending"}
 
-def engine_runs(sweep: Sweep, metric: str) -> list:
-    """The runs so far, as W&B's engine sees them: state, config and the metric."""
+def engine_runs(sweep: Sweep, metric: str, cut: dict[str, int] | None = None) -> list:
+    """The runs so far, as W&B's engine sees them: state, config and the metric. `cut`: run id ->
+    how many of that run's evaluations to show (its history as it was then)."""
     sweeps = import_engine()
     runs = []
     for entry in sweep.runs:
         summary = {k: v for k, v in entry.get("metrics", {}).items() if k == metric and number(v) is not None}
+        history = entry.get("metric_history") or []
+        if cut and entry["id"] in cut:
+            history = history[:cut[entry["id"]]]
         runs.append(sweeps.SweepRun(
             name=entry["id"], state=ENGINE_STATES.get(entry["status"], "failed"),
             config={k: {"value": v} for k, v in entry["params"].items()},
-            summary_metrics=summary, history=entry.get("metric_history") or []))
+            summary_metrics=summary, history=history))
     return runs
 
 
@@ -33,10 +37,32 @@ def early_stopper(sweep: Sweep, config: dict, metric: str):
     to stop now (their ids), by W&B's own hyperband (`sweeps.stop_runs`) over every run's metric
     history -- each running one's read from its offline W&B run, as the server reads it online, so
     with runs in flight side by side each is judged against the others' histories so far, as
-    under N agents. None without early_terminate."""
+    under N agents. None without early_terminate.
+
+    W&B's engine judges a run at the latest band it has reached. A check comes every POLL_S and
+    sees a run's history as of W&B's last flush of its file (every second), so a run logging
+    evaluations faster than that can pass a band between two checks, and at the next band there may
+    be no other run yet: its threshold is then its own value and it runs on (what failed the
+    two-at-once test, traced). So a run is also judged at each band it passed since the last check,
+    its history cut there, as a check at each evaluation would have judged it; a band once judged
+    is not judged again. Live history stays W&B's file, not a stream of our own: it is what `wandb
+    sync` uploads (the server's view) for any program that logs to W&B, it is flushed in both
+    launch modes (2026-12-02, loaded 2 cores, --parallel 2: a forked train.py run's file grew
+    7 -> 3587 -> 34502 -> 80029 bytes a second apart, a subprocess's ~1.3 KB a second), a read of 150
+    evaluations costs 9 ms, and fresher history would not have saved the missed band: a check
+    every second misses a band a run passes within 0.8 s however fresh its history."""
     if not config.get("early_terminate"):
         return None
     sweeps = import_engine()
+    judged: dict[str, int] = {}  # run id -> how many of its evaluations a check has judged
+
+    def engine_stops(cut: dict[str, int] | None = None) -> tuple[dict, list]:
+        """(the runs the engine stops, by id; its bands, from what it says of each running run)"""
+        runs = engine_runs(sweep, metric, cut)
+        stopped = {run.name: run for run in sweeps.stop_runs(config, runs, validate=False)}
+        bands = next((run.early_terminate_info["bands"] for run in runs
+                      if "bands" in (run.early_terminate_info or {})), [])
+        return stopped, bands
 
     def stops(running: list[dict]) -> set[str]:
         for entry in running:
@@ -44,14 +70,21 @@ def early_stopper(sweep: Sweep, config: dict, metric: str):
             entry["metric_history"] = [{"step": row.get("_step"), metric: row[metric]} for row in rows
                                        if number(row.get(metric)) is not None]
         try:
-            runs = engine_runs(sweep, metric)
-            stopped = sweeps.stop_runs(config, runs, validate=False)
+            stopped, bands = engine_stops()
+            for entry in running:
+                seen, now = judged.get(entry["id"], 0), len(entry["metric_history"])
+                for band in (b for b in bands if seen < b < now):  # (cut at `now`: the check just made)
+                    at_band = engine_stops({entry["id"]: band})[0].get(entry["id"])
+                    if at_band is not None:  # the first band it fell behind at is its reason
+                        stopped[entry["id"]] = at_band
+                        break
+                judged[entry["id"]] = now
         except Exception as err:  # the engine failing on odd histories must not cost the running runs
             print(f"warning: early_terminate check failed ({one_line(err)[:200]}); the runs go on",
                   file=sys.stderr)
             return set()
         ids = {entry["id"]: entry for entry in running}
-        for run in stopped:
+        for run in stopped.values():
             entry = ids.get(run.name)
             if entry is None:
                 continue
@@ -60,7 +93,7 @@ def early_stopper(sweep: Sweep, config: dict, metric: str):
                      if line.startswith(f"Run: {run.name} ")]
             detail = " ".join(lines[-1].replace("STOP", "").split()[2:]) if lines else ""
             entry["stop_reason"] = f"stopped early by hyperband ({detail})" if detail else "stopped early by hyperband"
-        return {run.name for run in stopped if run.name in ids}
+        return {name for name in stopped if name in ids}
 
     return stops
 

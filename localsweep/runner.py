@@ -24,7 +24,9 @@ from .validate import resolve_program
 
 POLL_S = 1.0  # how often a running run's W&B history is read when the sweep has early_terminate
 # W&B flushes an offline run's .wandb file every 15 s by default (x_transaction_log_flush_interval);
-# hyperband reads a running run's history from there, so its runs flush every second
+# hyperband reads a running run's history from there, so its runs flush every second (a forked run
+# too: wandb reads the environment at its wandb.init, after forked.py has set the run's); how a
+# check that comes up to ~2 s after an evaluation still judges it at its band: engine.early_stopper
 FLUSH_INTERVAL_ENV = "WANDB_X_TRANSACTION_LOG_FLUSH_INTERVAL"
 
 

@@ -20,6 +20,7 @@ class Sweep:
     def __init__(self, sweep_dir: Path, state: dict):
         self.dir = sweep_dir
         self.state = state
+        self.reports: list[Path] = []  # the reports this process wrote of it (localsweep.table.summarize)
 
     @property
     def id(self) -> str:

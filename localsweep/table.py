@@ -64,7 +64,8 @@ def results_table(sweep: Sweep, swept: list[str] = ()) -> str:
     return "\n".join(lines)
 
 
-def write_report(records_dir: Path, out_dir: Path) -> None:
+def write_report(records_dir: Path, out_dir: Path) -> Path | None:
+    """The report of records_dir into out_dir: its path, or None (with a warning) if it failed."""
     from analysis import report
 
     try:
@@ -72,9 +73,10 @@ def write_report(records_dir: Path, out_dir: Path) -> None:
     except Exception as err:  # a failing report must not cost the sweep: its results stand
         print(f"warning: the report failed ({type(err).__name__}: {one_line(err)[:300]}); "
               f"the results are in {records_dir}", file=sys.stderr)
-        return
-    path = Path(written) if isinstance(written, (str, Path)) else out_dir / "report.md"
+        return None
+    path = Path(written)
     print(f"report: {path}")
+    return path
 
 
 def summarize(sweep: Sweep, runner: Runner, args) -> None:
@@ -96,5 +98,5 @@ def summarize(sweep: Sweep, runner: Runner, args) -> None:
         print(f"re-run the failed ones: {continue_hint(sweep, runner.results_dir)} --retry-failed")
     if not args.no_report:
         out_dir = Path(args.report_dir) if args.report_dir else sweep.dir / "report"
-        for records_dir in sorted(records):
-            write_report(records_dir, out_dir)
+        written = (write_report(records_dir, out_dir) for records_dir in sorted(records))
+        sweep.reports = [path for path in written if path is not None]

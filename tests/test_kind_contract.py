@@ -196,8 +196,8 @@ def oracle_init(model: MoELM, name: str, std: float, residual_std: float) -> Ini
 
 
 def test_the_oracle_covers_the_kinds_from_before_and_leaves_the_later_ones_to_their_tests():
-    later = {name for name, spec in VARIANTS.items() if spec.kind not in NAME_PATTERN_KINDS}
-    assert later == {name for name, spec in VARIANTS.items() if spec.kind in ("diff", "gated_deltanet")}
+    # No list of the later kinds here: a new kind must not need an edit of this file.
+    assert set(NAME_PATTERN_KINDS) < set(KINDS)
     assert all(f'"{kind}"' in (ROOT / KINDS[kind].test).read_text() and "parameter_init" in
                (ROOT / KINDS[kind].test).read_text() for kind in KINDS if kind not in NAME_PATTERN_KINDS)
 

@@ -467,7 +467,8 @@ def test_a_failing_report_is_a_warning(tmp_path, capsys, monkeypatch):
 # --- early_terminate and metric.target -----------------------------------------------------------
 
 # A stand-in for train.py that logs through a real offline W&B run, as train.py does: val/loss at
-# steps 1, 2, 3, ... from a fixed curve per variant, 0.2 s apart; SIGTERM ends it after the step.
+# steps 1, 2, 3, ... from a fixed curve per variant, baseline's 20 0.05 s apart (past hyperband's
+# bands 2, 6 and 18 within a second), rope_only's 100 0.2 s apart; SIGTERM ends it after the step.
 FAKE_WANDB = textwrap.dedent('''
     import json, os, signal, sys, time
     from pathlib import Path
@@ -475,7 +476,7 @@ FAKE_WANDB = textwrap.dedent('''
 
     args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
     attention = args["attention"]
-    curve = {"baseline": [10, 5, 4, 3], "rope_only": [10, 9] + [9] * 98}[attention]
+    curve = {"baseline": [10, 5, 4, 3] + [3] * 16, "rope_only": [10, 9] + [9] * 98}[attention]
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     # the command line says lr=-1, then tries to change it: the sweep's value must win (locked)
@@ -487,7 +488,7 @@ FAKE_WANDB = textwrap.dedent('''
             break
         run.log({"val/loss": loss}, step=step)
         history.append({"step": step, "val/loss": loss})
-        time.sleep(0.2)
+        time.sleep(0.05 if attention == "baseline" else 0.2)
     status = "interrupted" if stop else "finished"
     out = Path(args["results_dir"]) / args["group"] / f"{attention}-s0.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -626,7 +627,7 @@ def test_several_sweeps_run_in_turn_each_its_own_and_a_bad_one_stops_all_before_
         assert exit_info.value.code == 2 and len(err) == 1
         assert err[0].startswith(f"error: {option[0]} goes with one sweep YAML, not 2"), err
     results = tmp_path / "results"
-    result = run_cli(first, second, "--results-dir", results, "--no-report")
+    result = run_cli(first, second, "--results-dir", results)
     assert result.returncode == 0, result.stdout + result.stderr
     ran = [dict(a[2:].split("=", 1) for a in c["argv"] if a.startswith("--")) for c in calls(fake)]
     assert [(r["attention"], r["seed"]) for r in ran] == [("baseline", "0"), ("lora_small", "0"),
@@ -635,3 +636,8 @@ def test_several_sweeps_run_in_turn_each_its_own_and_a_bad_one_stops_all_before_
                     key=lambda state: state["sweep_file"])
     assert [(s["sweep_file"], s["complete"], len(s["runs"])) for s in states] == [(str(first), True, 2), (str(second), True, 2)]
     assert result.stdout.index(f"{states[0]['sweep_id']}: {first}") < result.stdout.index(f"{states[1]['sweep_id']}: {second}")
+    # the two reports' paths come last, together, each in its own sweep's directory
+    tail = result.stdout.rstrip().split("reports:\n")[-1].splitlines()
+    reports = [results / s["sweep_id"] / "report" / "report.md" for s in states]
+    assert sorted(line.strip() for line in tail) == sorted(str(path) for path in reports)
+    assert all(path.is_file() for path in reports)
