@@ -161,7 +161,9 @@ def test_task_regime_says_whether_any_configuration_learned_the_task(tmp_path):
     assert text.startswith("**Regime (mqar): the task is learned here.** 2 of 3 configurations")
     assert "from 0.290 (lora_small) to 0.990 (baseline)" in text
     assert tables.regime(runs) is None and tables.regime_section(runs).lines == [text]
-    assert text in report.build(runs, tmp_path / "report", "test", figures=False).path.read_text()
+    written = report.build(runs, tmp_path / "report", "test", figures=False).path.read_text()
+    first_section = written.split("\n### ")[1]  # the report opens with it, before any table
+    assert first_section.startswith("Regime: what these models learned") and text in first_section
     runs = _task_runs(tmp_path / "b", {"baseline": [0.3, 0.95, 0.3], "lora_small": [0.28, 0.3, 0.29]})
     (text,) = tables.task_regime(runs)
     assert text.startswith("**Regime (mqar): no configuration has learned the task yet** (mean answer accuracy "

@@ -162,6 +162,18 @@ def test_smoke_and_seeds_are_small_and_on_the_embedded_corpus():
         assert validate.grid_size_and_runs(load(name))[0] == runs
 
 
+def test_the_controls_run_on_the_smoke_task_and_both_evaluate_at_2x_and_4x_the_trained_length():
+    """README: the main job gives a verdict "at the trained length and at 2x and 4x it", and the
+    controls' effects are read against the smoke sweep's: both must train and evaluate alike."""
+    smoke, controls = fixed(load("smoke.yaml")), fixed(load("controls_smoke.yaml"))
+    assert controls == smoke  # every fixed setting (the task, the model, the recipe) the same
+    assert load("controls_smoke.yaml")["parameters"]["seed"] == load("smoke.yaml")["parameters"]["seed"]
+    assert "baseline" in load("controls_smoke.yaml")["parameters"]["attention"]["values"]
+    for values in (smoke, controls):
+        cfg = config_from_values(values)
+        assert cfg.lengths == (2 * cfg.seq_len, 4 * cfg.seq_len)
+
+
 def test_multigpu_command_is_accelerate_launch_then_the_program():
     command = load("fast_multigpu.yaml")["command"]
     assert "accelerate" in command and "launch" in command  # separate items, not "accelerate launch"
