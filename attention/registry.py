@@ -52,7 +52,9 @@ in KINDS and names what a kind is missing.
    variant of it in VARIANTS (a new family: one entry in FAMILIES).
 3. The test file (KINDS[kind].test) against the reference: weights copied, outputs and input and
    parameter gradients in fp32 within 1e-5 relative error over several shapes, with a negative
-   control (a planted bug is caught).
+   control (a planted bug is caught). A kind with a reference_attention measures through
+   tests/reference_check.py (relative_errors, and assert_bench_compares_with_the_reference for
+   bench/'s side), which the contract test checks its test file calls.
 The zoo sweeps list every variant after the seed's 13 (tests/test_sweeps.py enforces it), so a new
 variant is also one line in sweeps/zoo.yaml and sweeps/zoo_smoke.yaml.
 """

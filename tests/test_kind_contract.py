@@ -53,6 +53,11 @@ def contract_problems(kind: str) -> list[str]:
         problems.append(f"{kind}: its reference test KINDS[{kind!r}].test = {entry.test!r} does not exist")
     elif not any(f'"{spec.name}"' in test.read_text() for spec in variants):
         problems.append(f"{kind}: {entry.test} tests no variant of it")
+    elif hasattr(cls, "reference_attention"):  # a later kind: checked through the shared comparison
+        problems += [f"{kind}: {entry.test} never calls reference_check.{name} ({why})" for name, why in (
+            ("relative_errors", "outputs, input and parameter gradients against the reference"),
+            ("assert_bench_compares_with_the_reference", "bench/ times it against that reference"))
+            if f"{name}(" not in test.read_text()]
     if not has_reference(variants[0]):
         problems.append(f"{kind}: bench/ cannot compare it: no seed-style twin in bench/reference.py and no "
                         f"{cls.__name__}.reference_attention")
@@ -144,7 +149,7 @@ class UndeclaredParameter(MultiHeadAttention):
         raise NotImplementedError
 
 
-def test_the_contract_names_what_a_kind_lacks(monkeypatch):
+def test_the_contract_names_what_a_kind_lacks(monkeypatch, tmp_path):
     monkeypatch.setitem(KINDS, "half", replace(KINDS["mha"], name="half", module="test_kind_contract:Incomplete",
                                                 test="tests/test_half.py"))
     assert contract_problems("half") == ["half: no variant of it in VARIANTS (attention/registry.py)"]
@@ -159,8 +164,17 @@ def test_the_contract_names_what_a_kind_lacks(monkeypatch):
         "half: its reference test KINDS['half'].test = 'tests/test_half.py' does not exist",
         "half: bench/ cannot compare it: no seed-style twin in bench/reference.py and no Incomplete.reference_attention",
     ]
+    half_test = tmp_path / "test_half.py"  # absolute: ROOT / it is it
+    half_test.write_text('VARIANT = "half"\n')
     monkeypatch.setitem(KINDS, "half", replace(KINDS["half"], module="test_kind_contract:UndeclaredParameter",
-                                                test="tests/test_kind_contract.py"))
+                                                test=str(half_test)))
+    assert contract_problems("half") == [
+        f"half: {half_test} never calls reference_check.relative_errors (outputs, input and parameter gradients "
+        "against the reference)",
+        f"half: {half_test} never calls reference_check.assert_bench_compares_with_the_reference (bench/ times it "
+        "against that reference)"]
+    half_test.write_text('VARIANT = "half"\nerrors = relative_errors(ours, ref, run, run, x)\n'
+                         'assert_bench_compares_with_the_reference("half")\n')
     assert contract_problems("half") == [
         f"half, layer {layer}: UndeclaredParameter.parameter_init declares no init for ['extra'] and one for "
         "['gone'], which it does not have" for layer in range(N_LAYERS)]

@@ -1,12 +1,15 @@
 """Tests of the tests (issue 22): the suite passes however it is launched, and no test leaves a
 process behind. processes.py starts every process a test starts; conftest.py gives the session
 its own HOME, compile cache and interpreter name."""
+import ast
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 import conftest
 import processes
@@ -46,9 +49,15 @@ def test_a_background_job_of_a_non_interactive_shell_ignores_sigint():
     assert "SigIgn ['SIGINT', 'SIGQUIT']" in done.stdout
 
 
-def test_a_started_process_gets_the_terminals_signals_whatever_its_starter_had():
-    done = processes.run([*IN_THE_BACKGROUND, sys.executable, "-c", THROUGH_THE_HELPER], capture_output=True,
-                         text=True, timeout=60)
+# nohup starts its command with SIGHUP ignored (and SIGINT as it found it)
+NOHUP = ["nohup"]
+
+
+@pytest.mark.parametrize("launcher, starter_ignores", [(IN_THE_BACKGROUND, "SIGINT"), (NOHUP, "SIGHUP")],
+                         ids=["background-job", "nohup"])
+def test_a_started_process_gets_the_terminals_signals_whatever_its_starter_had(launcher, starter_ignores):
+    script = THROUGH_THE_HELPER.replace("signal.SIGINT) == signal.SIG_IGN", f"signal.{starter_ignores}) == signal.SIG_IGN")
+    done = processes.run([*launcher, sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[:3] == ["here True", "SigIgn []", "SigBlk []"]
 
@@ -164,3 +173,40 @@ def test_the_ctrl_c_tests_pass_in_a_suite_started_with_sigint_ignored_and_leave_
         left = processes.still_running(suite.mark)  # before leaving `started` kills them
     assert suite.returncode == 0 and left == [], (left, out[-5000:])
     assert f"{len(CTRL_C_TESTS)} passed" in out
+
+
+# How a test could start a process without tests/processes.py, and the one place that may: the
+# forked record writers of test_claims.py (in-process forks that write one file and exit; joined
+# with a timeout and killed in a finally).
+STARTERS = {("subprocess", name) for name in ("Popen", "run", "call", "check_call", "check_output", "getoutput")} | {
+    ("os", name) for name in ("fork", "forkpty", "system", "popen", "spawnv", "spawnl", "execv", "posix_spawn")} | {
+    ("asyncio", "create_subprocess_exec"), ("asyncio", "create_subprocess_shell")}
+MAY_START_ITS_OWN = {"processes.py": "the home", "test_claims.py": "two forked record writers, killed in a finally"}
+
+
+def process_starts(source: str) -> list[int]:
+    """The lines of Python source that start a process other than through processes.py: a call of
+    one of STARTERS, or an import of multiprocessing. (A script in a string, run by a child, is the
+    child's own and is not code here.)"""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                isinstance(node.func.value, ast.Name) and (node.func.value.id, node.func.attr) in STARTERS:
+            lines.append(node.lineno)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [alias.name for alias in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+            if any(name and name.split(".")[0] == "multiprocessing" for name in names):
+                lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_no_test_starts_a_process_but_through_tests_processes():
+    """README: every process a test starts gets its own session, the terminal's Ctrl-C and the tests'
+    interpreter, and is killed with all it started -- which holds for what processes.py starts."""
+    offenders = {path.name: process_starts(path.read_text()) for path in sorted((ROOT / "tests").glob("*.py"))
+                 if path.name not in MAY_START_ITS_OWN}
+    assert {name: lines for name, lines in offenders.items() if lines} == {}
+    planted = "import sys, subprocess\ndef test_x():\n    subprocess.Popen([sys.executable, 'train.py']).wait()\n"
+    assert process_starts(planted) == [3]
+    assert process_starts("import multiprocessing.pool\n") == [1]
+    assert process_starts("SCRIPT = 'import subprocess; subprocess.run([\"ls\"])'\n") == []
