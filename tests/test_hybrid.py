@@ -124,3 +124,18 @@ def test_hybrid_gdn_is_qwen3_nexts_pattern_with_its_gated_full_layers(capsys):
                                       "n_heads": "4"})
             model = MoELM(ModelConfig.from_train_config(cfg, 64))
             assert [type(layer.self_attn).__name__ for layer in model.layers] == kinds
+
+
+def test_the_command_lines_knobs_change_the_hybrids_own_layers_not_its_full_ones(hybrid):
+    """README: a knob given on the command line changes the spec's own (here MLA) layers; the full
+    layers stay the full variant's (gqa's: no bias, 2 key/value heads)."""
+    plain = config_from_values({"attention": hybrid.name, **SIZE})
+    biased = config_from_values({"attention": hybrid.name, "attention_bias": True, "kv_lora_rank": 4, **SIZE})
+    for cfg, bias, rank in ((plain, False, 2), (biased, True, 4)):
+        model = MoELM(ModelConfig.from_train_config(cfg, SIZE["vocab_size"]))
+        for layer in model.layers:
+            attn = layer.self_attn
+            if isinstance(attn, MultiHeadLatentAttention):
+                assert (attn.kv_a_proj_with_mqa.bias is not None, attn.kv_lora_rank) == (bias, rank)
+            else:
+                assert attn.q_proj.bias is None and attn.n_kv_heads == 2
