@@ -101,8 +101,7 @@ def calls(program: Path) -> list[dict]:
 
 
 def env(**extra) -> dict:
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("WANDB_SERVICE", "FAKE_FAIL", "FAKE_CRASH", "FAKE_SLEEP", "FAKE_HOLD_S")}
+    base = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE" and not k.startswith("FAKE_")}
     return {**base, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **extra}
 
 
@@ -469,6 +468,8 @@ def test_a_failing_report_is_a_warning(tmp_path, capsys, monkeypatch):
 # A stand-in for train.py that logs through a real offline W&B run, as train.py does: val/loss at
 # steps 1, 2, 3, ... from a fixed curve per variant, baseline's 20 0.05 s apart (past hyperband's
 # bands 2, 6 and 18 within a second), rope_only's 100 0.2 s apart; SIGTERM ends it after the step.
+# Each run notes in ends.jsonl when it began logging and when it ended; with FAKE_WAIT_FOR=variant a
+# run, its steps logged, keeps its W&B run open until that variant has ended (at most 30 s).
 FAKE_WANDB = textwrap.dedent('''
     import json, os, signal, sys, time
     from pathlib import Path
@@ -482,13 +483,19 @@ FAKE_WANDB = textwrap.dedent('''
     # the command line says lr=-1, then tries to change it: the sweep's value must win (locked)
     run = wandb.init(config={"lr": -1.0, "attention": attention})
     run.config.update({"lr": -2.0}, allow_val_change=True)
-    history = []
+    history, ends, began = [], Path(__file__).parent / "ends.jsonl", time.time()
     for step, loss in enumerate(curve, 1):
         if stop:
             break
         run.log({"val/loss": loss}, step=step)
         history.append({"step": step, "val/loss": loss})
         time.sleep(0.05 if attention == "baseline" else 0.2)
+    wait_for, deadline = os.environ.get("FAKE_WAIT_FOR"), time.time() + 30
+    while wait_for and not stop and time.time() < deadline and not (ends.exists() and any(
+            json.loads(line)["attention"] == wait_for for line in ends.read_text().splitlines())):
+        time.sleep(0.05)
+    with open(ends, "a") as f:
+        f.write(json.dumps({"attention": attention, "start": began, "end": time.time()}) + "\\n")
     status = "interrupted" if stop else "finished"
     out = Path(args["results_dir"]) / args["group"] / f"{attention}-s0.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -500,7 +507,7 @@ FAKE_WANDB = textwrap.dedent('''
 ''')
 
 
-def run_hyperband_sweep(tmp_path: Path, *options) -> tuple[subprocess.CompletedProcess, Path]:
+def run_hyperband_sweep(tmp_path: Path, *options, **extra_env) -> tuple[subprocess.CompletedProcess, Path]:
     """FAKE_WANDB's baseline and rope_only under hyperband (min_iter 2, eta 3): (the run, its sweep dir)."""
     program = tmp_path / "fake" / "fake_wandb.py"
     program.parent.mkdir()
@@ -509,7 +516,7 @@ def run_hyperband_sweep(tmp_path: Path, *options) -> tuple[subprocess.CompletedP
         "attention": {"values": ["baseline", "rope_only"]}, "lr": {"value": 0.001}},
         early_terminate={"type": "hyperband", "min_iter": 2, "eta": 3})
     results = tmp_path / "results"
-    result = run_cli(sweep, "--results-dir", results, "--no-report", *options, timeout=180)
+    result = run_cli(sweep, "--results-dir", results, "--no-report", *options, timeout=180, **extra_env)
     assert result.returncode == 0, result.stdout + result.stderr
     return result, only_sweep_dir(results)
 

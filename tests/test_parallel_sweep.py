@@ -126,13 +126,15 @@ def test_a_band_a_check_has_judged_is_not_judged_again(monkeypatch):
 def test_hyperband_stops_the_run_in_flight_that_falls_behind_the_one_beside_it(tmp_path):
     """The same two curves as the one-by-one test (test_local_sweep), now side by side, read from
     the running runs' W&B files: rope_only (9 from its second evaluation on) is stopped while
-    baseline, beside it, finishes. Robust by construction, not by timing: baseline passes every
-    band rope_only can be at within its first second (5 at band 2, 3 at bands 6 and 18, each below
-    rope_only's 9: the threshold over the two is baseline's value), and a band rope_only passed
-    between two checks is still judged; so however late one of them starts, and whenever a check
-    comes, rope_only is stopped at one of them -- unless baseline were 10 s later than it, past
-    band 54."""
-    result, sweep_dir = run_hyperband_sweep(tmp_path, "--parallel", 2)
+    baseline, beside it, is still running -- baseline keeps its W&B run open until rope_only has
+    ended (FAKE_WAIT_FOR), so only baseline's live history can have put rope_only behind: alone,
+    or against finished runs only, rope_only's threshold is its own value and it would log all 100
+    steps (20 s). Robust by construction, not by timing: baseline passes every band rope_only can
+    be at within its first second (5 at band 2, 3 at bands 6 and 18, each below rope_only's 9: the
+    threshold over the two is baseline's value), and a band rope_only passed between two checks is
+    still judged; so however late one of them starts, and whenever a check comes, rope_only is
+    stopped at one of them -- unless baseline were 10 s later than it, past band 54."""
+    result, sweep_dir = run_hyperband_sweep(tmp_path, "--parallel", 2, FAKE_WAIT_FOR="rope_only")
     first, second = state_of(sweep_dir)["runs"]
     assert (first["name"], first["status"]) == ("baseline-s0", "finished")
     assert (second["name"], second["status"]) == ("rope_only-s0", "stopped")
@@ -140,8 +142,11 @@ def test_hyperband_stops_the_run_in_flight_that_falls_behind_the_one_beside_it(t
     assert any(f"(Band: {band} Metric: 9 Threshold: {threshold})" in second["error"]
                for band, threshold in ((2, 5), (6, 3), (18, 3))), second["error"]
     assert 2 <= len(second["metric_history"]) < 100  # stopped before its end
+    spans = {row["attention"]: row for row in map(json.loads, (tmp_path / "fake" / "ends.jsonl").read_text().splitlines())}
+    baseline, rope_only = spans["baseline"], spans["rope_only"]
+    assert baseline["start"] < rope_only["end"] < baseline["end"]  # stopped while baseline was running
     out = result.stdout
-    assert out.index("[2/2] rope_only-s0  started") < out.index("[1/2] baseline-s0  finished")  # side by side
+    assert out.index("[2/2] rope_only-s0  stopped") < out.index("[1/2] baseline-s0  finished")
 
 
 def test_a_stop_from_hyperband_reaches_only_the_run_it_names(tmp_path):
