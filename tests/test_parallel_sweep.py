@@ -108,11 +108,13 @@ def test_hyperband_judges_a_run_at_every_band_it_passed_between_two_checks(monke
     assert "Step: 2 (Band: 2 Metric: 9 Threshold: 5)" in sweep.runs[1]["stop_reason"]
 
 
-def test_a_band_a_check_has_judged_is_not_judged_again(monkeypatch):
-    """As a check at each evaluation would: a run that passed band 2 (alone: threshold its own 8) is
-    judged from then on at its latest band only, not again at band 2 against a better run that
-    reached it later (c: 4 there, which would put a's 8 above the threshold sorted([4, 8])[0] = 4)."""
-    live = {"a": [10, 8, 8, 8, 8, 8, 8], "c": [10, 4]}
+def test_a_band_a_run_passed_between_two_checks_is_judged_once(monkeypatch):
+    """As a check at each evaluation would: a run that passed band 2 between two checks (alone:
+    threshold its own 8) is not judged again at band 2 against a better run that reached it later
+    (c: 4 there, which would put a's 8 above the threshold sorted([4, 8])[0] = 4); its latest band,
+    6, W&B's engine judges at every check: once d reaches it (3 there), a's 8 is above the
+    threshold sorted([3, 8])[0] = 3, and a is stopped at band 6."""
+    live = {"a": [10, 8, 8, 8, 8, 8, 8], "c": [10, 4], "d": [10, 4, 3, 3, 3, 3]}
     monkeypatch.setattr(engine, "run_history", lambda wandb_dir, run_id: [
         {"_step": i + 1, "val/loss": v} for i, v in enumerate(live[run_id])])
     sweep = state.Sweep(Path("/nonexistent"), {"sweep_id": "abc", "runs": [
@@ -121,6 +123,9 @@ def test_a_band_a_check_has_judged_is_not_judged_again(monkeypatch):
     assert stops(sweep.runs) == set()
     sweep.runs.append({"id": "c", "params": {"attention": "y"}, "status": "running", "metrics": {}})
     assert stops(sweep.runs) == set()  # a: band 6, where only a has a value; c: band 2, below a
+    sweep.runs.append({"id": "d", "params": {"attention": "x"}, "status": "running", "metrics": {}})
+    assert stops(sweep.runs) == {"a"}  # its latest band again, now with d there
+    assert "Band: 6" in sweep.runs[0]["stop_reason"]
 
 
 def test_hyperband_stops_the_run_in_flight_that_falls_behind_the_one_beside_it(tmp_path):
