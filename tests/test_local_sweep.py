@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # A stand-in for train.py: reads `--name=value`, WANDB_* and the thread counts, logs each call (and
 # when each ends, in ends.jsonl), writes a record to <results_dir>/<group>/<attention>-s<seed>.json;
-# fails, crashes or sleeps for chosen variants; with FAKE_HOLD_S every run first waits that long.
+# fails, crashes or sleeps for chosen variants; with FAKE_HOLD_S every run first waits that long
+# (FAKE_HOLD_S_<ATTENTION>, e.g. FAKE_HOLD_S_BASELINE, for that variant instead).
 FAKE = textwrap.dedent('''
     import atexit, json, os, signal, sys, time
     from pathlib import Path
@@ -62,10 +63,11 @@ FAKE = textwrap.dedent('''
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     print(f"fake training {attention}-s{seed}", flush=True)
-    if float(os.environ.get("FAKE_HOLD_S", 0)):
+    hold = float(os.environ.get(f"FAKE_HOLD_S_{attention.upper()}", os.environ.get("FAKE_HOLD_S", 0)))
+    if hold:
         (here / "holding").mkdir(exist_ok=True)
         (here / "holding" / f"{attention}-s{seed}").write_text(str(os.getpid()))
-        time.sleep(float(os.environ["FAKE_HOLD_S"]))
+        time.sleep(hold)
     if attention in os.environ.get("FAKE_FAIL", "").split(","):
         print(f"error: injected failure for {attention}", file=sys.stderr)
         record("failed", f"injected failure for {attention}")

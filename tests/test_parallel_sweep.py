@@ -246,19 +246,27 @@ def test_bayes_runs_two_at_once_to_its_count(tmp_path, fake):
 
 def test_the_metric_target_ends_the_hand_out_and_the_runs_in_flight_finish(tmp_path, fake):
     """The fake's val/loss is 3.0 + len(attention)/10: baseline 3.8 reaches the target 3.85, the
-    others (3.9, 3.9, 4.0) do not. Two at once: baseline and rope_only start; whichever ends first,
-    bias_only may take the free slot before baseline has ended, but lora_small never starts."""
+    others (3.9, 3.9, 4.0) do not. Two at once: baseline (0.2 s) and rope_only (1.5 s) start;
+    baseline ends first, reaching the target while rope_only is in flight: no run takes the free
+    slot, and rope_only, not stopped, finishes with its whole history."""
     sweep = write_sweep(tmp_path / "target.yaml", fake, {
         "attention": {"values": ["baseline", "rope_only", "bias_only", "lora_small"]}, "seed": {"value": 0}},
         metric={"name": "val/loss", "goal": "minimize", "target": 3.85})
     results = tmp_path / "results"
-    result = run_cli(sweep, "--results-dir", results, "--no-report", "--parallel", 2, FAKE_HOLD_S="1")
+    result = run_cli(sweep, "--results-dir", results, "--no-report", "--parallel", 2,
+                     FAKE_HOLD_S="1.5", FAKE_HOLD_S_BASELINE="0.2")
     assert result.returncode == 0, result.stdout + result.stderr
     saved = state_of(only_sweep_dir(results))
-    started = [c["argv"][0] for c in calls(fake)]
-    assert started[:2] == ["--attention=baseline", "--attention=rope_only"] and "--attention=lora_small" not in started
-    assert [r["status"] for r in saved["runs"]] == ["finished"] * len(started)  # those in flight finished
-    assert saved["target_reached_by"] == saved["runs"][0]["id"]
+    made = calls(fake)
+    assert [c["argv"][0] for c in made] == ["--attention=baseline", "--attention=rope_only"]
+    spans = intervals(fake)
+    baseline_end = spans[made[0]["pid"]][1]
+    rope_start, rope_end = spans[made[1]["pid"]]
+    assert rope_start < baseline_end < rope_end  # in flight when baseline reached the target
+    baseline, rope_only = saved["runs"]
+    assert saved["target_reached_by"] == baseline["id"]
+    assert (rope_only["status"], rope_only["exit_code"], rope_only["metrics"].get("val/loss")) == ("finished", 0, 3.9)
+    assert rope_only["metric_history"] == [{"step": 1, "val/loss": 3.9}]  # all of it: it ran to its end
     assert "reached the metric target val/loss=3.85" in result.stdout
 
 
