@@ -309,9 +309,10 @@ def test_ctrl_c_stops_every_run_in_flight_and_resume_continues_them(tmp_path, fa
 # --- train.py itself: the numbers are those of one by one --------------------------------------------
 
 # local_sweep's command line with train.main wrapped: each run notes its torch threads, its
-# environment's and the pipes and sweep logs it holds, then trains as usual.
+# environment's and the pipes and sweep logs it holds, then trains as usual, and notes when it
+# started and ended training.
 WRAPPER = textwrap.dedent('''
-    import json, os, sys
+    import json, os, sys, time
     from pathlib import Path
     sys.path.insert(0, {root!r})
     import torch, train
@@ -325,10 +326,14 @@ WRAPPER = textwrap.dedent('''
                 held[fd] = os.readlink(f"/proc/self/fd/{{fd}}")
             except OSError:
                 pass
-        (Path({markers!r}) / name).write_text(json.dumps({{
+        marker = Path({markers!r}) / name
+        marker.write_text(json.dumps({{
             "threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS"), "stdout": held.get("1"),
-            "held": sorted(set(held.values()))}}))
-        return real_main(args)
+            "held": sorted(set(held.values())), "start": time.time()}}))
+        try:
+            return real_main(args)
+        finally:
+            marker.with_suffix(".end").write_text(str(time.time()))
 
     train.main = main
     from localsweep.cli import main as cli
@@ -374,6 +379,9 @@ def test_two_at_once_give_the_same_runs_as_one_by_one(tmp_path):
             first, second = seen["baseline-s0"], seen["baseline-s1"]
             assert first["stdout"].startswith("pipe:") and first["stdout"] not in second["held"]
             assert not [p for s in seen.values() for p in s["held"] if p.endswith(".log")]
+            # and two at once they were: some run started training before another had ended
+            spans = [(s["start"], float((markers / f"{name}.end").read_text())) for name, s in seen.items()]
+            assert most_at_once(spans) == 2, spans
 
     assert sorted(records[1]) == sorted(records[2]) == ["baseline-s0", "baseline-s1", "rope_small-s0",
                                                         "rope_small-s1"]
