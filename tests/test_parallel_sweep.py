@@ -59,6 +59,35 @@ def test_a_grid_never_hands_out_a_point_that_is_in_flight():
     assert sweeps.next_run(config, engine.engine_runs(done, "val/loss")) is None  # the grid is handed out
 
 
+def test_bayes_is_shown_a_run_in_flight_as_one_in_flight():
+    """W&B's bayes fits its model to the runs that ended and takes a run in flight (`running`) as
+    a point being tried (current_X): it predicts that run's metric and treats it as seen, so the
+    next suggestion is not the one without it -- as several agents online would be given."""
+    import numpy as np
+    import sweeps
+    from sweeps import bayes_search
+
+    config = {"method": "bayes", "metric": {"name": "val/loss", "goal": "minimize"},
+              "parameters": {"lr": {"min": 0.0, "max": 1.0}}}
+    sweep = sweep_with([{"params": {"lr": 0.1}, "status": "finished", "metrics": {"val/loss": 3.0}},
+                        {"params": {"lr": 0.9}, "status": "finished", "metrics": {"val/loss": 4.0}},
+                        {"params": {"lr": 0.5}, "status": "running"}])
+    runs = engine.engine_runs(sweep, "val/loss")
+    _, sample_X, current_X, y, _ = bayes_search._construct_gp_data(
+        runs, bayes_search.bayes_baseline_validate_and_fill(config))
+    assert sample_X[:, 0].tolist() == pytest.approx([0.1, 0.9]) and y.tolist() == [3.0, 4.0]
+    assert current_X.shape == (1, 1) and current_X[0, 0] == pytest.approx(0.5)  # in flight: lr 0.5 (uniform on [0, 1])
+    saved = np.random.get_state()
+    try:
+        suggested = []
+        for shown in (runs, runs[:2]):  # the same random candidates, with and without it in flight
+            np.random.seed(0)
+            suggested.append(sweeps.next_run(config, shown).config["lr"]["value"])
+    finally:
+        np.random.set_state(saved)
+    assert suggested[0] != suggested[1], suggested
+
+
 def test_hyperband_judges_each_run_in_flight_against_the_others(monkeypatch):
     """Two runs in flight, min_iter=2, eta=3: at band 2 the threshold over {a: 5, b: 9} is
     sorted([5, 9])[int(2/3)] = 5; b's best so far, 9, is above it, a's, 5, is not: b alone stops."""
