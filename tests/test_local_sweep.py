@@ -435,6 +435,21 @@ def test_random_search_runs_count_runs(tmp_path, fake):
     assert state_of(only_sweep_dir(results))["count"] == 3
 
 
+def test_run_cap_caps_the_runs_and_stands_for_count(capsys, tmp_path, fake, monkeypatch):
+    """W&B's `run_cap`: at most that many runs in the sweep (the smaller of it and --count), and a
+    random search with one needs no --count. A 3-point grid capped at 2 runs its first 2."""
+    path = write_sweep(tmp_path / "cap.yaml", fake, {"attention": {"values": ["baseline", "lora_small", "rope_small"]},
+                                                     "seed": {"value": 0}}, run_cap=2)
+    grid = yaml.safe_load(path.read_text())
+    assert [cli.check(grid, "cap.yaml", count)[1:] for count in (None, 5, 1)] == [(2, 2), (2, 2), (1, 1)]
+    random = {**grid, "method": "random", "parameters": {"lr": {"min": 0.0001, "max": 0.01}}}
+    assert cli.check(random, "random.yaml", None) == ("random", 2, 2)
+    monkeypatch.setattr(cli, "install_stop_handlers", lambda: None)  # in process: pytest's own signals stay
+    assert cli.main([str(path), "--results-dir", str(tmp_path / "results"), "--no-report"]) == 0
+    assert [c["argv"][0] for c in calls(fake)] == ["--attention=baseline", "--attention=lora_small"]
+    assert "[2/2] lora_small-s0  finished" in capsys.readouterr().out
+
+
 def test_a_second_agent_on_the_same_sweep_is_refused(capsys, tmp_path, fake):
     import fcntl
 
