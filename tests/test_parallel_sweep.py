@@ -29,6 +29,16 @@ def test_threads_per_run_share_the_cores():
     assert [runner.threads_per_run(n, 16) for n in (2, 3, 4, 16)] == [8, 5, 4, 1]
 
 
+def test_cores_are_the_cpus_this_process_may_run_on(monkeypatch):
+    """On a 16-CPU machine with local_sweep.py pinned to one (taskset, a cgroup's cpuset): 1 core,
+    and two at once get 1 thread each, not 8; without affinity (not Linux), the machine's CPUs."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert runner.cores() == 1 and runner.threads_per_run(2, runner.cores()) == 1
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert runner.cores() == 16 and runner.threads_per_run(2, runner.cores()) == 8
+
+
 def test_a_bad_parallel_is_one_error_line(capsys):
     for value in ("0", "-2", "two"):
         with pytest.raises(SystemExit) as exit_info:
