@@ -44,8 +44,8 @@ def early_stopper(sweep: Sweep, config: dict, metric: str):
     evaluations faster than that can pass a band between two checks, and at the next band there may
     be no other run yet: its threshold is then its own value and it runs on (what failed the
     two-at-once test, traced). So a run is also judged at each band it passed since the last check,
-    its history cut there, as a check at each evaluation would have judged it; a band once judged
-    is not judged again. Live history stays W&B's file, not a stream of our own: it is what `wandb
+    its history cut there, as a check at each evaluation would have judged it, each such band once
+    (its latest band W&B's engine judges at every check). Live history stays W&B's file, not a stream of our own: it is what `wandb
     sync` uploads (the server's view) for any program that logs to W&B, it is flushed in both
     launch modes (2026-12-02, loaded 2 cores, --parallel 2: a forked train.py run's file grew
     7 -> 3587 -> 34502 -> 80029 bytes a second apart, a subprocess's ~1.3 KB a second), a read of 150

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # A stand-in for train.py: reads `--name=value`, WANDB_* and the thread counts, logs each call (and
 # when each ends, in ends.jsonl), writes a record to <results_dir>/<group>/<attention>-s<seed>.json;
-# fails, crashes or sleeps for chosen variants; with FAKE_HOLD_S every run first waits that long.
+# fails, crashes or sleeps for chosen variants; with FAKE_HOLD_S every run first waits that long
+# (FAKE_HOLD_S_<ATTENTION>, e.g. FAKE_HOLD_S_BASELINE, for that variant instead).
 FAKE = textwrap.dedent('''
     import atexit, json, os, signal, sys, time
     from pathlib import Path
@@ -62,10 +63,11 @@ FAKE = textwrap.dedent('''
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     print(f"fake training {attention}-s{seed}", flush=True)
-    if float(os.environ.get("FAKE_HOLD_S", 0)):
+    hold = float(os.environ.get(f"FAKE_HOLD_S_{attention.upper()}", os.environ.get("FAKE_HOLD_S", 0)))
+    if hold:
         (here / "holding").mkdir(exist_ok=True)
         (here / "holding" / f"{attention}-s{seed}").write_text(str(os.getpid()))
-        time.sleep(float(os.environ["FAKE_HOLD_S"]))
+        time.sleep(hold)
     if attention in os.environ.get("FAKE_FAIL", "").split(","):
         print(f"error: injected failure for {attention}", file=sys.stderr)
         record("failed", f"injected failure for {attention}")
@@ -101,8 +103,7 @@ def calls(program: Path) -> list[dict]:
 
 
 def env(**extra) -> dict:
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("WANDB_SERVICE", "FAKE_FAIL", "FAKE_CRASH", "FAKE_SLEEP", "FAKE_HOLD_S")}
+    base = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE" and not k.startswith("FAKE_")}
     return {**base, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **extra}
 
 
@@ -434,6 +435,21 @@ def test_random_search_runs_count_runs(tmp_path, fake):
     assert state_of(only_sweep_dir(results))["count"] == 3
 
 
+def test_run_cap_caps_the_runs_and_stands_for_count(capsys, tmp_path, fake, monkeypatch):
+    """W&B's `run_cap`: at most that many runs in the sweep (the smaller of it and --count), and a
+    random search with one needs no --count. A 3-point grid capped at 2 runs its first 2."""
+    path = write_sweep(tmp_path / "cap.yaml", fake, {"attention": {"values": ["baseline", "lora_small", "rope_small"]},
+                                                     "seed": {"value": 0}}, run_cap=2)
+    grid = yaml.safe_load(path.read_text())
+    assert [cli.check(grid, "cap.yaml", count)[1:] for count in (None, 5, 1)] == [(2, 2), (2, 2), (1, 1)]
+    random = {**grid, "method": "random", "parameters": {"lr": {"min": 0.0001, "max": 0.01}}}
+    assert cli.check(random, "random.yaml", None) == ("random", 2, 2)
+    monkeypatch.setattr(cli, "install_stop_handlers", lambda: None)  # in process: pytest's own signals stay
+    assert cli.main([str(path), "--results-dir", str(tmp_path / "results"), "--no-report"]) == 0
+    assert [c["argv"][0] for c in calls(fake)] == ["--attention=baseline", "--attention=lora_small"]
+    assert "[2/2] lora_small-s0  finished" in capsys.readouterr().out
+
+
 def test_a_second_agent_on_the_same_sweep_is_refused(capsys, tmp_path, fake):
     import fcntl
 
@@ -469,6 +485,8 @@ def test_a_failing_report_is_a_warning(tmp_path, capsys, monkeypatch):
 # A stand-in for train.py that logs through a real offline W&B run, as train.py does: val/loss at
 # steps 1, 2, 3, ... from a fixed curve per variant, baseline's 20 0.05 s apart (past hyperband's
 # bands 2, 6 and 18 within a second), rope_only's 100 0.2 s apart; SIGTERM ends it after the step.
+# Each run notes in ends.jsonl when it began logging and when it ended; with FAKE_WAIT_FOR=variant a
+# run, its steps logged, keeps its W&B run open until that variant has ended (at most 30 s).
 FAKE_WANDB = textwrap.dedent('''
     import json, os, signal, sys, time
     from pathlib import Path
@@ -482,13 +500,19 @@ FAKE_WANDB = textwrap.dedent('''
     # the command line says lr=-1, then tries to change it: the sweep's value must win (locked)
     run = wandb.init(config={"lr": -1.0, "attention": attention})
     run.config.update({"lr": -2.0}, allow_val_change=True)
-    history = []
+    history, ends, began = [], Path(__file__).parent / "ends.jsonl", time.time()
     for step, loss in enumerate(curve, 1):
         if stop:
             break
         run.log({"val/loss": loss}, step=step)
         history.append({"step": step, "val/loss": loss})
         time.sleep(0.05 if attention == "baseline" else 0.2)
+    wait_for, deadline = os.environ.get("FAKE_WAIT_FOR"), time.time() + 30
+    while wait_for and not stop and time.time() < deadline and not (ends.exists() and any(
+            json.loads(line)["attention"] == wait_for for line in ends.read_text().splitlines())):
+        time.sleep(0.05)
+    with open(ends, "a") as f:
+        f.write(json.dumps({"attention": attention, "start": began, "end": time.time()}) + "\\n")
     status = "interrupted" if stop else "finished"
     out = Path(args["results_dir"]) / args["group"] / f"{attention}-s0.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -500,7 +524,7 @@ FAKE_WANDB = textwrap.dedent('''
 ''')
 
 
-def run_hyperband_sweep(tmp_path: Path, *options) -> tuple[subprocess.CompletedProcess, Path]:
+def run_hyperband_sweep(tmp_path: Path, *options, **extra_env) -> tuple[subprocess.CompletedProcess, Path]:
     """FAKE_WANDB's baseline and rope_only under hyperband (min_iter 2, eta 3): (the run, its sweep dir)."""
     program = tmp_path / "fake" / "fake_wandb.py"
     program.parent.mkdir()
@@ -509,7 +533,7 @@ def run_hyperband_sweep(tmp_path: Path, *options) -> tuple[subprocess.CompletedP
         "attention": {"values": ["baseline", "rope_only"]}, "lr": {"value": 0.001}},
         early_terminate={"type": "hyperband", "min_iter": 2, "eta": 3})
     results = tmp_path / "results"
-    result = run_cli(sweep, "--results-dir", results, "--no-report", *options, timeout=180)
+    result = run_cli(sweep, "--results-dir", results, "--no-report", *options, timeout=180, **extra_env)
     assert result.returncode == 0, result.stdout + result.stderr
     return result, only_sweep_dir(results)
 
@@ -610,9 +634,9 @@ def test_a_ctrl_c_the_kernel_hands_to_another_thread_still_stops_the_run():
 
 
 def test_several_sweeps_run_in_turn_each_its_own_and_a_bad_one_stops_all_before_any_run(capsys, tmp_path, fake):
-    """`local_sweep.py A.yaml B.yaml` (the main job's form): A's runs, then B's, each in its own sweep
-    directory with its own state; a bad B is refused before A starts; options that belong to one
-    sweep are refused with several."""
+    """`local_sweep.py A.yaml B.yaml --parallel 2` (the main job's form): A's runs, then B's, each
+    in its own sweep directory with its own state; a bad B is refused before A starts; options that
+    belong to one sweep are refused with several."""
     first = write_sweep(tmp_path / "a.yaml", fake, {"attention": {"values": ["baseline", "lora_small"]},
                                                   "seed": {"value": 0}, "steps": {"value": 5}})
     second = write_sweep(tmp_path / "b.yaml", fake, {"attention": {"value": "rope_small"},
@@ -620,18 +644,20 @@ def test_several_sweeps_run_in_turn_each_its_own_and_a_bad_one_stops_all_before_
     bad = write_sweep(tmp_path / "bad.yaml", fake, {"attention": {"value": "foo"}})
     line = refuse(capsys, tmp_path, [first, bad])
     assert line.startswith(f"error: {bad}: bad values: ") and calls(fake) == []
-    for option in (["--count", "1"], ["--then-stage2"], ["--report-dir", str(tmp_path / "r")]):
+    for option in (["--count", "1"], ["--then-stage2"], ["--report-dir", str(tmp_path / "r")], ["--resume", "x"]):
         with pytest.raises(SystemExit) as exit_info:
             cli.main([str(first), str(second), *option])
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(err) == 1
         assert err[0].startswith(f"error: {option[0]} goes with one sweep YAML, not 2"), err
     results = tmp_path / "results"
-    result = run_cli(first, second, "--results-dir", results)
+    result = run_cli(first, second, "--results-dir", results, "--parallel", 2)
     assert result.returncode == 0, result.stdout + result.stderr
     ran = [dict(a[2:].split("=", 1) for a in c["argv"] if a.startswith("--")) for c in calls(fake)]
-    assert [(r["attention"], r["seed"]) for r in ran] == [("baseline", "0"), ("lora_small", "0"),
-                                                          ("rope_small", "0"), ("rope_small", "1")]
+    ran = [(r["attention"], r["seed"]) for r in ran]  # two at once: either of a sweep's two may start first
+    assert sorted(ran[:2]) == [("baseline", "0"), ("lora_small", "0")]
+    assert sorted(ran[2:]) == [("rope_small", "0"), ("rope_small", "1")]
+    assert result.stdout.count(" runs, 2 at once, ") == 2  # each sweep of the two ran two at once
     states = sorted((state_of(p) for p in results.iterdir() if (p / "sweep_state.json").exists()),
                     key=lambda state: state["sweep_file"])
     assert [(s["sweep_file"], s["complete"], len(s["runs"])) for s in states] == [(str(first), True, 2), (str(second), True, 2)]

@@ -29,6 +29,16 @@ def test_threads_per_run_share_the_cores():
     assert [runner.threads_per_run(n, 16) for n in (2, 3, 4, 16)] == [8, 5, 4, 1]
 
 
+def test_cores_are_the_cpus_this_process_may_run_on(monkeypatch):
+    """On a 16-CPU machine with local_sweep.py pinned to one (taskset, a cgroup's cpuset): 1 core,
+    and two at once get 1 thread each, not 8; without affinity (not Linux), the machine's CPUs."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert runner.cores() == 1 and runner.threads_per_run(2, runner.cores()) == 1
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert runner.cores() == 16 and runner.threads_per_run(2, runner.cores()) == 8
+
+
 def test_a_bad_parallel_is_one_error_line(capsys):
     for value in ("0", "-2", "two"):
         with pytest.raises(SystemExit) as exit_info:
@@ -57,6 +67,35 @@ def test_a_grid_never_hands_out_a_point_that_is_in_flight():
     assert sweeps.next_run(config, runs).config["attention"]["value"] == "c"
     done = sweep_with([{"params": {"attention": v}, "status": "running"} for v in "abc"])
     assert sweeps.next_run(config, engine.engine_runs(done, "val/loss")) is None  # the grid is handed out
+
+
+def test_bayes_is_shown_a_run_in_flight_as_one_in_flight():
+    """W&B's bayes fits its model to the runs that ended and takes a run in flight (`running`) as
+    a point being tried (current_X): it predicts that run's metric and treats it as seen, so the
+    next suggestion is not the one without it -- as several agents online would be given."""
+    import numpy as np
+    import sweeps
+    from sweeps import bayes_search
+
+    config = {"method": "bayes", "metric": {"name": "val/loss", "goal": "minimize"},
+              "parameters": {"lr": {"min": 0.0, "max": 1.0}}}
+    sweep = sweep_with([{"params": {"lr": 0.1}, "status": "finished", "metrics": {"val/loss": 3.0}},
+                        {"params": {"lr": 0.9}, "status": "finished", "metrics": {"val/loss": 4.0}},
+                        {"params": {"lr": 0.5}, "status": "running"}])
+    runs = engine.engine_runs(sweep, "val/loss")
+    _, sample_X, current_X, y, _ = bayes_search._construct_gp_data(
+        runs, bayes_search.bayes_baseline_validate_and_fill(config))
+    assert sample_X[:, 0].tolist() == pytest.approx([0.1, 0.9]) and y.tolist() == [3.0, 4.0]
+    assert current_X.shape == (1, 1) and current_X[0, 0] == pytest.approx(0.5)  # in flight: lr 0.5 (uniform on [0, 1])
+    saved = np.random.get_state()
+    try:
+        suggested = []
+        for shown in (runs, runs[:2]):  # the same random candidates, with and without it in flight
+            np.random.seed(0)
+            suggested.append(sweeps.next_run(config, shown).config["lr"]["value"])
+    finally:
+        np.random.set_state(saved)
+    assert suggested[0] != suggested[1], suggested
 
 
 def test_hyperband_judges_each_run_in_flight_against_the_others(monkeypatch):
@@ -108,11 +147,13 @@ def test_hyperband_judges_a_run_at_every_band_it_passed_between_two_checks(monke
     assert "Step: 2 (Band: 2 Metric: 9 Threshold: 5)" in sweep.runs[1]["stop_reason"]
 
 
-def test_a_band_a_check_has_judged_is_not_judged_again(monkeypatch):
-    """As a check at each evaluation would: a run that passed band 2 (alone: threshold its own 8) is
-    judged from then on at its latest band only, not again at band 2 against a better run that
-    reached it later (c: 4 there, which would put a's 8 above the threshold sorted([4, 8])[0] = 4)."""
-    live = {"a": [10, 8, 8, 8, 8, 8, 8], "c": [10, 4]}
+def test_a_band_a_run_passed_between_two_checks_is_judged_once(monkeypatch):
+    """As a check at each evaluation would: a run that passed band 2 between two checks (alone:
+    threshold its own 8) is not judged again at band 2 against a better run that reached it later
+    (c: 4 there, which would put a's 8 above the threshold sorted([4, 8])[0] = 4); its latest band,
+    6, W&B's engine judges at every check: once d reaches it (3 there), a's 8 is above the
+    threshold sorted([3, 8])[0] = 3, and a is stopped at band 6."""
+    live = {"a": [10, 8, 8, 8, 8, 8, 8], "c": [10, 4], "d": [10, 4, 3, 3, 3, 3]}
     monkeypatch.setattr(engine, "run_history", lambda wandb_dir, run_id: [
         {"_step": i + 1, "val/loss": v} for i, v in enumerate(live[run_id])])
     sweep = state.Sweep(Path("/nonexistent"), {"sweep_id": "abc", "runs": [
@@ -121,18 +162,23 @@ def test_a_band_a_check_has_judged_is_not_judged_again(monkeypatch):
     assert stops(sweep.runs) == set()
     sweep.runs.append({"id": "c", "params": {"attention": "y"}, "status": "running", "metrics": {}})
     assert stops(sweep.runs) == set()  # a: band 6, where only a has a value; c: band 2, below a
+    sweep.runs.append({"id": "d", "params": {"attention": "x"}, "status": "running", "metrics": {}})
+    assert stops(sweep.runs) == {"a"}  # its latest band again, now with d there
+    assert "Band: 6" in sweep.runs[0]["stop_reason"]
 
 
 def test_hyperband_stops_the_run_in_flight_that_falls_behind_the_one_beside_it(tmp_path):
     """The same two curves as the one-by-one test (test_local_sweep), now side by side, read from
     the running runs' W&B files: rope_only (9 from its second evaluation on) is stopped while
-    baseline, beside it, finishes. Robust by construction, not by timing: baseline passes every
-    band rope_only can be at within its first second (5 at band 2, 3 at bands 6 and 18, each below
-    rope_only's 9: the threshold over the two is baseline's value), and a band rope_only passed
-    between two checks is still judged; so however late one of them starts, and whenever a check
-    comes, rope_only is stopped at one of them -- unless baseline were 10 s later than it, past
-    band 54."""
-    result, sweep_dir = run_hyperband_sweep(tmp_path, "--parallel", 2)
+    baseline, beside it, is still running -- baseline keeps its W&B run open until rope_only has
+    ended (FAKE_WAIT_FOR), so only baseline's live history can have put rope_only behind: alone,
+    or against finished runs only, rope_only's threshold is its own value and it would log all 100
+    steps (20 s). Robust by construction, not by timing: baseline passes every band rope_only can
+    be at within its first second (5 at band 2, 3 at bands 6 and 18, each below rope_only's 9: the
+    threshold over the two is baseline's value), and a band rope_only passed between two checks is
+    still judged; so however late one of them starts, and whenever a check comes, rope_only is
+    stopped at one of them -- unless baseline were 10 s later than it, past band 54."""
+    result, sweep_dir = run_hyperband_sweep(tmp_path, "--parallel", 2, FAKE_WAIT_FOR="rope_only")
     first, second = state_of(sweep_dir)["runs"]
     assert (first["name"], first["status"]) == ("baseline-s0", "finished")
     assert (second["name"], second["status"]) == ("rope_only-s0", "stopped")
@@ -140,8 +186,11 @@ def test_hyperband_stops_the_run_in_flight_that_falls_behind_the_one_beside_it(t
     assert any(f"(Band: {band} Metric: 9 Threshold: {threshold})" in second["error"]
                for band, threshold in ((2, 5), (6, 3), (18, 3))), second["error"]
     assert 2 <= len(second["metric_history"]) < 100  # stopped before its end
+    spans = {row["attention"]: row for row in map(json.loads, (tmp_path / "fake" / "ends.jsonl").read_text().splitlines())}
+    baseline, rope_only = spans["baseline"], spans["rope_only"]
+    assert baseline["start"] < rope_only["end"] < baseline["end"]  # stopped while baseline was running
     out = result.stdout
-    assert out.index("[2/2] rope_only-s0  started") < out.index("[1/2] baseline-s0  finished")  # side by side
+    assert out.index("[2/2] rope_only-s0  stopped") < out.index("[1/2] baseline-s0  finished")
 
 
 def test_a_stop_from_hyperband_reaches_only_the_run_it_names(tmp_path):
@@ -236,19 +285,27 @@ def test_bayes_runs_two_at_once_to_its_count(tmp_path, fake):
 
 def test_the_metric_target_ends_the_hand_out_and_the_runs_in_flight_finish(tmp_path, fake):
     """The fake's val/loss is 3.0 + len(attention)/10: baseline 3.8 reaches the target 3.85, the
-    others (3.9, 3.9, 4.0) do not. Two at once: baseline and rope_only start; whichever ends first,
-    bias_only may take the free slot before baseline has ended, but lora_small never starts."""
+    others (3.9, 3.9, 4.0) do not. Two at once: baseline (0.2 s) and rope_only (1.5 s) start;
+    baseline ends first, reaching the target while rope_only is in flight: no run takes the free
+    slot, and rope_only, not stopped, finishes with its whole history."""
     sweep = write_sweep(tmp_path / "target.yaml", fake, {
         "attention": {"values": ["baseline", "rope_only", "bias_only", "lora_small"]}, "seed": {"value": 0}},
         metric={"name": "val/loss", "goal": "minimize", "target": 3.85})
     results = tmp_path / "results"
-    result = run_cli(sweep, "--results-dir", results, "--no-report", "--parallel", 2, FAKE_HOLD_S="1")
+    result = run_cli(sweep, "--results-dir", results, "--no-report", "--parallel", 2,
+                     FAKE_HOLD_S="1.5", FAKE_HOLD_S_BASELINE="0.2")
     assert result.returncode == 0, result.stdout + result.stderr
     saved = state_of(only_sweep_dir(results))
-    started = [c["argv"][0] for c in calls(fake)]
-    assert started[:2] == ["--attention=baseline", "--attention=rope_only"] and "--attention=lora_small" not in started
-    assert [r["status"] for r in saved["runs"]] == ["finished"] * len(started)  # those in flight finished
-    assert saved["target_reached_by"] == saved["runs"][0]["id"]
+    made = calls(fake)
+    assert [c["argv"][0] for c in made] == ["--attention=baseline", "--attention=rope_only"]
+    spans = intervals(fake)
+    baseline_end = spans[made[0]["pid"]][1]
+    rope_start, rope_end = spans[made[1]["pid"]]
+    assert rope_start < baseline_end < rope_end  # in flight when baseline reached the target
+    baseline, rope_only = saved["runs"]
+    assert saved["target_reached_by"] == baseline["id"]
+    assert (rope_only["status"], rope_only["exit_code"], rope_only["metrics"].get("val/loss")) == ("finished", 0, 3.9)
+    assert rope_only["metric_history"] == [{"step": 1, "val/loss": 3.9}]  # all of it: it ran to its end
     assert "reached the metric target val/loss=3.85" in result.stdout
 
 
@@ -291,9 +348,10 @@ def test_ctrl_c_stops_every_run_in_flight_and_resume_continues_them(tmp_path, fa
 # --- train.py itself: the numbers are those of one by one --------------------------------------------
 
 # local_sweep's command line with train.main wrapped: each run notes its torch threads, its
-# environment's and the pipes and sweep logs it holds, then trains as usual.
+# environment's and the pipes and sweep logs it holds, then trains as usual, and notes when it
+# started and ended training.
 WRAPPER = textwrap.dedent('''
-    import json, os, sys
+    import json, os, sys, time
     from pathlib import Path
     sys.path.insert(0, {root!r})
     import torch, train
@@ -307,10 +365,14 @@ WRAPPER = textwrap.dedent('''
                 held[fd] = os.readlink(f"/proc/self/fd/{{fd}}")
             except OSError:
                 pass
-        (Path({markers!r}) / name).write_text(json.dumps({{
+        marker = Path({markers!r}) / name
+        marker.write_text(json.dumps({{
             "threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS"), "stdout": held.get("1"),
-            "held": sorted(set(held.values()))}}))
-        return real_main(args)
+            "held": sorted(set(held.values())), "start": time.time()}}))
+        try:
+            return real_main(args)
+        finally:
+            marker.with_suffix(".end").write_text(str(time.time()))
 
     train.main = main
     from localsweep.cli import main as cli
@@ -356,6 +418,9 @@ def test_two_at_once_give_the_same_runs_as_one_by_one(tmp_path):
             first, second = seen["baseline-s0"], seen["baseline-s1"]
             assert first["stdout"].startswith("pipe:") and first["stdout"] not in second["held"]
             assert not [p for s in seen.values() for p in s["held"] if p.endswith(".log")]
+            # and two at once they were: some run started training before another had ended
+            spans = [(s["start"], float((markers / f"{name}.end").read_text())) for name, s in seen.items()]
+            assert most_at_once(spans) == 2, spans
 
     assert sorted(records[1]) == sorted(records[2]) == ["baseline-s0", "baseline-s1", "rope_small-s0",
                                                         "rope_small-s1"]
