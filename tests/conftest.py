@@ -7,7 +7,11 @@ and hub caches, matplotlib's font cache all live under it; XDG_* and HF_HOME too
 override it), a private TORCHINDUCTOR_CACHE_DIR (inductor's default is shared in /tmp: two
 processes compiling at once left a truncated .so there, and every later compile test on that
 machine failed to import it), no W&B credentials or settings from the caller's environment, W&B
-offline, and PYTHON naming this interpreter (scripts the tests start run "${PYTHON:-python3}")."""
+offline, PYTHON naming this interpreter (scripts the tests start run "${PYTHON:-python3}"), and one
+torch thread a process (OMP_NUM_THREADS, MKL_NUM_THREADS; a test about thread counts sets its own):
+the tests' models are tiny, so a second thread costs more in synchronisation than it computes (README,
+--parallel), and a test's process, a sweep and its run, each with a thread a core, oversubscribe the
+cores (a 285-test subset on 2 shared cores: 58 s against 144 s with torch's default, loaded)."""
 import os
 import shutil
 import sys
@@ -32,7 +36,8 @@ def session_environment(root: str) -> dict:
             "HF_HOME": os.path.join(home, ".cache", "huggingface"),
             "MPLCONFIGDIR": os.path.join(home, ".config", "matplotlib"),
             "TORCHINDUCTOR_CACHE_DIR": os.path.join(root, "inductor"), "TRITON_CACHE_DIR": os.path.join(root, "triton"),
-            "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHON": sys.executable}
+            "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHON": sys.executable,
+            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def pytest_configure(config):
@@ -45,6 +50,8 @@ def pytest_configure(config):
         if value.startswith(_session_dir):
             os.makedirs(value, exist_ok=True)
         os.environ[key] = value
+    if "torch" in sys.modules:  # imported before this hook (a plugin): it has read its thread count already
+        sys.modules["torch"].set_num_threads(1)
 
 
 def pytest_unconfigure(config):

@@ -118,7 +118,9 @@ def test_a_timed_out_run_kills_the_whole_tree_before_raising(tmp_path):
 def test_the_session_has_its_own_home_and_caches_and_its_children_share_them():
     """HOME, the W&B and HF dirs and the inductor cache are this session's own, not the caller's
     (two suites on one machine share none of them), and a started process sees the same, with
-    PYTHON naming this interpreter whatever PATH finds."""
+    PYTHON naming this interpreter whatever PATH finds; torch runs one thread here and in what a
+    test starts, whatever the caller's environment (torch's default is one a core)."""
+    import torch
     import wandb.env
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
@@ -131,12 +133,13 @@ def test_the_session_has_its_own_home_and_caches_and_its_children_share_them():
     caller = conftest._saved_environ
     assert cache_dir() != caller.get("TORCHINDUCTOR_CACHE_DIR") and str(Path.home()) != caller.get("HOME")
     assert "WANDB_API_KEY" not in os.environ and os.environ["WANDB_MODE"] == "offline"
+    assert torch.get_num_threads() == 1
 
     show = "import os, sys; print(os.environ['PYTHON'] == sys.executable, os.path.expanduser('~'), " \
-           "os.environ['TORCHINDUCTOR_CACHE_DIR'])"
+           "os.environ['TORCHINDUCTOR_CACHE_DIR'], os.environ['OMP_NUM_THREADS'], os.environ['MKL_NUM_THREADS'])"
     done = processes.run([sys.executable, "-c", show], env={**os.environ, "PYTHON": "elsewhere"},
                          capture_output=True, text=True, timeout=60)
-    assert done.stdout.split() == ["True", str(Path.home()), cache_dir()], done.stderr
+    assert done.stdout.split() == ["True", str(Path.home()), cache_dir(), "1", "1"], done.stderr
 
 
 def test_the_gpu_script_runs_the_interpreter_it_is_given_not_the_one_on_path(tmp_path):
