@@ -9,9 +9,10 @@ processes compiling at once left a truncated .so there, and every later compile 
 machine failed to import it), no W&B credentials or settings from the caller's environment, W&B
 offline, PYTHON naming this interpreter (scripts the tests start run "${PYTHON:-python3}"), and one
 torch thread a process (OMP_NUM_THREADS, MKL_NUM_THREADS; a test about thread counts sets its own):
-the tests' models are tiny, so a second thread costs more in synchronisation than it computes (README,
---parallel), and a test's process, a sweep and its run, each with a thread a core, oversubscribe the
-cores (a 285-test subset on 2 shared cores: 58 s against 144 s with torch's default, loaded)."""
+the tests' models are tiny, and a test's process, a sweep and its run, each with a thread a core, and
+whatever else runs on the machine oversubscribe the cores. On 2 cores, a 285-test subset took 49 s
+against 91 s with torch's default under load (~1.5; 58 s against 144 s at ~3), and the same, 48 s, on
+a nearly idle machine."""
 import os
 import shutil
 import sys
