@@ -6,7 +6,7 @@ test starts inherits it: a private HOME (W&B's settings, logs and artifact stagi
 and hub caches, matplotlib's font cache all live under it; XDG_* and HF_HOME too, which would
 override it), a private TORCHINDUCTOR_CACHE_DIR (inductor's default is shared in /tmp: two
 processes compiling at once left a truncated .so there, and every later compile test on that
-machine failed to import it), no W&B credentials or settings from the caller's environment, W&B
+machine failed to import it) and TMPDIR (inductor's precompiled headers live under it), no W&B credentials or settings from the caller's environment, W&B
 offline, PYTHON naming this interpreter (scripts the tests start run "${PYTHON:-python3}"), and one
 torch thread a process (OMP_NUM_THREADS, MKL_NUM_THREADS; a test about thread counts sets its own):
 the tests' models are tiny, and a test's process, a sweep and its run, each with a thread a core, and
@@ -37,6 +37,12 @@ def session_environment(root: str) -> dict:
             "HF_HOME": os.path.join(home, ".cache", "huggingface"),
             "MPLCONFIGDIR": os.path.join(home, ".config", "matplotlib"),
             "TORCHINDUCTOR_CACHE_DIR": os.path.join(root, "inductor"), "TRITON_CACHE_DIR": os.path.join(root, "triton"),
+            # inductor keeps its precompiled C++ headers outside TORCHINDUCTOR_CACHE_DIR, in
+            # <tempdir>/torchinductor_<user>/precompiled_headers (torch/_inductor/codecache.py,
+            # _HEADER_DIR: shared on purpose, 155 MB a set), and takes one that exists as built: a
+            # truncated one fails every kernel compile. A private temp dir makes them the session's
+            # too (a fresh machine, as CI's, builds them either way: ~10 s a set of flags, measured)
+            "TMPDIR": os.path.join(root, "tmp"),
             "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHON": sys.executable,
             "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -51,6 +57,7 @@ def pytest_configure(config):
         if value.startswith(_session_dir):
             os.makedirs(value, exist_ok=True)
         os.environ[key] = value
+    tempfile.tempdir = None  # gettempdir() caches its answer: from now on it is TMPDIR's
     if "torch" in sys.modules:  # imported before this hook (a plugin): it has read its thread count already
         sys.modules["torch"].set_num_threads(1)
 

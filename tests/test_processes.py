@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -134,12 +135,16 @@ def test_the_session_has_its_own_home_and_caches_and_its_children_share_them():
     assert cache_dir() != caller.get("TORCHINDUCTOR_CACHE_DIR") and str(Path.home()) != caller.get("HOME")
     assert "WANDB_API_KEY" not in os.environ and os.environ["WANDB_MODE"] == "offline"
     assert torch.get_num_threads() == 1
+    # inductor's precompiled headers, which it keeps outside its cache dir, and temp files
+    from torch._inductor import codecache
+    assert Path(codecache._HEADER_DIR).is_relative_to(private / "tmp") and Path(tempfile.gettempdir()) == private / "tmp"
 
-    show = "import os, sys; print(os.environ['PYTHON'] == sys.executable, os.path.expanduser('~'), " \
-           "os.environ['TORCHINDUCTOR_CACHE_DIR'], os.environ['OMP_NUM_THREADS'], os.environ['MKL_NUM_THREADS'])"
+    show = "import os, sys, tempfile; print(os.environ['PYTHON'] == sys.executable, os.path.expanduser('~'), " \
+           "os.environ['TORCHINDUCTOR_CACHE_DIR'], os.environ['OMP_NUM_THREADS'], os.environ['MKL_NUM_THREADS'], " \
+           "tempfile.gettempdir())"
     done = processes.run([sys.executable, "-c", show], env={**os.environ, "PYTHON": "elsewhere"},
                          capture_output=True, text=True, timeout=60)
-    assert done.stdout.split() == ["True", str(Path.home()), cache_dir(), "1", "1"], done.stderr
+    assert done.stdout.split() == ["True", str(Path.home()), cache_dir(), "1", "1", str(private / "tmp")], done.stderr
 
 
 def test_the_gpu_script_runs_the_interpreter_it_is_given_not_the_one_on_path(tmp_path):
