@@ -68,3 +68,17 @@ def pytest_unconfigure(config):
         os.environ.update(_saved_environ)
     if _session_dir is not None:
         shutil.rmtree(_session_dir, ignore_errors=True)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread_again():
+    """A test that sets torch's thread count (bench mains called in-process: --threads) does not
+    leave it for the tests after it in the same process (under pytest-xdist, a worker's later tests
+    ran on 2 threads once bench.layer's test had set 1 -> 2 elsewhere)."""
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
