@@ -29,12 +29,7 @@ if str(ROOT) not in sys.path:
 from attention import VARIANTS, build_attention, kernels  # noqa: E402
 from attention.kernels import AttentionKernel  # noqa: E402
 from bench.layer import forward_backward  # noqa: E402
-from bench.step import cpu_model  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from bench.step import _sync, cpu_model  # noqa: E402
 
 
 def time_kernels(variant: str, names: list[str], mode: str, compiled: bool, seq_len: int, args) -> list[dict]:

@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
 
 from attention import VARIANTS  # noqa: E402
 from bench.reference import has_reference, reference_attention  # noqa: E402
-from bench.step import cpu_model  # noqa: E402
+from bench.step import _sync, cpu_model  # noqa: E402
 
 AGREE_RTOL = 1e-4
 
@@ -77,12 +77,10 @@ def time_pair(ours, reference, x: torch.Tensor, warmup: int, repeats: int, devic
     for step in range(warmup + repeats):
         for name, module in (("ours", ours), ("reference", reference)):
             module.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            _sync(device)
             start = time.perf_counter()
             forward_backward(module, x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            _sync(device)
             if step >= warmup:
                 times[name].append((time.perf_counter() - start) * 1e3)
     ours_ms, ref_ms = statistics.median(times["ours"]), statistics.median(times["reference"])
