@@ -18,6 +18,8 @@ import shutil
 import sys
 import tempfile
 
+import pytest
+
 _saved_environ: dict | None = None
 _session_dir: str | None = None
 
@@ -68,9 +70,6 @@ def pytest_unconfigure(config):
         os.environ.update(_saved_environ)
     if _session_dir is not None:
         shutil.rmtree(_session_dir, ignore_errors=True)
-
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
